@@ -1,0 +1,30 @@
+# make demo | make test | make bench — each installs what it needs into $(VENV) first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+WORKDIR ?= workdirs/demo
+TEST_WORKERS ?= 2
+
+.PHONY: install test demo bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	XLA_FLAGS=--xla_force_host_platform_device_count=8 TF_CPP_MIN_LOG_LEVEL=3 \
+	  $(PY) -m pytest -n $(TEST_WORKERS) -q tests
+
+demo: $(STAMP)
+	TF_CPP_MIN_LOG_LEVEL=3 $(PY) -m experiments.demo --workdir=$(WORKDIR)
+
+bench: $(STAMP)
+	TF_CPP_MIN_LOG_LEVEL=3 $(PY) -m experiments.bench.train_step
+
+clean:
+	rm -rf $(VENV) workdirs *.egg-info

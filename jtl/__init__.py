@@ -1,0 +1,1 @@
+"""jtl: JAX/Flax transfer, fine-tuning, multitask and contrastive learning on one trainer."""
