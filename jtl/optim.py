@@ -1,0 +1,103 @@
+"""Optimizer from config: optax chain over the *trainable* subtree only.
+
+The transformation returned here is initialised on and applied to the trainable part of the params
+(see `jtl.masks.partition`), so frozen leaves have no optimizer state and no update. Gradient clipping
+therefore sees only trainable gradients, which keeps XLA free to drop the frozen backward pass.
+
+Config (`config.optim`):
+  name: sgd | momentum | adam | adamw
+  lr, schedule (constant | cosine | steps), warmup_steps, end_lr_factor (cosine),
+  boundaries + decay_factor (steps; boundaries as fractions of total_steps if all < 1)
+  momentum (sgd/momentum), b1, b2, eps (adam/adamw)
+  weight_decay, decay_rules: rule table over param paths (default: only `kernel`/`embedding` leaves, so
+    biases, norm scales, position embeddings and tokens are not decayed)
+  clip_norm: global-norm clip over trainable gradients (None = off)
+  lr_mults: rule table of per-group learning-rate multipliers, e.g. [('params/backbone/.*', 0.1)]
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import ml_collections
+from ml_collections import config_dict
+import optax
+
+from jtl import masks
+from jtl.errors import ConfigError
+
+DEFAULT_DECAY_RULES = ((".*/(kernel|embedding)", True), (".*", False))
+
+
+def default_optim_config() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      name="adamw", lr=1e-3, schedule="cosine", warmup_steps=0, end_lr_factor=0.0,
+      boundaries=(0.5, 0.75), decay_factor=0.1, momentum=0.9, b1=0.9, b2=0.999, eps=1e-8,
+      weight_decay=1e-4, decay_rules=DEFAULT_DECAY_RULES,
+      clip_norm=config_dict.placeholder(float), lr_mults=()))
+
+
+def make_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> Callable[[Any], Any]:
+  """Learning-rate schedule: linear warmup, then constant, cosine or step decay."""
+  warmup = int(cfg.get("warmup_steps", 0))
+  if warmup >= total_steps and cfg.schedule != "constant":
+    raise ConfigError(f"optim.warmup_steps={warmup} must be < total_steps={total_steps}; lower it")
+  decay_steps = max(total_steps - warmup, 1)
+  if cfg.schedule == "constant":
+    main = optax.constant_schedule(cfg.lr)
+  elif cfg.schedule == "cosine":
+    main = optax.cosine_decay_schedule(cfg.lr, decay_steps, alpha=cfg.get("end_lr_factor", 0.0))
+  elif cfg.schedule == "steps":
+    bounds = list(cfg.boundaries)
+    if bounds and all(b < 1 for b in bounds):
+      bounds = [int(b * decay_steps) for b in bounds]
+    main = optax.piecewise_constant_schedule(cfg.lr, {int(b): cfg.decay_factor for b in bounds})
+  else:
+    raise ConfigError(f"unknown optim.schedule {cfg.schedule!r}; use constant, cosine or steps")
+  if warmup <= 0:
+    return main
+  return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, warmup), main], [warmup])
+
+
+def _scale_by_tree(multipliers: Any) -> optax.GradientTransformation:
+  """Multiplies each update by a per-leaf constant (per-group learning rates); stateless."""
+  def update(updates, state, params=None):
+    del params
+    return jax.tree.map(lambda u, m: u * m, updates, multipliers), state
+  return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
+
+
+def build_optimizer(cfg: ml_collections.ConfigDict, params: Any, trainable: Any,
+                    total_steps: int) -> tuple[optax.GradientTransformation, Callable[[Any], Any]]:
+  """Returns (tx for the trainable subtree, lr schedule).
+
+  Rule tables are matched against the *full* params tree (so a typo is caught even where it names only
+  frozen leaves), then cut down to the trainable part.
+  """
+  schedule = make_schedule(cfg, total_steps)
+  decay_mask = masks.match(params, cfg.get("decay_rules", DEFAULT_DECAY_RULES), what="decay rule")
+  decay_mask, _ = masks.partition(decay_mask, trainable)
+  wd = float(cfg.get("weight_decay", 0.0))
+  name = cfg.name
+  if name in ("sgd", "momentum"):
+    momentum = cfg.get("momentum", 0.9) if name == "momentum" else None
+    core = optax.chain(optax.add_decayed_weights(wd, mask=decay_mask) if wd else optax.identity(),
+                       optax.sgd(schedule, momentum=momentum))
+  elif name == "adam":
+    core = optax.chain(optax.add_decayed_weights(wd, mask=decay_mask) if wd else optax.identity(),
+                       optax.adam(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps))
+  elif name == "adamw":
+    core = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=wd,
+                       mask=decay_mask)
+  else:
+    raise ConfigError(f"unknown optim.name {name!r}; use sgd, momentum, adam or adamw")
+  chain = []
+  if cfg.get("clip_norm"):
+    chain.append(optax.clip_by_global_norm(float(cfg.clip_norm)))
+  chain.append(core)
+  lr_mults = cfg.get("lr_mults", ())
+  if lr_mults:
+    mults = masks.match(params, lr_mults, default=1.0, what="lr_mults rule")
+    mults, _ = masks.partition(mults, trainable)
+    chain.append(_scale_by_tree(mults))
+  return optax.chain(*chain), schedule

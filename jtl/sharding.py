@@ -1,0 +1,112 @@
+"""Device mesh from config, sharding rules for the train state, and host-local → global batches.
+
+Default: every device on one `data` axis, the batch split along it, the state replicated (plain data
+parallelism, which is what runs unchanged on 1 CPU, 8 fake CPU devices, a GPU or a pod). The seam for
+FSDP/tensor parallelism is `config.mesh.rules`: a rule table from state-leaf paths
+(`params/...`, `opt_state/...`, `model_state/...`) to PartitionSpec tuples, e.g.
+
+  config.mesh.axes = (('data', -1), ('fsdp', 4))
+  config.mesh.rules = (('.*/kernel', ('fsdp', None)), ('.*', ()))
+
+The batch is split over every mesh axis named in `config.mesh.batch_axes` (default: data and fsdp).
+"""
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from jax.experimental import mesh_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jtl import masks
+from jtl.errors import ConfigError
+
+
+def default_mesh_config() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      axes=(("data", -1),), rules=((".*", ()),), batch_axes=("data", "fsdp")))
+
+
+def make_mesh(cfg: ml_collections.ConfigDict, devices: list[Any] | None = None) -> Mesh:
+  """A Mesh over all (or the given) devices; one axis size may be -1 (= whatever is left).
+
+  Sizes that multiply to fewer devices than there are use the first ones (e.g. `(('data', 1),)`).
+  """
+  devices = devices if devices is not None else jax.devices()
+  names = tuple(name for name, _ in cfg.axes)
+  sizes = [int(size) for _, size in cfg.axes]
+  if sizes.count(-1) > 1:
+    raise ConfigError(f"mesh.axes {cfg.axes!r}: at most one axis may have size -1")
+  known = int(np.prod([s for s in sizes if s != -1]))
+  if -1 not in sizes and known < len(devices):
+    devices = devices[:known]  # an explicit smaller mesh (debugging, 1-vs-N comparisons)
+  if len(devices) % known:
+    raise ConfigError(f"mesh.axes {cfg.axes!r} does not divide {len(devices)} devices; fix the sizes")
+  sizes = [len(devices) // known if s == -1 else s for s in sizes]
+  if int(np.prod(sizes)) != len(devices):
+    raise ConfigError(f"mesh.axes {cfg.axes!r} uses {int(np.prod(sizes))} of {len(devices)} devices;"
+                      " make the sizes multiply to the device count (or use -1)")
+  try:
+    device_array = mesh_utils.create_device_mesh(sizes, devices=devices)
+  except (ValueError, AssertionError, NotImplementedError):
+    device_array = np.asarray(devices).reshape(sizes)
+  return Mesh(device_array, names)
+
+
+def batch_spec(mesh: Mesh, batch_axes: Iterable[str] = ("data", "fsdp")) -> PartitionSpec:
+  axes = tuple(a for a in batch_axes if a in mesh.axis_names)
+  return PartitionSpec(axes if axes else None)
+
+
+def batch_size_divisor(mesh: Mesh, batch_axes: Iterable[str] = ("data", "fsdp")) -> int:
+  return int(np.prod([mesh.shape[a] for a in batch_axes if a in mesh.axis_names]))
+
+
+def state_shardings(abstract_state: Any, mesh: Mesh, rules: Any) -> Any:
+  """NamedSharding for every leaf of a (abstract) state, from the `(pattern, spec)` rule table."""
+  specs = masks.match(abstract_state, rules, prefix="", default=(), what="mesh rule")
+  def to_sharding(leaf, spec):
+    spec = tuple(spec)
+    if len(spec) > len(leaf.shape):
+      spec = ()  # scalars and vectors matched by a broad rule stay replicated
+    for dim, axis in zip(leaf.shape, spec):
+      if axis is not None and dim % int(np.prod([mesh.shape[a] for a in np.atleast_1d(axis)])):
+        raise ConfigError(f"mesh rule {spec} cannot split a dimension of size {dim} (shape "
+                          f"{leaf.shape}); change config.mesh.rules")
+    return NamedSharding(mesh, PartitionSpec(*spec))
+  return jax.tree.map(to_sharding, abstract_state, specs,
+                      is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
+
+
+def to_global(local_batch: Any, sharding: NamedSharding) -> Any:
+  """Host-local numpy batch (this process's rows) → global jax.Arrays sharded along the batch."""
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
+                      local_batch)
+
+
+def prefetch_to_mesh(iterator: Iterator[Any], sharding: NamedSharding, size: int = 2) -> Iterator[Any]:
+  """Moves the next `size` batches onto devices in a background thread while the step runs."""
+  buffer: queue.Queue = queue.Queue(maxsize=size)
+  done = object()
+
+  def producer():
+    try:
+      for batch in iterator:
+        buffer.put(to_global(batch, sharding))
+    except Exception as e:  # surfaced in the consumer, not lost in the thread
+      buffer.put(e)
+    buffer.put(done)
+
+  threading.Thread(target=producer, daemon=True).start()
+  while True:
+    item = buffer.get()
+    if item is done:
+      return
+    if isinstance(item, Exception):
+      raise item
+    yield item
