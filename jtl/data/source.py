@@ -1,0 +1,228 @@
+"""Opening datasets: name and split checks, preparing builders, label filtering and K-shot selection.
+
+An example's *raw index* is its position in the split read in TFDS order (`shuffle_files=False`, one
+fixed `ReadConfig`, deterministic interleave), so it is the same in every process and every run.
+Label filters and K-shot selections are sets of raw indices, chosen over the whole split before any
+host sharding.
+"""
+import difflib
+import functools
+import logging
+
+import ml_collections
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from jtl.data import config as config_lib
+from jtl.data import digits  # Registers the embedded `sklearn_digits` builder with TFDS.
+from jtl.errors import ConfigError
+
+# Builders whose data ships inside an installed package: preparing them is offline and takes seconds.
+EMBEDDED = (digits.SklearnDigits.name,)
+
+
+def _first_line(error: Exception) -> str:
+  return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+@functools.lru_cache(maxsize=None)
+def _builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
+  """The TFDS builder for `name` (not prepared); ConfigError with close matches for unknown names."""
+  base = name.split(':')[0].split('/')[0]
+  known = tfds.list_builders(with_community_datasets=False)
+  if base not in known:
+    close = difflib.get_close_matches(base, known, n=3)
+    hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ''
+    raise ConfigError(f"unknown dataset {name!r}{hint}; set --config.data.name to a TFDS dataset name "
+                      f"or {' or '.join(repr(e) for e in EMBEDDED)}")
+  try:
+    return tfds.builder(name, data_dir=data_dir)
+  except Exception as e:  # Bad version or config name: TFDS's message says which exist.
+    raise ConfigError(f'cannot open dataset {name!r}: {_first_line(e)}; fix --config.data.name') from e
+
+
+def _prepare(builder: tfds.core.DatasetBuilder, name: str,
+             data_dir: str | None) -> tfds.core.DatasetBuilder:
+  """Runs `download_and_prepare` once; tolerates another process preparing the same dir meanwhile."""
+  logging.info('Preparing dataset %s in %s', name, builder.data_dir)
+  try:
+    builder.download_and_prepare()
+  except Exception as e:
+    _builder.cache_clear()
+    builder = _builder(name, data_dir)
+    if not builder.is_prepared():  # Not a lost race with a sibling process: a real failure.
+      raise ConfigError(f'cannot prepare dataset {name!r} in {builder.data_dir}: {_first_line(e)}; '
+                        'build it first (`tfds build`) or set --config.data.data_dir') from e
+  _builder.cache_clear()  # Re-open so `info` holds the split sizes just written.
+  return _builder(name, data_dir)
+
+
+def _check_features(builder: tfds.core.DatasetBuilder, c: ml_collections.ConfigDict) -> None:
+  """Checks features and labels (known from the builder's code: no need to prepare it)."""
+  features = builder.info.features
+  if ('image' not in features or 'label' not in features
+      or not isinstance(features['label'], tfds.features.ClassLabel)):
+    raise ConfigError(f"dataset {c.name!r} has no 'image' and ClassLabel 'label' features "
+                      f'(it has {", ".join(features.keys())}); pick an image classification dataset')
+  shape = features['image'].shape
+  if None in shape[:2] and c.image_size is None:
+    raise ConfigError(f'dataset {c.name!r} has images of varying size {shape}; '
+                      'set --config.data.image_size')
+  n = features['label'].num_classes
+  if c.labels is not None and max(c.labels) >= n:
+    raise ConfigError(f'data.labels={c.labels} has class ids >= {n}, the number of classes of '
+                      f'{c.name!r}; set --config.data.labels to ids in 0..{n - 1}')
+
+
+def _check_splits(builder: tfds.core.DatasetBuilder, c: ml_collections.ConfigDict) -> None:
+  """Checks the train and eval splits (known once the builder is prepared)."""
+  for key in ('train_split', 'eval_split'):
+    check_split(builder, c.name, c[key], f'--config.data.{key}')
+
+
+def check_split(builder: tfds.core.DatasetBuilder, name: str, split: str, where: str) -> None:
+  """ConfigError listing the available splits if `split` is not a valid split string of `builder`."""
+  try:
+    if not isinstance(split, str):
+      raise ValueError(f'a split must be a string, got {type(split).__name__}')
+    builder.info.splits[split]
+  except (KeyError, ValueError, AssertionError) as e:
+    why = '' if _first_line(e).startswith('Unknown split') else f' ({_first_line(e)})'
+    raise ConfigError(f'bad split {split!r} for dataset {name!r}{why}; set {where} to one of '
+                      f"{list(builder.info.splits.keys())}, or a slice like 'train[:90%]'") from e
+
+
+def validate(data_config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """All cheap checks (keys, values, name, splits, labels); returns the resolved config.
+
+  Embedded datasets are prepared (seconds, offline) so their splits can be checked; a real TFDS
+  dataset that is not prepared yet has its splits checked by `get_builder` after downloading.
+  """
+  c = config_lib.resolve(data_config)
+  builder = _builder(c.name, c.data_dir)
+  _check_features(builder, c)
+  if not builder.is_prepared() and c.name.split(':')[0].split('/')[0] in EMBEDDED:
+    builder = _prepare(builder, c.name, c.data_dir)
+  if builder.is_prepared():
+    _check_splits(builder, c)
+  return c
+
+
+def get_builder(data_config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
+  """Validates `data_config` and returns its prepared TFDS builder (preparing it if needed).
+
+  Only datasets that are not prepared yet are downloaded and prepared: prepared ones are reused as is.
+  """
+  c = validate(data_config)
+  builder = _builder(c.name, c.data_dir)
+  if not builder.is_prepared():
+    builder = _prepare(builder, c.name, c.data_dir)
+    _check_splits(builder, c)
+  return builder
+
+
+def read(builder: tfds.core.DatasetBuilder, split: str | tfds.typing.SplitArg) -> tf.data.Dataset:
+  """Examples of `split` in raw-index order, images still encoded (decoded later, after skipping)."""
+  return builder.as_dataset(
+      split=split, shuffle_files=False, decoders={'image': tfds.decode.SkipDecoding()},
+      read_config=tfds.ReadConfig(try_autocache=False))  # We cache ourselves, after filtering.
+
+
+@functools.lru_cache(maxsize=16)
+def _raw_labels(name: str, data_dir: str | None, split: str) -> np.ndarray:
+  """Labels of every example of `split` by raw index: one pass over the records, images undecoded."""
+  ds = read(_builder(name, data_dir), split)
+  ds = ds.map(lambda ex: ex['label'], num_parallel_calls=tf.data.AUTOTUNE)
+  return np.concatenate([np.zeros([0], np.int64)] + list(ds.batch(65536).as_numpy_iterator()))
+
+
+def label_table(c: ml_collections.ConfigDict, num_dataset_classes: int) -> np.ndarray:
+  """Maps dataset class id -> remapped id (position in `labels`), or -1 for dropped classes."""
+  if c.labels is None:
+    return np.arange(num_dataset_classes, dtype=np.int32)
+  table = np.full([num_dataset_classes], -1, np.int32)
+  table[list(c.labels)] = np.arange(len(c.labels), dtype=np.int32)
+  return table
+
+
+def num_classes(data_config: ml_collections.ConfigDict) -> int:
+  """len(labels) if `labels` is set, else the dataset's ClassLabel num_classes."""
+  c = validate(data_config)
+  if c.labels is not None:
+    return len(c.labels)
+  return _builder(c.name, c.data_dir).info.features['label'].num_classes  # Known without preparing.
+
+
+def selected_indices(c: ml_collections.ConfigDict, split: str) -> np.ndarray | None:
+  """Sorted raw indices kept by the label filter and, for the train split, K-shot; None = all kept.
+
+  Costs one pass over the split's records the first time (cached per process) when `labels` or `shots`
+  is set; none otherwise.
+  """
+  use_shots = c.shots is not None and split == c.train_split
+  if c.labels is None and not use_shots:
+    return None
+  builder = get_builder(c)
+  table = label_table(c, builder.info.features['label'].num_classes)
+  remapped = table[_raw_labels(c.name, c.data_dir, split)]
+  keep = np.flatnonzero(remapped >= 0)
+  if use_shots:
+    rng = np.random.default_rng(c.shots_seed)
+    chosen = []
+    for label in range(int(table.max()) + 1):
+      pool = keep[remapped[keep] == label]
+      if len(pool) < c.shots:
+        name = label if c.labels is None else f'{c.labels[label]} (remapped to {label})'
+        raise ConfigError(f'class {name} has only {len(pool)} examples in split {split!r} but '
+                          f'data.shots={c.shots}; lower --config.data.shots')
+      chosen.append(rng.choice(pool, size=c.shots, replace=False))
+    keep = np.sort(np.concatenate(chosen))
+  if not len(keep):
+    raise ConfigError(f'split {split!r} of {c.name!r} has no examples of classes {c.labels}; '
+                      'fix --config.data.labels')
+  return keep
+
+
+def num_examples(data_config: ml_collections.ConfigDict, split: str) -> int:
+  """Examples in `split` after the label filter, and after K-shot when `split` is the train split."""
+  c = validate(data_config)
+  builder = get_builder(c)
+  check_split(builder, c.name, split, 'the split')
+  keep = selected_indices(c, split)
+  return len(keep) if keep is not None else builder.info.splits[split].num_examples
+
+
+def host_sizes(c: ml_collections.ConfigDict, split: str, process_count: int) -> list[int]:
+  """Number of examples `host_examples` gives each host."""
+  keep = selected_indices(c, split)
+  if keep is not None:
+    return [len(range(i, len(keep), process_count)) for i in range(process_count)]
+  splits = get_builder(c).info.splits
+  parts = tfds.even_splits(split, n=process_count, drop_remainder=False)
+  return [splits[part].num_examples for part in parts]
+
+
+def host_examples(c: ml_collections.ConfigDict, split: str, process_index: int,
+                  process_count: int) -> tuple[tf.data.Dataset, int]:
+  """This host's disjoint share of the (filtered) split, encoded, labels remapped; and its size.
+
+  Without a filter each host reads only its `tfds.even_splits` part; with one, every host reads the
+  split's records (cheap: images stay encoded) and keeps every `process_count`-th selected example.
+  """
+  builder = get_builder(c)
+  table = tf.constant(label_table(c, builder.info.features['label'].num_classes))
+  keep = selected_indices(c, split)
+  if keep is None:
+    part = tfds.even_splits(split, n=process_count, drop_remainder=False)[process_index]
+    ds, size = read(builder, part), builder.info.splits[part].num_examples
+  else:
+    is_kept = np.zeros([int(keep[-1]) + 1], bool)
+    is_kept[keep] = True
+    is_kept = tf.constant(is_kept)
+    ds = read(builder, split).enumerate().take(len(is_kept))
+    ds = ds.filter(lambda index, _: tf.gather(is_kept, index))
+    ds = ds.map(lambda _, example: example)
+    ds = ds.shard(process_count, process_index)
+    size = len(range(process_index, len(keep), process_count))
+  return ds.map(lambda ex: {'image': ex['image'], 'label': tf.gather(table, ex['label'])}), size
