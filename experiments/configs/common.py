@@ -1,0 +1,54 @@
+"""What every experiment config shares: the standard keys and `name=value` argument parsing.
+
+Every key here is overridable on the command line as `--config.KEY=VALUE`; an unknown key is an error.
+"""
+from __future__ import annotations
+
+import ast
+
+import ml_collections
+from ml_collections import config_dict
+
+from jtl.data import default_data_config
+from jtl.optim import default_optim_config
+from jtl.sharding import default_mesh_config
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """`'mode=finetune,shots=5'` → ConfigDict over `defaults` (values parsed as Python literals)."""
+  out = ml_collections.ConfigDict(defaults)
+  for item in filter(None, (arg or "").split(",")):
+    key, _, value = item.partition("=")
+    if key not in defaults:
+      raise ValueError(f"unknown config argument {key!r}; valid: {', '.join(defaults)}")
+    try:
+      out[key] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      out[key] = value
+  return out
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Standard keys with defaults; experiment configs override what they need."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.total_steps = 1000
+  c.batch_size = 64
+  c.log_every = 50
+  c.checkpoint_every = 250
+  c.keep_checkpoints = 3
+  c.objective = "supervised"
+  c.label_smoothing = 0.0
+  c.data = default_data_config()
+  c.model = ml_collections.ConfigDict(dict(name="cnn_small", num_classes=10))
+  c.optim = default_optim_config()
+  # Rule table over params paths: which leaves train (first match wins). See jtl/masks.py.
+  c.trainable = ((".*", True),)
+  c.mesh = default_mesh_config()
+  c.eval = ml_collections.ConfigDict(dict(splits=config_dict.placeholder(tuple),
+                                          batch_size=config_dict.placeholder(int)))
+  # Transfer init from another run's checkpoint; workdir None = train from the fresh init.
+  c.init_from = ml_collections.ConfigDict(dict(
+      workdir=config_dict.placeholder(str), step=config_dict.placeholder(int),
+      dont_load=("params/head/.*",)))
+  return c

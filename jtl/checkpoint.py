@@ -1,0 +1,149 @@
+"""Orbax checkpoints: the manager, resume, restoring for evaluation, and transfer initialisation.
+
+Layout: `WORKDIR/checkpoints/<step>/{params,model_state,opt_state}`. Orbax writes each step to a
+temporary folder and renames it only once complete, and `all_steps()` lists completed steps only, so a
+reader (the evaluator watching a running job) never sees a half-written checkpoint. Items with no
+leaves (e.g. no BatchNorm → empty model_state) are not written.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
+
+from jtl import masks
+from jtl.errors import ConfigError
+
+ITEMS = ("params", "model_state", "opt_state")
+
+
+def checkpoint_dir(workdir: str | epath.Path) -> epath.Path:
+  return epath.Path(workdir) / "checkpoints"
+
+
+def manager(workdir: str | epath.Path, *, keep: int | None = 3, save_every: int = 1,
+            async_save: bool = True, create: bool = True) -> ocp.CheckpointManager:
+  """CheckpointManager over `WORKDIR/checkpoints`; `save(step, force=True)` ignores `save_every`."""
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=keep, save_interval_steps=save_every, enable_async_checkpointing=async_save,
+      create=create)
+  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
+
+
+def save(mgr: ocp.CheckpointManager, step: int, state: Any, force: bool = False) -> bool:
+  """Saves the non-empty items of a TrainState (asynchronously if the manager is async)."""
+  items = {name: ocp.args.StandardSave(getattr(state, name)) for name in ITEMS
+           if jax.tree.leaves(getattr(state, name))}
+  return mgr.save(step, args=ocp.args.Composite(**items), force=force)
+
+
+def restore(mgr: ocp.CheckpointManager, step: int, abstract: dict[str, Any]) -> dict[str, Any]:
+  """Restores the named items onto the shardings of their abstract (ShapeDtypeStruct) targets."""
+  args, restored = {}, {}
+  for name, target in abstract.items():
+    if jax.tree.leaves(target):
+      args[name] = ocp.args.StandardRestore(target)
+    else:
+      restored[name] = target
+  if args:
+    out = mgr.restore(step, args=ocp.args.Composite(**args))
+    for name, target in abstract.items():
+      if name in args:  # keep the target's exact pytree types (namedtuples in optax states)
+        restored[name] = jax.tree.unflatten(jax.tree.structure(target), jax.tree.leaves(out[name]))
+  return restored
+
+
+def completed_steps(workdir: str | epath.Path) -> list[int]:
+  """Steps whose checkpoint is fully written (a fresh look at the directory each call)."""
+  directory = checkpoint_dir(workdir)
+  if not directory.exists():
+    return []
+  with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
+      create=False, read_only=True)) as reader:
+    return sorted(reader.all_steps())
+
+
+def load_variables(workdir: str | epath.Path, step: int | None = None) -> tuple[int, dict[str, Any]]:
+  """(step, {'params': ..., 'model_state': ...}) as host numpy trees, without knowing the structure."""
+  steps = completed_steps(workdir)
+  if not steps:
+    raise ConfigError(f"no checkpoint in {checkpoint_dir(workdir)}; train there first or fix "
+                      "init_from.workdir")
+  step = steps[-1] if step is None else int(step)
+  if step not in steps:
+    raise ConfigError(f"no checkpoint for step {step} in {checkpoint_dir(workdir)}; available: {steps}")
+  present = [n for n in ("params", "model_state") if (checkpoint_dir(workdir) / str(step) / n).exists()]
+  with ocp.CheckpointManager(checkpoint_dir(workdir), options=ocp.CheckpointManagerOptions(
+      create=False, read_only=True)) as reader:
+    out = reader.restore(step, args=ocp.args.Composite(
+        **{n: ocp.args.StandardRestore() for n in present}))
+  return step, {n: jax.tree.map(np.asarray, out[n]) if n in present else {}
+                for n in ("params", "model_state")}
+
+
+def transfer_init(params: Any, model_state: Any, init_from: ml_collections.ConfigDict
+                  ) -> tuple[Any, Any, str]:
+  """Merges another run's checkpoint into a fresh init: returns (params, model_state, report).
+
+  Every fresh leaf is either loaded (same path and shape in the checkpoint) or re-initialised (its
+  path matches a `dont_load` regex). Anything else — a shape mismatch, or a leaf missing from the
+  checkpoint — is a ConfigError naming the paths. Checkpoint leaves the model lacks are reported as
+  unexpected and ignored.
+  """
+  step, source = load_variables(init_from.workdir, init_from.get("step"))
+  dont_load = [re.compile(p) for p in init_from.get("dont_load", ())]
+  report = {"loaded": [], "reinitialised": [], "missing": [], "mismatched": [], "unexpected": []}
+  merged = {}
+  for name, fresh in (("params", params), ("model_state", model_state)):
+    src = dict(zip(masks.leaf_paths(source[name], name), jax.tree.leaves(source[name])))
+    leaves = []
+    for path, leaf in zip(masks.leaf_paths(fresh, name), jax.tree.leaves(fresh)):
+      if any(r.fullmatch(path) for r in dont_load):
+        report["reinitialised"].append(path)
+        leaves.append(leaf)
+      elif path not in src:
+        report["missing"].append(path)
+      elif tuple(src[path].shape) != tuple(leaf.shape):
+        report["mismatched"].append(f"{path} {tuple(src[path].shape)}→{tuple(leaf.shape)}")
+      else:
+        report["loaded"].append(path)
+        leaves.append(np.asarray(src[path], dtype=leaf.dtype))  # a dont_load leaf stays as given
+    fresh_paths = set(masks.leaf_paths(fresh, name))
+    report["unexpected"] += [p for p in src if p not in fresh_paths]
+    merged[name] = leaves
+  problems = []
+  if report["mismatched"]:
+    problems.append("shape mismatch: " + ", ".join(report["mismatched"]))
+  if report["missing"]:
+    problems.append("missing from checkpoint: " + ", ".join(report["missing"]))
+  if problems:
+    raise ConfigError(f"cannot load {init_from.workdir} step {step}: {'; '.join(problems)}; add these "
+                      "paths to init_from.dont_load to re-initialise them")
+  for pattern in dont_load:
+    all_paths = masks.leaf_paths(params, "params") + masks.leaf_paths(model_state, "model_state")
+    if not any(pattern.fullmatch(p) for p in all_paths):
+      raise ConfigError(f"init_from.dont_load pattern {pattern.pattern!r} matches no parameter; "
+                        f"fix it (paths look like {all_paths[-1]!r})")
+  text = (f"transfer init from {init_from.workdir} step {step}: loaded {len(report['loaded'])}, "
+          f"re-initialised {len(report['reinitialised'])} {report['reinitialised']}, "
+          f"unexpected (ignored) {len(report['unexpected'])} {report['unexpected']}")
+  logging.info(text)
+  return (jax.tree.unflatten(jax.tree.structure(params), merged["params"]),
+          jax.tree.unflatten(jax.tree.structure(model_state), merged["model_state"]), text)
+
+
+def fill_holes(loaded: tuple[Any, Any], fresh: tuple[Any, Any], shardings: Any) -> tuple[Any, Any]:
+  """Completes `transfer_init` run on abstract shapes: loaded arrays are placed with their state
+  shardings, and the re-initialised leaves (still ShapeDtypeStructs) come from the fresh init."""
+  def pick(loaded_leaf, fresh_leaf, leaf_sharding):
+    if isinstance(loaded_leaf, jax.ShapeDtypeStruct):
+      return fresh_leaf
+    return jax.device_put(loaded_leaf, leaf_sharding)
+  return tuple(jax.tree.map(pick, l, f, sh) for l, f, sh in zip(
+      loaded[:2], fresh, (shardings.params, shardings.model_state)))

@@ -1,0 +1,26 @@
+"""Objectives: one per paradigm, all behind `jtl.objectives.base.Objective`."""
+from __future__ import annotations
+
+import difflib
+
+import ml_collections
+
+from jtl.errors import ConfigError
+from jtl.objectives.base import Objective
+from jtl.objectives.supervised import Supervised, apply_model
+
+OBJECTIVES = {"supervised": Supervised}
+
+
+def build(config: ml_collections.ConfigDict) -> Objective:
+  """The objective named by `config.objective`, built from the whole config."""
+  name = config.get("objective", "supervised")
+  if name not in OBJECTIVES:
+    close = difflib.get_close_matches(name, OBJECTIVES, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise ConfigError(f"unknown objective {name!r}{hint}; choose one of {sorted(OBJECTIVES)} "
+                      "(--config.objective)")
+  return OBJECTIVES[name].from_config(config)
+
+
+__all__ = ["OBJECTIVES", "Objective", "Supervised", "apply_model", "build"]

@@ -1,0 +1,226 @@
+"""The trainer: TrainState, the one jitted step over a Mesh, and the loop.
+
+It knows nothing about any paradigm: an `Objective` (jtl/objectives/base.py) supplies init, gradients
+and metrics; masks say which leaves train; the optimizer sees only those. Everything that can be wrong
+with a config is checked in `setup` (data, model, masks, optimizer, init_from) before anything is
+compiled or written.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import signal
+import time
+from collections.abc import Iterator
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from etils import epath
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec
+
+from jtl import checkpoint, data, masks, objectives, optim, sharding
+from jtl.errors import ConfigError
+from jtl.metric_writer import MetricWriter
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  model_state: Any
+  opt_state: Any
+
+
+@dataclasses.dataclass
+class Setup:
+  """Everything built from a config and an example batch, before any compilation."""
+  config: ml_collections.ConfigDict
+  objective: objectives.Objective
+  mesh: jax.sharding.Mesh
+  batch_sharding: NamedSharding
+  trainable: Any  # bool tree over params
+  tx: optax.GradientTransformation
+  schedule: Callable[[Any], Any]
+  abstract_batch: Any
+  abstract_state: TrainState
+  state_shardings: TrainState
+
+
+def global_shapes(local_batch: Any, batch_sharding: NamedSharding) -> Any:
+  """Abstract global batch from one host-local batch (leading dim × process count)."""
+  n = jax.process_count()
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct((x.shape[0] * n,) + x.shape[1:], x.dtype,
+                                                     sharding=batch_sharding), local_batch)
+
+
+def setup(config: ml_collections.ConfigDict, example_batch: Any) -> Setup:
+  """Builds objective, mesh, masks, optimizer and abstract sharded state; raises ConfigError early."""
+  objective = objectives.build(config)
+  mesh = sharding.make_mesh(config.mesh)
+  batch_sharding = NamedSharding(mesh, sharding.batch_spec(mesh, config.mesh.batch_axes))
+  divisor = sharding.batch_size_divisor(mesh, config.mesh.batch_axes)
+  if config.batch_size % divisor:
+    raise ConfigError(f"batch_size={config.batch_size} does not split over the {divisor} devices of the "
+                      f"batch axes; use a multiple of {divisor} (--config.batch_size)")
+  abstract_batch = global_shapes(example_batch, batch_sharding)
+  rng = jax.random.key(config.seed)
+  params, model_state = jax.eval_shape(objective.init, rng, abstract_batch)
+  trainable = masks.trainable_mask(params, config.trainable)
+  tx, schedule = optim.build_optimizer(config.optim, params, trainable, config.total_steps)
+  opt_state = jax.eval_shape(tx.init, masks.partition(params, trainable)[0])
+  abstract_state = TrainState(jax.ShapeDtypeStruct((), jnp.int32), params, model_state, opt_state)
+  shardings = sharding.state_shardings(abstract_state, mesh, config.mesh.rules)
+  return Setup(config, objective, mesh, batch_sharding, trainable, tx, schedule, abstract_batch,
+               abstract_state, shardings)
+
+
+def make_train_step(s: Setup) -> Callable[[TrainState, Any], tuple[TrainState, dict]]:
+  """The jitted, donated, sharded step. Only the trainable subtree is differentiated and updated."""
+  base_rng = jax.random.key(s.config.seed + 1)
+
+  def train_step(state: TrainState, batch: Any) -> tuple[TrainState, dict]:
+    rng = jax.random.fold_in(base_rng, state.step)
+    trainable_params, frozen_params = masks.partition(state.params, s.trainable)
+    grads, model_state, metrics = s.objective.gradients(
+        trainable_params, frozen_params, state.model_state, batch, rng, trainable=s.trainable)
+    updates, opt_state = s.tx.update(grads, state.opt_state, trainable_params)
+    trainable_params = optax.apply_updates(trainable_params, updates)
+    metrics = {**metrics, "grad_norm": optax.global_norm(grads), "lr": s.schedule(state.step)}
+    new_state = TrainState(state.step + 1, masks.merge(trainable_params, frozen_params),
+                           model_state, opt_state)
+    return new_state, metrics
+
+  replicated = NamedSharding(s.mesh, PartitionSpec())
+  return jax.jit(train_step, in_shardings=(s.state_shardings, s.batch_sharding),
+                 out_shardings=(s.state_shardings, replicated), donate_argnums=0)
+
+
+def fresh_variables(s: Setup) -> tuple[Any, Any]:
+  """(params, model_state) from the objective's init, created directly with the state's shardings."""
+  def init():
+    batch = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), s.abstract_batch)
+    return s.objective.init(jax.random.key(s.config.seed), batch)
+  return jax.jit(init, out_shardings=(s.state_shardings.params, s.state_shardings.model_state))()
+
+
+def initial_state(s: Setup, params: Any, model_state: Any) -> TrainState:
+  """A step-0 TrainState around given variables, with optimizer state for the trainable part only."""
+  def build(params, model_state):
+    opt_state = s.tx.init(masks.partition(params, s.trainable)[0])
+    return TrainState(jnp.zeros((), jnp.int32), params, model_state, opt_state)
+  return jax.jit(build, out_shardings=s.state_shardings)(params, model_state)
+
+
+class _StopFlag:
+  """Set by SIGTERM/SIGINT (preemption, Ctrl-C): the loop saves a checkpoint and exits cleanly."""
+
+  def __init__(self, sync_every: int):
+    self.requested = False
+    self.sync_every = sync_every
+
+  def install(self) -> None:
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      signal.signal(sig, self._handle)
+
+  def _handle(self, signum, frame):
+    del frame
+    logging.warning("signal %d: saving a checkpoint and stopping", signum)
+    self.requested = True
+
+  def should_stop(self, step: int) -> bool:
+    if jax.process_count() == 1:
+      return self.requested
+    # All hosts must agree, or the save would hang; agreeing costs a sync, so only now and then.
+    if multihost_utils.reached_preemption_sync_point(step):
+      return True
+    if step % self.sync_every:
+      return False
+    return bool(multihost_utils.process_allgather(np.array(self.requested)).any())
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+  """Runs (or resumes) training in `workdir`; returns the final state."""
+  workdir = epath.Path(workdir)
+  data.validate(config.data)
+  done = checkpoint.completed_steps(workdir)
+  start_step = done[-1] if done else 0
+  batches = data.train_iterator(
+      config.data, global_batch_size=config.batch_size, seed=config.seed, start_step=start_step,
+      process_index=jax.process_index(), process_count=jax.process_count())
+  first = next(batches)
+  s = setup(config, first)
+  loaded = None
+  if not start_step and config.get("init_from") and config.init_from.get("workdir"):
+    # Checked against abstract shapes: a mismatch stops us before anything compiles.
+    loaded = checkpoint.transfer_init(s.abstract_state.params, s.abstract_state.model_state,
+                                      config.init_from)
+  # Validation is over: from here on the workdir is written.
+  workdir.mkdir(parents=True, exist_ok=True)
+  if jax.process_index() == 0:
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    trainable, frozen = masks.partition(s.abstract_state.params, s.trainable)
+    counts = dict(zip(("trainable", "trainable_bytes"), masks.count(trainable)))
+    counts.update(zip(("frozen", "frozen_bytes"), masks.count(frozen)))
+    (workdir / "params.json").write_text(json.dumps(counts, indent=2))
+  logging.info("trainable parameters:\n%s", masks.summary(s.abstract_state.params, s.trainable))
+  mgr = checkpoint.manager(workdir, keep=config.get("keep_checkpoints", 3))
+  if start_step:
+    restored = checkpoint.restore(mgr, start_step, {
+        name: getattr(s.abstract_state, name) for name in checkpoint.ITEMS})
+    state = TrainState(jnp.asarray(start_step, jnp.int32), **restored)
+    state = jax.device_put(state, s.state_shardings)
+    logging.info("resumed from step %d", start_step)
+  else:
+    params, model_state = fresh_variables(s)
+    if loaded is not None:  # loaded leaves from the checkpoint, dont_load leaves from the fresh init
+      params, model_state = checkpoint.fill_holes(loaded, (params, model_state), s.state_shardings)
+    state = initial_state(s, params, model_state)
+  writer = MetricWriter(workdir, "train_metrics")
+  state = run_loop(s, state, itertools.chain([first], batches), mgr, writer)
+  mgr.wait_until_finished()
+  mgr.close()
+  return state
+
+
+def run_loop(s: Setup, state: TrainState, batches: Iterator[Any], mgr: Any,
+             writer: MetricWriter) -> TrainState:
+  """Steps until total_steps or a stop signal; logs every `log_every`, checkpoints every
+  `checkpoint_every` and at the end."""
+  config = s.config
+  step_fn = make_train_step(s)
+  stop = _StopFlag(sync_every=config.log_every)
+  stop.install()
+  step = int(state.step)
+  device_batches = sharding.prefetch_to_mesh(batches, s.batch_sharding)
+  window: list[dict] = []
+  last_time, last_step = time.perf_counter(), step
+  while step < config.total_steps:
+    state, metrics = step_fn(state, next(device_batches))
+    step += 1
+    window.append(metrics)  # device arrays: fetched once per window, no sync per step
+    if step % config.log_every == 0 or step == config.total_steps:
+      means = {k: float(np.mean([m[k] for m in jax.device_get(window)])) for k in window[0]}
+      now = time.perf_counter()
+      rate = (step - last_step) / max(now - last_time, 1e-9)
+      means["steps_per_sec"] = rate
+      logging.info("step %d/%d %s | %.1f steps/s, ETA %.0fs", step, config.total_steps,
+                   " ".join(f"{k}={v:.4g}" for k, v in means.items() if k != "steps_per_sec"),
+                   rate, (config.total_steps - step) / max(rate, 1e-9))
+      writer.write(step, means)
+      window, last_time, last_step = [], now, step
+    stopping = stop.should_stop(step)
+    if step % config.checkpoint_every == 0 or step == config.total_steps or stopping:
+      checkpoint.save(mgr, step, state, force=True)
+    if stopping:
+      logging.warning("stopped at step %d after a signal; resume by running the same command", step)
+      break
+  writer.close()
+  return state
