@@ -64,9 +64,7 @@ def completed_steps(workdir: str | epath.Path) -> list[int]:
   directory = checkpoint_dir(workdir)
   if not directory.exists():
     return []
-  with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
-      create=False, read_only=True)) as reader:
-    return sorted(reader.all_steps())
+  return sorted(ocp.path.step.checkpoint_steps(directory))  # finalized steps only
 
 
 def load_variables(workdir: str | epath.Path, step: int | None = None) -> tuple[int, dict[str, Any]]:
@@ -79,10 +77,11 @@ def load_variables(workdir: str | epath.Path, step: int | None = None) -> tuple[
   if step not in steps:
     raise ConfigError(f"no checkpoint for step {step} in {checkpoint_dir(workdir)}; available: {steps}")
   present = [n for n in ("params", "model_state") if (checkpoint_dir(workdir) / str(step) / n).exists()]
-  with ocp.CheckpointManager(checkpoint_dir(workdir), options=ocp.CheckpointManagerOptions(
-      create=False, read_only=True)) as reader:
+  # Onto one local device: the saving run's topology (8 devices, 2 hosts) need not exist here.
+  one_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  with manager(workdir, keep=None, async_save=False, create=False) as reader:
     out = reader.restore(step, args=ocp.args.Composite(
-        **{n: ocp.args.StandardRestore() for n in present}))
+        **{n: ocp.args.StandardRestore(fallback_sharding=one_device) for n in present}))
   return step, {n: jax.tree.map(np.asarray, out[n]) if n in present else {}
                 for n in ("params", "model_state")}
 

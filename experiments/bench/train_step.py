@@ -1,6 +1,6 @@
 """Benchmark of the train step: overhead, frozen-backbone savings, input pipeline.
 
-  python -m experiments.bench.train_step [--model=cnn_small] [--batch_size=256] [--rounds=7]
+  python -m experiments.bench.train_step [--model=resnet_small] [--batch_size=256] [--rounds=5]
 
 Every figure is a ratio of two things measured in this process, interleaved round by round (medians),
 so machine load cancels out:
@@ -24,10 +24,11 @@ from absl import app, flags
 from experiments.configs import pretrain_digits
 from jtl import data, losses, sharding, train
 
-flags.DEFINE_string("model", "cnn_small", "Model name from jtl.models.")
+flags.DEFINE_string("model", "resnet_small", "Model name from jtl.models.")
 flags.DEFINE_integer("batch_size", 256, "Global batch size.")
-flags.DEFINE_integer("steps", 30, "Steps per timed trial.")
-flags.DEFINE_integer("rounds", 7, "Interleaved trials per variant (the median is kept).")
+flags.DEFINE_integer("image_size", None, "Resize the digits to this side (None: native 8x8).")
+flags.DEFINE_integer("steps", 20, "Steps per timed trial.")
+flags.DEFINE_integer("rounds", 5, "Interleaved trials per variant (the median is kept).")
 FLAGS = flags.FLAGS
 LINEAR_PROBE = (("params/head/.*", True), (".*", False))
 
@@ -38,6 +39,7 @@ def make_config(trainable=((".*", True),)):
   c.batch_size = FLAGS.batch_size
   c.total_steps = 10_000
   c.data.augment = False
+  c.data.image_size = FLAGS.image_size
   c.trainable = trainable
   return c
 
@@ -116,7 +118,7 @@ def main(argv):
     jax.block_until_ready(state)
     return n / (time.perf_counter() - start), state
 
-  n = FLAGS.steps * 4
+  n = FLAGS.steps * 2
   real = sharding.prefetch_to_mesh(batches, full.batch_sharding)
   state = train.initial_state(full, *train.fresh_variables(full))
   _, state = loop(real, state, 5)  # warm the pipeline
@@ -133,7 +135,8 @@ def main(argv):
       "frozen_vs_full_flops": flops["probe"] / flops["full"],
       "pipeline_vs_synthetic": float(np.median(real_rates) / np.median(synth_rates)),
   }
-  print(f"model={FLAGS.model} batch={FLAGS.batch_size} devices={jax.device_count()} "
+  print(f"model={FLAGS.model} batch={FLAGS.batch_size} image={first['image'].shape[1:]} "
+        f"devices={jax.device_count()} "
         f"({jax.devices()[0].platform}), medians of {FLAGS.rounds} interleaved rounds")
   print(f"{'variant':<28}{'ms/step':>10}")
   for name, t in times.items():
