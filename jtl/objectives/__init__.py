@@ -6,8 +6,8 @@ import difflib
 import ml_collections
 
 from jtl.errors import ConfigError
-from jtl.objectives.base import Objective
-from jtl.objectives.supervised import Supervised, apply_model
+from jtl.objectives.base import Objective, apply_model
+from jtl.objectives.supervised import Supervised
 
 OBJECTIVES = {"supervised": Supervised}
 

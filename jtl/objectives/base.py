@@ -34,9 +34,11 @@ from __future__ import annotations
 import abc
 from typing import Any
 
+import flax.linen as nn
 import jax
 
 from jtl import masks
+from jtl.models import layers
 
 PyTree = Any
 Metrics = dict[str, jax.Array]
@@ -67,3 +69,21 @@ class Objective(abc.ABC):
     (loss, (model_state, metrics)), grads = jax.value_and_grad(loss_of_trainable, has_aux=True)(
         trainable_params)
     return grads, model_state, {"loss": loss, **metrics}
+
+
+def apply_model(model: nn.Module, params: PyTree, model_state: PyTree, x: jax.Array, *,
+                train: bool, trainable: PyTree | None = None, rng: jax.Array | None = None,
+                method: Any = None) -> tuple[jax.Array, PyTree]:
+  """Runs `model`; in training, BatchNorms whose parameters are all frozen use and keep running stats.
+
+  Returns `(output, new_model_state)`. Shared by every objective that trains a linen model.
+  """
+  frozen = masks.frozen_modules(trainable) if (train and trainable is not None) else frozenset()
+  variables = {"params": params, **model_state}
+  rngs = {"dropout": rng} if rng is not None else None
+  with layers.frozen_norms(frozen):
+    if train and model_state:
+      out, new_state = model.apply(variables, x, train=True, rngs=rngs, method=method,
+                                   mutable=list(model_state))
+      return out, {**model_state, **new_state}
+    return model.apply(variables, x, train=train, rngs=rngs, method=method), model_state

@@ -2,34 +2,13 @@
 and (partial/full) fine-tuning. Which of those it is depends only on the mask and `init_from`."""
 from __future__ import annotations
 
-from typing import Any
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 
-from jtl import losses, masks, models
-from jtl.models import layers
-from jtl.objectives.base import Metrics, Objective, PyTree
-
-
-def apply_model(model: nn.Module, params: PyTree, model_state: PyTree, x: jax.Array, *,
-                train: bool, trainable: PyTree | None = None, rng: jax.Array | None = None,
-                method: Any = None) -> tuple[jax.Array, PyTree]:
-  """Runs `model`; in training, BatchNorms whose parameters are all frozen use and keep running stats.
-
-  Returns `(output, new_model_state)`. Shared by every objective that trains a linen model.
-  """
-  frozen = masks.frozen_modules(trainable) if (train and trainable is not None) else frozenset()
-  variables = {"params": params, **model_state}
-  rngs = {"dropout": rng} if rng is not None else None
-  with layers.frozen_norms(frozen):
-    if train and model_state:
-      out, new_state = model.apply(variables, x, train=True, rngs=rngs, method=method,
-                                   mutable=list(model_state))
-      return out, {**model_state, **new_state}
-    return model.apply(variables, x, train=train, rngs=rngs, method=method), model_state
+from jtl import losses, models
+from jtl.objectives.base import Metrics, Objective, PyTree, apply_model
 
 
 class Supervised(Objective):
