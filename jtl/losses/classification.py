@@ -1,4 +1,4 @@
-"""Pure loss functions: per-example values, no reduction, no model code."""
+"""Softmax cross-entropy and top-1 accuracy for integer class labels."""
 from __future__ import annotations
 
 import jax
