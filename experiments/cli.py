@@ -1,53 +1,160 @@
-"""Shared absl entry-point plumbing: one-line errors, optional multi-host start-up.
+"""Shared absl entry-point plumbing: the config flag, one-line errors, optional multi-host start-up.
 
-Every bad input — an unknown `--config.key`, a config file that does not exist, a ConfigError raised
-while the experiment is set up — ends as one line on stderr and exit status 2, before anything is
-compiled or written.
+An entry point (`experiments/train.py`, `evaluate.py`, ...) is two functions:
+
+  define_flags(flag_values, argv)   registers its flags (`define_config_flag` for `--config`)
+  main(flag_values)                 runs it; raises ConfigError for bad input
+
+`run(define_flags, main)` is its `__main__`; `execute(define_flags, main, argv)` runs the very same
+code in-process on fresh flag values and returns the exit status (what the tests use).
+
+Every bad input — an unknown `--config.key`, a value of the wrong type, a config file that does not
+exist, a ConfigError raised while the experiment is set up — ends as one line `error: ...` on stderr
+and exit status 2, before anything is compiled or written.
+
+`--config.KEY=VALUE` may name any key the config file defines, and, in the sections whose keys depend
+on a choice (`model`: the chosen model's options), any key: the component validates those (an unknown
+model option lists the valid ones). Anything else that names no key of the config file is an error
+with a did-you-mean.
 """
 from __future__ import annotations
 
+import importlib.util
 import logging as py_logging
 import os
+import re
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before TensorFlow is first imported
-from typing import Callable
+from collections.abc import Callable  # noqa: E402
 
-from absl import app, flags, logging
+import ml_collections  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
-from jtl.errors import ConfigError
+from jtl.config import unknown_override_error  # noqa: E402
+from jtl.errors import ConfigError  # noqa: E402
 
-flags.DEFINE_string("coordinator_address", None,
-                    "host:port of process 0 for multi-host runs (jax.distributed.initialize).")
-flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-host run.")
-flags.DEFINE_integer("process_id", None, "This process's index in a multi-host run.")
-flags.DEFINE_bool("distributed", False,
-                  "Call jax.distributed.initialize() with auto-detection (Cloud TPU pods, SLURM).")
-
-FLAGS = flags.FLAGS
-
-
-def _fail(message: str) -> None:
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(2)
+FlagValues = flags.FlagValues
+Define = Callable[[FlagValues, list[str]], None]
+Main = Callable[[FlagValues], None]
+# Config sections whose valid keys depend on a choice; their owners validate them.
+OPEN_SECTIONS = ("model",)
+EXIT_BAD_INPUT = 2
 
 
-def _parse_flags(argv: list[str]) -> list[str]:
+def define_config_flag(flag_values: FlagValues, argv: list[str], help_string: str) -> None:
+  """`--config=path[:args]` plus its `--config.KEY=VALUE` overrides (checked by `load_config`)."""
+  config_flags.DEFINE_config_file("config", None, help_string, flag_values=flag_values,
+                                  lock_config=False, accept_new_attributes=True, sys_argv=argv)
+
+
+def _define_distributed(flag_values: FlagValues) -> None:
+  flags.DEFINE_string("coordinator_address", None,
+                      "host:port of process 0 for multi-host runs (jax.distributed.initialize).",
+                      flag_values=flag_values)
+  flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-host run.",
+                       flag_values=flag_values)
+  flags.DEFINE_integer("process_id", None, "This process's index in a multi-host run.",
+                       flag_values=flag_values)
+  flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() with auto-detection "
+                    "(Cloud TPU pods, SLURM).", flag_values=flag_values)
+
+
+def _has_key(config: ml_collections.ConfigDict, path: str) -> bool:
+  node = config
+  for part in path.split("."):
+    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+      return False
+    node = node[part]
+  return True
+
+
+def _config_as_written(spec: str) -> ml_collections.ConfigDict:
+  """`get_config(arg)` of a `path[:arg]` config file, without the command line's overrides."""
+  path, *arg = spec.split(":", 1)
+  module_spec = importlib.util.spec_from_file_location("jtl_config_reference", path)
+  if module_spec is None or not os.path.isfile(path):
+    raise ConfigError(f"config file {path!r} does not exist; check --config")
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(*arg)
+
+
+def load_config(flag_values: FlagValues) -> ml_collections.ConfigDict | None:
+  """The parsed `--config` (None if not given), its overrides checked against the file's own keys."""
+  flag = flag_values["config"]
+  if flag.value is None:
+    return None
+  reference = _config_as_written(config_flags.get_config_filename(flag))
+  for path in config_flags.get_override_values(flag):
+    if not _has_key(reference, path) and path.split(".")[0] not in OPEN_SECTIONS:
+      raise unknown_override_error(path, reference)
+  config = flag.value
+  config.lock()  # from here on a typo in code that sets a key fails loudly too
+  return config
+
+
+def _one_line(error: BaseException) -> str:
+  """The useful part of an exception as one line (the last line of an embedded traceback)."""
+  text = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+  text = str(text)
+  if "Traceback (most recent call last)" in text:  # config_flags wraps a config file's exception
+    text = [line for line in text.strip().splitlines() if line.strip()][-1]
+    text = text.split(": ", 1)[1] if ": " in text else text
+  return " ".join(text.split()) or type(error).__name__
+
+
+def _fail(message: str) -> int:
+  print(f"error: {message}", file=sys.stderr, flush=True)
+  return EXIT_BAD_INPUT
+
+
+def _parse(flag_values: FlagValues, argv: list[str]) -> list[str] | int:
   try:
-    return FLAGS(argv)
-  except (flags.Error, ConfigError, FileNotFoundError, KeyError, ValueError, TypeError,
-          AttributeError) as e:
-    _fail(" ".join(str(e).split()) or type(e).__name__)
-  return []
+    return flag_values(argv)
+  except flags.Error as e:
+    message = _one_line(e)
+    named = re.match(r"flag --([\w.]+)=", message)
+    if named and "must have a value other than None" in message:
+      return _fail(f"--{named[1]} is required; pass --{named[1]}=...")
+    if named and named[1] in flag_values:
+      return _fail(f"{message}; --{named[1]} takes a value of type "
+                   f"{flag_values[named[1]].flag_type()}")
+    return _fail(message)
+  except (ConfigError, ValueError, TypeError, KeyError, AttributeError, OSError) as e:
+    return _fail(_one_line(e))
 
 
-def _start_distributed() -> None:
-  if FLAGS.coordinator_address or FLAGS.distributed:
+def _start_distributed(flag_values: FlagValues) -> None:
+  if flag_values.coordinator_address or flag_values.distributed:
     import jax
     # Only used by the CPU backend (multi-process tests on one machine); must precede initialize().
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
-                               num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+    jax.distributed.initialize(coordinator_address=flag_values.coordinator_address,
+                               num_processes=flag_values.num_processes,
+                               process_id=flag_values.process_id)
+
+
+def _guarded(main: Main, flag_values: FlagValues) -> int:
+  try:
+    _start_distributed(flag_values)
+    main(flag_values)
+  except ConfigError as e:
+    logging.flush()
+    return _fail(_one_line(e))
+  return 0
+
+
+def execute(define_flags: Define, main: Main, argv: list[str]) -> int:
+  """Parses `argv` into fresh flag values and runs `main`; returns the exit status."""
+  flag_values = FlagValues()
+  define_flags(flag_values, argv)
+  _define_distributed(flag_values)
+  parsed = _parse(flag_values, argv)
+  if isinstance(parsed, int):
+    return parsed
+  return _guarded(main, flag_values)
 
 
 class _OwnInfoOnly(py_logging.Filter):
@@ -60,14 +167,20 @@ class _OwnInfoOnly(py_logging.Filter):
     return any(part in record.pathname for part in ("/jtl/", "/experiments/"))
 
 
-def run(main: Callable[[list[str]], None]) -> None:
-  """`absl.app.run` with one-line, exit-2 handling of configuration errors."""
-  def wrapped(argv):
+def run(define_flags: Define, main: Main) -> None:
+  """The `__main__` of an entry point: absl's app (logging set-up) around `main`."""
+  define_flags(flags.FLAGS, sys.argv)
+  _define_distributed(flags.FLAGS)
+
+  def parse(argv: list[str]) -> list[str]:
+    parsed = _parse(flags.FLAGS, argv)
+    if isinstance(parsed, int):
+      sys.exit(parsed)
+    return parsed
+
+  def wrapped(argv: list[str]) -> None:
+    del argv
     logging.get_absl_handler().addFilter(_OwnInfoOnly())
-    _start_distributed()
-    try:
-      main(argv)
-    except ConfigError as e:
-      logging.flush()
-      _fail(" ".join(str(e).split()))
-  app.run(wrapped, flags_parser=_parse_flags)
+    sys.exit(_guarded(main, flags.FLAGS))
+
+  app.run(wrapped, flags_parser=parse)

@@ -15,6 +15,7 @@ from absl import app, flags
 from etils import epath
 
 from jtl import plots
+from jtl.config import resolve_path
 from jtl.metric_writer import read_jsonl
 
 flags.DEFINE_string("workdir", "workdirs/demo", "Parent folder of the four runs.")
@@ -34,7 +35,7 @@ def run(module: str, config: str, workdir: epath.Path) -> None:
 
 def main(argv):
   del argv
-  root = epath.Path(FLAGS.workdir)
+  root = epath.Path(resolve_path(FLAGS.workdir))
   if FLAGS.fresh and root.exists():
     root.rmtree()
   start = time.time()

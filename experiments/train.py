@@ -1,26 +1,27 @@
 """Train (or resume) one experiment.
 
-  python -m experiments.train --config=experiments/configs/pretrain_digits.py --workdir=/tmp/pre \
+  python -m experiments.train --config=experiments/configs/pretrain_digits.py --workdir=runs/pre \
       [--config.total_steps=500 ...]
 
 Re-running the same command resumes from the latest checkpoint; SIGTERM/SIGINT saves and exits 0.
+The workdir may be relative, absolute or remote (gs://...).
 """
 from absl import flags
-from ml_collections import config_flags
 
 from experiments import cli
 from jtl import train
 
-config_flags.DEFINE_config_file("config", None, "Experiment config file (path[:args]).",
-                                lock_config=True)
-flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and config.json go (local or gs://).")
-flags.mark_flags_as_required(["config", "workdir"])
+
+def define_flags(flag_values: flags.FlagValues, argv: list[str]) -> None:
+  cli.define_config_flag(flag_values, argv, "Experiment config file (path[:args]).")
+  flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and config.json go (local or gs://).",
+                      flag_values=flag_values)
+  flags.mark_flags_as_required(["config", "workdir"], flag_values=flag_values)
 
 
-def main(argv):
-  del argv
-  train.train(flags.FLAGS.config, flags.FLAGS.workdir)
+def main(flag_values: flags.FlagValues) -> None:
+  train.train(cli.load_config(flag_values), flag_values.workdir)
 
 
 if __name__ == "__main__":
-  cli.run(main)
+  cli.run(define_flags, main)

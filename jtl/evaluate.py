@@ -9,6 +9,8 @@ evaluated, so nothing is evaluated twice, across restarts of the evaluator too.
 """
 from __future__ import annotations
 
+import copy
+import os
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -21,6 +23,7 @@ from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jtl import checkpoint, data
+from jtl import config as config_lib
 from jtl.errors import ConfigError
 from jtl.metric_writer import MetricWriter, read_jsonl
 from jtl.objectives import Objective
@@ -90,37 +93,74 @@ def evaluate_step(s: Setup, evaluators: list[Evaluator], workdir: str | epath.Pa
   return row
 
 
-def evaluate_checkpoints(config: ml_collections.ConfigDict, workdir: str, *, watch: bool = False,
-                         step: int | None = None, timeout: float = 3600.0,
+# Keys of a given config that do not change what a run's checkpoints mean.
+_EVAL_SIDE = ("log_every", "checkpoint_every", "keep_checkpoints", "eval.*", "mesh.*", "init_from.*")
+
+
+def effective_config(given: ml_collections.ConfigDict | None, workdir: epath.Path
+                     ) -> ml_collections.ConfigDict:
+  """The config to evaluate `workdir` with: the run's own `config.json`, with the given config's `eval`
+  and `mesh` sections. Where the given config differs in anything that matters, it says so."""
+  run = config_lib.load_run_config(workdir)
+  if run is None:
+    if given is None:
+      raise ConfigError(f"{workdir} holds no config.json (no run was started there); train there "
+                        "first, or pass --config")
+    return given
+  if given is None:
+    return run
+  changed = config_lib.differences(run, given, ignore=_EVAL_SIDE)
+  if changed:
+    logging.warning("the given config differs from the run's %s in: %s; following the run's",
+                    config_lib.run_config_path(workdir), "; ".join(changed))
+  merged = copy.deepcopy(run)
+  for section in ("eval", "mesh"):
+    if section in given:
+      merged[section] = ml_collections.ConfigDict(config_lib.as_plain(given[section]))
+  return merged
+
+
+def evaluate_checkpoints(config: ml_collections.ConfigDict | None, workdir: str | os.PathLike, *,
+                         watch: bool = False, step: int | None = None, timeout: float = 3600.0,
                          poll_every: float = 5.0) -> list[dict[str, Any]]:
-  """Evaluates the not-yet-evaluated checkpoints of `workdir` (or only `step`); returns new rows."""
-  workdir = epath.Path(workdir)
+  """Evaluates the not-yet-evaluated checkpoints of `workdir` (or only `step`); returns new rows.
+
+  `config` may be None: the run's own `config.json` is used (see `effective_config`).
+  """
+  workdir = epath.Path(config_lib.resolve_path(os.fspath(workdir)))
+  deadline = time.time() + timeout
+  if watch and config is None:  # started beside a trainer that has not written its config yet
+    while not config_lib.run_config_path(workdir).exists() and time.time() < deadline:
+      time.sleep(poll_every)
   if not watch:
     available = checkpoint.completed_steps(workdir)
     if not available:
       raise ConfigError(f"no checkpoints in {workdir}; train there first, or pass --watch to wait")
     if step is not None and step not in available:
       raise ConfigError(f"no checkpoint for step {step} in {workdir}; available: {available}")
+  config = config_lib.prepare(effective_config(config, workdir))
   s, evaluators = setup_for_eval(config)
   writer = MetricWriter(workdir, "eval_metrics")
   done = {row["step"] for row in read_jsonl(writer.path)}
-  new_rows, deadline = [], time.time() + timeout
-  while True:
-    available = checkpoint.completed_steps(workdir)
-    todo = [t for t in available if t not in done and (step is None or t == step)]
-    for t in todo:
-      try:
-        row = evaluate_step(s, evaluators, workdir, t)
-      except FileNotFoundError:  # deleted by the trainer's keep-K policy before we got to it
-        logging.warning("checkpoint %d vanished before it was evaluated; skipped", t)
-        continue
-      writer.write(t, row)
-      done.add(t)
-      new_rows.append({"step": t, **row})
-      logging.info("step %d: %s", t, " ".join(f"{k}={v:.4g}" for k, v in row.items()))
-    finished = (step in done) if step is not None else (config.total_steps in done)
-    if not watch or finished or time.time() > deadline:
-      break
-    time.sleep(poll_every)
-  writer.close()
+  new_rows = []
+  try:
+    while True:
+      available = checkpoint.completed_steps(workdir)
+      todo = [t for t in available if t not in done and (step is None or t == step)]
+      for t in todo:
+        try:
+          row = evaluate_step(s, evaluators, workdir, t)
+        except FileNotFoundError:  # deleted by the trainer's keep-K policy before we got to it
+          logging.warning("checkpoint %d vanished before it was evaluated; skipped", t)
+          continue
+        writer.write(t, row)
+        done.add(t)
+        new_rows.append({"step": t, **row})
+        logging.info("step %d: %s", t, " ".join(f"{k}={v:.4g}" for k, v in row.items()))
+      finished = (step in done) if step is not None else (config.total_steps in done)
+      if not watch or finished or time.time() > deadline:
+        break
+      time.sleep(poll_every)
+  finally:
+    writer.close()
   return new_rows

@@ -16,6 +16,7 @@ Config (`config.optim`):
 """
 from __future__ import annotations
 
+import difflib
 from typing import Any, Callable
 
 import jax
@@ -24,6 +25,7 @@ from ml_collections import config_dict
 import optax
 
 from jtl import masks
+from jtl.config import check_number, check_positive_int
 from jtl.errors import ConfigError
 
 DEFAULT_DECAY_RULES = ((".*/(kernel|embedding)", True), (".*", False))
@@ -35,6 +37,35 @@ def default_optim_config() -> ml_collections.ConfigDict:
       boundaries=(0.5, 0.75), decay_factor=0.1, momentum=0.9, b1=0.9, b2=0.999, eps=1e-8,
       weight_decay=1e-4, decay_rules=DEFAULT_DECAY_RULES,
       clip_norm=config_dict.placeholder(float), lr_mults=()))
+
+
+OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
+SCHEDULES = ("constant", "cosine", "steps")
+
+
+def _choice(value: Any, choices: tuple[str, ...], key: str) -> None:
+  if value not in choices:
+    close = difflib.get_close_matches(str(value), choices, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise ConfigError(f"unknown {key} {value!r}{hint}; use one of {', '.join(choices)} "
+                      f"(--config.{key})")
+
+
+def check_config(cfg: ml_collections.ConfigDict) -> None:
+  """Range checks of every optimizer option; ConfigError names the flag to fix."""
+  _choice(cfg.name, OPTIMIZERS, "optim.name")
+  _choice(cfg.schedule, SCHEDULES, "optim.schedule")
+  check_number(cfg.lr, "optim.lr", low=0.0, low_open=True)
+  check_positive_int(cfg.get("warmup_steps", 0), "optim.warmup_steps", minimum=0)
+  check_number(cfg.get("end_lr_factor", 0.0), "optim.end_lr_factor", low=0.0, high=1.0)
+  check_number(cfg.get("decay_factor", 0.1), "optim.decay_factor", low=0.0, low_open=True)
+  for key in ("momentum", "b1", "b2"):
+    check_number(cfg.get(key, 0.9), f"optim.{key}", low=0.0, high=1.0, high_open=True)
+  check_number(cfg.get("eps", 1e-8), "optim.eps", low=0.0, low_open=True)
+  check_number(cfg.get("weight_decay", 0.0), "optim.weight_decay", low=0.0)
+  check_number(cfg.get("clip_norm"), "optim.clip_norm", low=0.0, low_open=True, allow_none=True)
+  for b in cfg.get("boundaries", ()):
+    check_number(b, "optim.boundaries", low=0.0, low_open=True)
 
 
 def make_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> Callable[[Any], Any]:
@@ -53,7 +84,7 @@ def make_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> Callable[
       bounds = [int(b * decay_steps) for b in bounds]
     main = optax.piecewise_constant_schedule(cfg.lr, {int(b): cfg.decay_factor for b in bounds})
   else:
-    raise ConfigError(f"unknown optim.schedule {cfg.schedule!r}; use constant, cosine or steps")
+    _choice(cfg.schedule, SCHEDULES, "optim.schedule")
   if warmup <= 0:
     return main
   return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, warmup), main], [warmup])
@@ -74,6 +105,7 @@ def build_optimizer(cfg: ml_collections.ConfigDict, params: Any, trainable: Any,
   Rule tables are matched against the *full* params tree (so a typo is caught even where it names only
   frozen leaves), then cut down to the trainable part.
   """
+  check_config(cfg)
   schedule = make_schedule(cfg, total_steps)
   decay_mask = masks.match(params, cfg.get("decay_rules", DEFAULT_DECAY_RULES), what="decay rule")
   decay_mask, _ = masks.partition(decay_mask, trainable)
@@ -90,7 +122,7 @@ def build_optimizer(cfg: ml_collections.ConfigDict, params: Any, trainable: Any,
     core = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=wd,
                        mask=decay_mask)
   else:
-    raise ConfigError(f"unknown optim.name {name!r}; use sgd, momentum, adam or adamw")
+    _choice(name, OPTIMIZERS, "optim.name")
   chain = []
   if cfg.get("clip_norm"):
     chain.append(optax.clip_by_global_norm(float(cfg.clip_norm)))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import os
 import signal
 import time
 from collections.abc import Iterator
@@ -27,6 +28,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jtl import checkpoint, data, masks, objectives, optim, sharding
+from jtl import config as config_lib
 from jtl.errors import ConfigError
 from jtl.metric_writer import MetricWriter
 
@@ -78,6 +80,10 @@ def setup(config: ml_collections.ConfigDict, example_batch: Any) -> Setup:
   opt_state = jax.eval_shape(tx.init, masks.partition(params, trainable)[0])
   abstract_state = TrainState(jax.ShapeDtypeStruct((), jnp.int32), params, model_state, opt_state)
   shardings = sharding.state_shardings(abstract_state, mesh, config.mesh.rules)
+  # Abstract leaves carry their target sharding, so a checkpoint restores onto this run's devices
+  # whatever the topology of the run that wrote it.
+  abstract_state = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                                abstract_state, shardings)
   return Setup(config, objective, mesh, batch_sharding, trainable, tx, schedule, abstract_batch,
                abstract_state, shardings)
 
@@ -111,6 +117,29 @@ def fresh_variables(s: Setup) -> tuple[Any, Any]:
   return jax.jit(init, out_shardings=(s.state_shardings.params, s.state_shardings.model_state))()
 
 
+def load_transfer_source(s: Setup) -> tuple[Any, Any] | None:
+  """`init_from`'s checkpoint merged onto the abstract variables (None without `init_from`).
+
+  Checked against abstract shapes and read on the host, so a mismatch stops the run before anything
+  compiles or is written; `init_variables` places it on the devices.
+  """
+  init_from = s.config.get("init_from")
+  if not init_from or not init_from.get("workdir"):
+    return None
+  params, model_state, _ = checkpoint.transfer_init(s.abstract_state.params,
+                                                    s.abstract_state.model_state, init_from)
+  return params, model_state
+
+
+def init_variables(s: Setup, loaded: tuple[Any, Any] | None = None) -> tuple[Any, Any]:
+  """Step-0 (params, model_state): the fresh init, with `loaded` leaves (from
+  `load_transfer_source`) in place of the fresh ones; `dont_load` leaves stay fresh."""
+  params, model_state = fresh_variables(s)
+  if loaded is not None:
+    params, model_state = checkpoint.fill_holes(loaded, (params, model_state), s.state_shardings)
+  return params, model_state
+
+
 def initial_state(s: Setup, params: Any, model_state: Any) -> TrainState:
   """A step-0 TrainState around given variables, with optimizer state for the trainable part only."""
   def build(params, model_state):
@@ -122,13 +151,22 @@ def initial_state(s: Setup, params: Any, model_state: Any) -> TrainState:
 class _StopFlag:
   """Set by SIGTERM/SIGINT (preemption, Ctrl-C): the loop saves a checkpoint and exits cleanly."""
 
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
   def __init__(self, sync_every: int):
     self.requested = False
     self.sync_every = sync_every
+    self._previous: dict[int, Any] = {}
 
   def install(self) -> None:
-    for sig in (signal.SIGTERM, signal.SIGINT):
-      signal.signal(sig, self._handle)
+    for sig in self.SIGNALS:
+      self._previous[sig] = signal.signal(sig, self._handle)
+
+  def uninstall(self) -> None:
+    """Gives the signals back to whoever handled them before (a caller's own handler, or Python's)."""
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+    self._previous = {}
 
   def _handle(self, signum, frame):
     del frame
@@ -146,81 +184,108 @@ class _StopFlag:
     return bool(multihost_utils.process_allgather(np.array(self.requested)).any())
 
 
-def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
-  """Runs (or resumes) training in `workdir`; returns the final state."""
-  workdir = epath.Path(workdir)
-  data.validate(config.data)
+def _resume_step(config: ml_collections.ConfigDict, workdir: epath.Path) -> int:
+  """The step to resume from (0: start fresh); ConfigError if the workdir holds another experiment."""
   done = checkpoint.completed_steps(workdir)
-  start_step = done[-1] if done else 0
+  if not done:
+    return 0
+  previous = config_lib.load_run_config(workdir)
+  if previous is not None:
+    changed = config_lib.differences(previous, config, ignore=config_lib.RESUMABLE_CHANGES)
+    if changed:
+      raise ConfigError(
+          f"workdir {workdir} holds checkpoints of a different experiment: {'; '.join(changed[:5])}"
+          f"{' ...' if len(changed) > 5 else ''}; use another --workdir, or delete {workdir} to "
+          "start fresh")
+  return done[-1]
+
+
+def _write_run_files(s: Setup, workdir: epath.Path) -> None:
+  """The first writes of a run: the workdir, config.json and params.json (process 0)."""
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0:
+      config_lib.run_config_path(workdir).write_text(s.config.to_json_best_effort(indent=2))
+      trainable, frozen = masks.partition(s.abstract_state.params, s.trainable)
+      counts = dict(zip(("trainable", "trainable_bytes"), masks.count(trainable)))
+      counts.update(zip(("frozen", "frozen_bytes"), masks.count(frozen)))
+      (workdir / "params.json").write_text(json.dumps(counts, indent=2))
+  except OSError as e:
+    raise ConfigError(f"cannot write to workdir {workdir} ({e.strerror or e}); choose a writable "
+                      "--workdir") from e
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> TrainState:
+  """Runs (or resumes) training in `workdir` (relative, absolute or remote); returns the final state.
+
+  Everything that can be wrong with the input is checked before the workdir is first written.
+  """
+  config = config_lib.prepare(config)
+  workdir = epath.Path(config_lib.resolve_path(os.fspath(workdir)))
+  data.validate(config.data)
+  start_step = _resume_step(config, workdir)
   batches = data.train_iterator(
       config.data, global_batch_size=config.batch_size, seed=config.seed, start_step=start_step,
       process_index=jax.process_index(), process_count=jax.process_count())
   first = next(batches)
   s = setup(config, first)
-  loaded = None
-  if not start_step and config.get("init_from") and config.init_from.get("workdir"):
-    # Checked against abstract shapes: a mismatch stops us before anything compiles.
-    loaded = checkpoint.transfer_init(s.abstract_state.params, s.abstract_state.model_state,
-                                      config.init_from)
+  loaded = None if start_step else load_transfer_source(s)
   # Validation is over: from here on the workdir is written.
-  workdir.mkdir(parents=True, exist_ok=True)
-  if jax.process_index() == 0:
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-    trainable, frozen = masks.partition(s.abstract_state.params, s.trainable)
-    counts = dict(zip(("trainable", "trainable_bytes"), masks.count(trainable)))
-    counts.update(zip(("frozen", "frozen_bytes"), masks.count(frozen)))
-    (workdir / "params.json").write_text(json.dumps(counts, indent=2))
+  _write_run_files(s, workdir)
   logging.info("trainable parameters:\n%s", masks.summary(s.abstract_state.params, s.trainable))
   mgr = checkpoint.manager(workdir, keep=config.get("keep_checkpoints", 3))
   if start_step:
     restored = checkpoint.restore(mgr, start_step, {
         name: getattr(s.abstract_state, name) for name in checkpoint.ITEMS})
-    state = TrainState(jnp.asarray(start_step, jnp.int32), **restored)
-    state = jax.device_put(state, s.state_shardings)
+    state = jax.device_put(TrainState(jnp.asarray(start_step, jnp.int32), **restored),
+                           s.state_shardings)
     logging.info("resumed from step %d", start_step)
   else:
-    params, model_state = fresh_variables(s)
-    if loaded is not None:  # loaded leaves from the checkpoint, dont_load leaves from the fresh init
-      params, model_state = checkpoint.fill_holes(loaded, (params, model_state), s.state_shardings)
-    state = initial_state(s, params, model_state)
+    state = initial_state(s, *init_variables(s, loaded))
   writer = MetricWriter(workdir, "train_metrics")
-  state = run_loop(s, state, itertools.chain([first], batches), mgr, writer)
-  mgr.wait_until_finished()
-  mgr.close()
+  try:
+    state = run_loop(s, state, itertools.chain([first], batches), mgr, writer)
+  finally:
+    writer.close()
+    mgr.wait_until_finished()
+    mgr.close()
   return state
 
 
 def run_loop(s: Setup, state: TrainState, batches: Iterator[Any], mgr: Any,
              writer: MetricWriter) -> TrainState:
   """Steps until total_steps or a stop signal; logs every `log_every`, checkpoints every
-  `checkpoint_every` and at the end."""
+  `checkpoint_every` and at the end. Signal handlers are the loop's only while it runs."""
   config = s.config
   step_fn = make_train_step(s)
   stop = _StopFlag(sync_every=config.log_every)
-  stop.install()
   step = int(state.step)
   device_batches = sharding.prefetch_to_mesh(batches, s.batch_sharding)
   window: list[dict] = []
   last_time, last_step = time.perf_counter(), step
-  while step < config.total_steps:
-    state, metrics = step_fn(state, next(device_batches))
-    step += 1
-    window.append(metrics)  # device arrays: fetched once per window, no sync per step
-    if step % config.log_every == 0 or step == config.total_steps:
-      means = {k: float(np.mean([m[k] for m in jax.device_get(window)])) for k in window[0]}
-      now = time.perf_counter()
-      rate = (step - last_step) / max(now - last_time, 1e-9)
-      means["steps_per_sec"] = rate
-      logging.info("step %d/%d %s | %.1f steps/s, ETA %.0fs", step, config.total_steps,
-                   " ".join(f"{k}={v:.4g}" for k, v in means.items() if k != "steps_per_sec"),
-                   rate, (config.total_steps - step) / max(rate, 1e-9))
-      writer.write(step, means)
-      window, last_time, last_step = [], now, step
-    stopping = stop.should_stop(step)
-    if step % config.checkpoint_every == 0 or step == config.total_steps or stopping:
-      checkpoint.save(mgr, step, state, force=True)
-    if stopping:
-      logging.warning("stopped at step %d after a signal; resume by running the same command", step)
-      break
-  writer.close()
+  stop.install()
+  try:
+    while step < config.total_steps:
+      state, metrics = step_fn(state, next(device_batches))
+      step += 1
+      window.append(metrics)  # device arrays: fetched once per window, no sync per step
+      if step % config.log_every == 0 or step == config.total_steps:
+        means = {k: float(np.mean([m[k] for m in jax.device_get(window)])) for k in window[0]}
+        now = time.perf_counter()
+        rate = (step - last_step) / max(now - last_time, 1e-9)
+        means["steps_per_sec"] = rate
+        logging.info("step %d/%d %s | %.1f steps/s, ETA %.0fs", step, config.total_steps,
+                     " ".join(f"{k}={v:.4g}" for k, v in means.items() if k != "steps_per_sec"),
+                     rate, (config.total_steps - step) / max(rate, 1e-9))
+        writer.write(step, means)
+        window, last_time, last_step = [], now, step
+      stopping = stop.should_stop(step)
+      if step % config.checkpoint_every == 0 or step == config.total_steps or stopping:
+        checkpoint.save(mgr, step, state, force=True)
+      if stopping:
+        logging.warning("stopped at step %d after a signal; resume by running the same command",
+                        step)
+        break
+  finally:
+    stop.uninstall()
   return state

@@ -4,7 +4,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from jtl import checkpoint, train
+from jtl import checkpoint, data, train
 from jtl.errors import ConfigError
 from tests.helpers import digits_config
 
@@ -27,16 +27,26 @@ def test_backbone_loaded_and_head_reinitialised(pretrained, tmp_path):
     np.testing.assert_array_equal(a, b)
 
 
-def test_reinitialised_head_comes_from_the_fresh_init(pretrained):
+def test_init_loads_the_backbone_and_takes_the_head_from_the_fresh_init(pretrained):
+  """What the trainer starts from: every backbone leaf from the checkpoint (not the fresh init), every
+  head leaf from the fresh init (not the checkpoint)."""
   workdir, source = pretrained
-  fresh_params = jax.tree.map(np.asarray, source.params)
-  fresh_params["head"]["kernel"] = np.full_like(fresh_params["head"]["kernel"], 7.0)
-  init_from = ml_collections.ConfigDict(dict(workdir=workdir, step=None, dont_load=("params/head/.*",)))
-  params, model_state, report = checkpoint.transfer_init(fresh_params, source.model_state, init_from)
-  assert np.all(params["head"]["kernel"] == 7.0)
-  np.testing.assert_array_equal(params["backbone"]["stage1"]["conv"]["kernel"],
-                                source.params["backbone"]["stage1"]["conv"]["kernel"])
-  assert "re-initialised 2" in report
+  config = digits_config("finetune", init_from__workdir=workdir)
+  batches = data.train_iterator(config.data, global_batch_size=config.batch_size, seed=config.seed)
+  s = train.setup(config, next(batches))
+  params, model_state = jax.device_get(train.init_variables(s, train.load_transfer_source(s)))
+  fresh_params, fresh_state = jax.device_get(train.fresh_variables(s))
+  for loaded, src, fresh in zip(jax.tree.leaves(params["backbone"]),
+                                jax.tree.leaves(source.params["backbone"]),
+                                jax.tree.leaves(fresh_params["backbone"])):
+    np.testing.assert_array_equal(loaded, src)
+    assert not np.array_equal(loaded, fresh)
+  for loaded, src in zip(jax.tree.leaves(model_state), jax.tree.leaves(source.model_state)):
+    np.testing.assert_array_equal(loaded, src)
+  for loaded, src, fresh in zip(jax.tree.leaves(params["head"]), jax.tree.leaves(source.params["head"]),
+                                jax.tree.leaves(fresh_params["head"])):
+    np.testing.assert_array_equal(loaded, fresh)
+    assert not np.array_equal(loaded, src)
 
 
 def test_shape_mismatch_is_a_one_line_error_naming_paths(pretrained):

@@ -1,37 +1,185 @@
-"""CLI contract: bad input exits non-zero with one line naming the fix, and writes no workdir."""
+"""The CLI contract, in-process through the entry points' own code (`experiments.cli.execute`):
+
+* every bad input a user can cause gives exactly one `error:` line, exit status 2, and leaves the
+  workdir untouched (not created, or byte-for-byte as it was);
+* relative paths work everywhere: train, resume, evaluate (with and without --config), transfer from a
+  relative `init_from.workdir`, from a temporary current directory.
+"""
+import contextlib
+import io
 import os
-import subprocess
-import sys
+import shutil
 
 import pytest
 
+from experiments import cli
+from experiments import evaluate as evaluate_entry
+from experiments import train as train_entry
+from jtl import config as config_lib
+from jtl.metric_writer import read_jsonl
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PRETRAIN = "experiments/configs/pretrain_digits.py"
+PRETRAIN = os.path.join(ROOT, "experiments/configs/pretrain_digits.py")
+TRANSFER = os.path.join(ROOT, "experiments/configs/transfer_digits.py")
+SMALL = ("--config.total_steps=4", "--config.batch_size=16", "--config.optim.warmup_steps=0",
+         "--config.model.widths=(8,16)", "--config.checkpoint_every=2", "--config.log_every=2")
 
 
-def run_cli(module, *args):
-  env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-  return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=300)
+def run(entry, *args):
+  """Runs an entry point in-process; returns (exit status, the `error:` lines it printed)."""
+  err = io.StringIO()
+  with contextlib.redirect_stderr(err):
+    status = cli.execute(entry.define_flags, entry.main, [entry.__name__, *args])
+  return status, [line for line in err.getvalue().splitlines() if line.startswith("error:")]
 
 
-@pytest.mark.parametrize("override, expected", [
-    ("--config.data.name=mnistt", "unknown dataset"),
-    ("--config.trainable=(('params/haed/.*',True),('.*',False))", "matches no parameter"),
-    ("--config.optim.learning_rate=0.1", "learning_rate"),
-])
-def test_bad_input_one_line_nonzero_no_workdir(tmp_path, override, expected):
-  workdir = tmp_path / "run"
-  result = run_cli("experiments.train", f"--config={PRETRAIN}", f"--workdir={workdir}", override)
-  assert result.returncode != 0
-  errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-  assert len(errors) == 1, result.stderr
-  assert expected in errors[0]
-  assert not workdir.exists()
+def snapshot(path):
+  """Every file under `path` with its size and mtime (None if `path` does not exist)."""
+  if not os.path.exists(path):
+    return None
+  out = {}
+  for folder, _, files in os.walk(path):
+    for name in files:
+      full = os.path.join(folder, name)
+      out[os.path.relpath(full, path)] = (os.path.getsize(full), os.path.getmtime(full))
+  return out
 
 
-def test_evaluate_without_checkpoints_fails_cleanly(tmp_path):
-  result = run_cli("experiments.evaluate", f"--config={PRETRAIN}", f"--workdir={tmp_path / 'none'}")
-  assert result.returncode != 0
-  assert [l for l in result.stderr.splitlines() if l.startswith("error:")][0].count("no checkpoints")
-  assert not (tmp_path / "none").exists()
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+  """A tiny finished pretraining run (model widths (8, 16), checkpoints at steps 2 and 4)."""
+  workdir = str(tmp_path_factory.mktemp("cli") / "pretrained")
+  status, errors = run(train_entry, f"--config={PRETRAIN}", f"--workdir={workdir}", *SMALL)
+  assert status == 0, errors
+  return workdir
+
+
+# (entry point, config, extra arguments, expected part of the message). "{pre}" is the pretrained
+# workdir, "{empty}" an existing empty folder; "{work}" is where the run would write.
+BAD_INPUTS = [
+    ("train", PRETRAIN, ["--config.lrr=1"], "(did you mean --config.optim.lr?)"),
+    ("train", PRETRAIN, ["--config.optim.lrr=0.1"], "(did you mean --config.optim.lr?)"),
+    ("train", PRETRAIN, ["--config.data.nmae=digits"], "did you mean --config.data.name?"),
+    ("train", PRETRAIN, ["--config.data.name=mnistt"], "unknown dataset 'mnistt'"),
+    ("train", PRETRAIN, ["--config.model.name=resnet9"], "unknown model 'resnet9'"),
+    ("train", PRETRAIN, ["--config.model.patch_size=2"], "has no option(s) patch_size"),
+    ("train", PRETRAIN, ["--config.model.name=vit_tiny"], "--config.model.patch_size"),
+    ("train", PRETRAIN, ["--config.model.dtype=float8"], "unknown model dtype"),
+    ("train", PRETRAIN, ["--config.model.widths=(8,-1)"], "widths must be positive"),
+    ("train", PRETRAIN, ["--config.objective=simclrr"], "unknown objective"),
+    ("train", PRETRAIN, ["--config.optim.name=adagradd"], "unknown optim.name"),
+    ("train", PRETRAIN, ["--config.optim.schedule=cosinee"], "did you mean 'cosine'?"),
+    ("train", PRETRAIN, ["--config.optim.lr=-1.0"], "optim.lr must be a number in (0.0"),
+    ("train", PRETRAIN, ["--config.optim.weight_decay=-0.1"], "optim.weight_decay"),
+    ("train", PRETRAIN, ["--config.optim.warmup_steps=1000"], "must be < total_steps"),
+    ("train", PRETRAIN, ["--config.total_steps=0"], "total_steps must be a positive integer"),
+    ("train", PRETRAIN, ["--config.batch_size=-8"], "batch_size must be a positive integer"),
+    ("train", PRETRAIN, ["--config.log_every=0"], "log_every must be a positive integer"),
+    ("train", PRETRAIN, ["--config.checkpoint_every=0"], "checkpoint_every must be"),
+    ("train", PRETRAIN, ["--config.label_smoothing=1.5"], "label_smoothing must be"),
+    ("train", PRETRAIN, ["--config.total_steps=abc"], "takes a value of type int"),
+    ("train", PRETRAIN, ["--config.data.shots=0"], "data.shots must be a positive int"),
+    ("train", PRETRAIN, ["--config.data.train_split=trian"], "bad split 'trian'"),
+    ("train", PRETRAIN, ["--config.data.train_split=train[:120%]"], "bad split"),
+    ("train", PRETRAIN, ["--config.trainable=(('params/haed/.*',True),('.*',False))"],
+     "matches no parameter; nearby paths: params/head/"),
+    ("train", PRETRAIN, ["--config.batch_size=12"], "does not split over the 8 devices"),
+    ("train", PRETRAIN, ["--config.init_from.workdir=/nonexistent/run"], "no checkpoint in"),
+    ("train", PRETRAIN, ["--config.init_from.workdir={empty}"], "no checkpoint in"),
+    ("train", TRANSFER + ":pretrain={pre}", [*SMALL[:-2], "--config.model.widths=(8,32)"],
+     "shape mismatch"),
+    ("train", TRANSFER + ":pretrain={pre}", [*SMALL[:-2], "--config.init_from.dont_load=('x/.*',)"],
+     "dont_load pattern 'x/.*' matches no parameter"),
+    ("train", TRANSFER + ":mode=bogus", [], "unknown mode 'bogus'"),
+    ("train", PRETRAIN + "x", [], "does not exist"),
+    ("train", PRETRAIN, ["--workdirr=x"], "Did you mean: workdir"),
+    ("train", PRETRAIN, ["--workdir=/proc/jtl_run"], "cannot write to workdir /proc/jtl_run"),
+    ("train", PRETRAIN, [*SMALL[:-1], "--config.model.widths=(8,32)", "--workdir={pre}"],
+     "holds checkpoints of a different experiment: model.widths"),
+    ("evaluate", None, ["--workdir={pre}", "--step=999"], "no checkpoint for step 999"),
+    ("evaluate", None, ["--workdir={empty}"], "no checkpoints in"),
+    ("evaluate", PRETRAIN, ["--workdir={pre}", "--config.optim.lrr=1"], "unknown config key"),
+    ("evaluate", None, [], "--workdir is required"),
+]
+
+
+@pytest.mark.parametrize("entry, config, extra, expected", BAD_INPUTS,
+                         ids=[f"{e}:{' '.join(x) or (c or '').rsplit('/', 1)[-1]}" for e, c, x, _ in BAD_INPUTS])
+def test_bad_input_is_one_line_exit_2_nothing_written(pretrained, tmp_path, entry, config, extra,
+                                                      expected):
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  work = str(tmp_path / "run")
+  args = [a.format(pre=pretrained, empty=empty) for a in extra]
+  if config:
+    args.insert(0, "--config=" + config.format(pre=pretrained))
+  if entry == "train" and not any(a.startswith("--workdir") for a in args):
+    args.append(f"--workdir={work}")
+  watched = [work, pretrained, str(empty)]
+  before = [snapshot(p) for p in watched]
+  status, errors = run(train_entry if entry == "train" else evaluate_entry, *args)
+  assert status == 2 and len(errors) == 1, (status, errors)
+  assert expected in errors[0], errors[0]
+  assert [snapshot(p) for p in watched] == before
+
+
+def test_tfds_dataset_not_prepared_offline(tmp_path, monkeypatch):
+  from jtl.data import source
+  monkeypatch.setattr(source, "_network_reachable", lambda *a, **k: False)
+  work = tmp_path / "run"
+  status, errors = run(train_entry, f"--config={PRETRAIN}", f"--workdir={work}",
+                       "--config.data.name=mnist", f"--config.data.data_dir={tmp_path / 'tfds'}")
+  assert status == 2 and len(errors) == 1 and "not prepared" in errors[0], errors
+  assert "tfds build mnist" in errors[0] and not work.exists()
+
+
+def test_model_options_from_the_command_line(tmp_path):
+  """The registry's own options are settable (the advice of the patch_size message can be followed)."""
+  status, errors = run(train_entry, f"--config={PRETRAIN}", f"--workdir={tmp_path / 'vit'}",
+                       "--config.model.name=vit", "--config.model.patch_size=2",
+                       "--config.model.width=16", "--config.model.depth=1", "--config.model.num_heads=2",
+                       "--config.model.mlp_dim=32", "--config.model.dtype=bfloat16", *SMALL[:3])
+  assert status == 0, errors
+  model = config_lib.load_run_config(tmp_path / "vit").model
+  assert (model.name, model.patch_size, model.dtype) == ("vit", 2, "bfloat16")
+
+
+def test_relative_paths_train_resume_evaluate_transfer(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  assert run(train_entry, f"--config={PRETRAIN}", "--workdir=runs/pre", *SMALL)[0] == 0
+  pre = tmp_path / "runs" / "pre"
+  assert [r["step"] for r in read_jsonl(pre / "train_metrics.jsonl")] == [2, 4]
+  # Resume with more steps (a change a resumed run may make): only the new steps are trained.
+  assert run(train_entry, f"--config={PRETRAIN}", "--workdir=runs/pre", *SMALL,
+             "--config.total_steps=6")[0] == 0
+  assert [r["step"] for r in read_jsonl(pre / "train_metrics.jsonl")] == [2, 4, 6]
+  # Evaluate from the run's own config.json, with a relative workdir and no --config.
+  assert run(evaluate_entry, "--workdir=runs/pre")[0] == 0
+  assert [r["step"] for r in read_jsonl(pre / "eval_metrics.jsonl")] == [2, 4, 6]
+  # Transfer from a relative init_from.workdir; config.json records where things really were.
+  status, errors = run(train_entry, f"--config={TRANSFER}:mode=linear_probe,pretrain=runs/pre",
+                       "--workdir=runs/probe", *SMALL)
+  assert status == 0, errors
+  recorded = config_lib.load_run_config(tmp_path / "runs" / "probe")
+  assert recorded.init_from.workdir == str(pre)
+  assert run(evaluate_entry, "--workdir=runs/probe", "--step=4")[0] == 0
+  assert [r["step"] for r in read_jsonl(tmp_path / "runs/probe/eval_metrics.jsonl")] == [4]
+
+
+def test_evaluate_follows_the_run_config_over_a_different_given_one(pretrained, tmp_path, caplog,
+                                                                 monkeypatch):
+  """The given config says 400 steps and another model; the run's config.json wins, and --watch on
+  the finished run ends at once instead of waiting for a step 400 that never comes."""
+  import jtl.evaluate
+
+  def no_waiting(seconds):
+    raise AssertionError("the watcher waited for a step the run will never reach")
+  monkeypatch.setattr(jtl.evaluate.time, "sleep", no_waiting)
+  workdir = tmp_path / "copy"
+  shutil.copytree(pretrained, workdir)
+  (workdir / "eval_metrics.jsonl").unlink(missing_ok=True)
+  status, errors = run(evaluate_entry, f"--config={PRETRAIN}", f"--workdir={workdir}", "--watch",
+                       "--timeout=60", "--poll_every=0.1", "--config.model.name=mlp")
+  assert status == 0, errors
+  assert [r["step"] for r in read_jsonl(workdir / "eval_metrics.jsonl")] == [2, 4]
+  assert "model.name" in caplog.text and "total_steps" in caplog.text

@@ -97,7 +97,14 @@ def test_bfloat16_compute_float32_params():
   x = jnp.ones((2, 8, 8, 1))
   variables = model.init(jax.random.key(0), x)
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(variables))
-  assert model.apply(variables, x).dtype == jnp.float32
+  # The compute really runs in bf16: the backbone's output and the compiled convolution are bf16
+  # (only the logits are cast back to f32 for the losses).
+  logits, state = model.apply(variables, x, capture_intermediates=True, mutable=['intermediates'])
+  assert logits.dtype == jnp.float32
+  assert state['intermediates']['backbone']['__call__'][0].dtype == jnp.bfloat16
+  hlo = jax.jit(model.apply).lower(variables, x).as_text()
+  convolutions = [line for line in hlo.splitlines() if 'convolution' in line]
+  assert convolutions and all('bf16' in line for line in convolutions), convolutions
 
 
 class _TwoNorms(nn.Module):
@@ -148,12 +155,14 @@ def test_frozen_norms_in_a_model_under_jit():
 
 
 def test_unknown_model_name():
-  with pytest.raises(ConfigError, match=r"unknown model 'resnet19'; choose one of: .*resnet18"):
+  with pytest.raises(ConfigError, match=r"unknown model 'resnet19' \(did you mean 'resnet18'\?\); "
+                                        r"choose one of: .*resnet18"):
     _build('resnet19', num_classes=10)
 
 
 def test_unknown_and_missing_options():
-  with pytest.raises(ConfigError, match=r"no option\(s\) widht; valid options: .*width"):
+  with pytest.raises(ConfigError, match=r"no option\(s\) widht \(did you mean 'width'\?\); "
+                                        r"valid options: .*width"):
     _build('resnet_small', num_classes=10, widht=8)
   with pytest.raises(ConfigError, match='needs num_classes'):
     _build('mlp')

@@ -1,11 +1,17 @@
 """The trainer: frozen-backbone cost and bit-identity, sharded == single device, exact resume."""
 import itertools
+import json
+import os
+import signal
 
 import jax
 import numpy as np
+import optax
 import pytest
 
-from jtl import checkpoint, data, masks, train
+from jtl import checkpoint, data, evaluate, masks, train
+from jtl import config as config_lib
+from jtl.metric_writer import read_jsonl
 from jtl.sharding import to_global
 from tests.helpers import digits_config
 
@@ -32,9 +38,42 @@ def test_frozen_backbone_costs_less_than_half_the_flops():
 
 def test_no_optimizer_state_for_frozen_params():
   s, _ = build(digits_config(trainable=LINEAR_PROBE))
-  paths = masks.leaf_paths(s.abstract_state.opt_state, "opt_state")
+  state = train.initial_state(s, *train.fresh_variables(s))  # the state the trainer really builds
+  paths = masks.leaf_paths(state.opt_state, "opt_state")
   assert any("head" in p for p in paths)
   assert not any("backbone" in p for p in paths)
+  n_head = sum(x.size for x in jax.tree.leaves(state.params["head"]))
+  vectors = [x for x in jax.tree.leaves(state.opt_state) if x.ndim]  # adam's mu and nu, no counts
+  assert sum(x.size for x in vectors) == 2 * n_head
+
+
+def test_grad_norm_and_clipping_see_only_trainable_gradients():
+  """The trainer's grad_norm metric and its clipped update are those of the head's gradient alone,
+  computed here independently; counting the (non-zero) frozen backbone gradient would change both."""
+  config = digits_config(trainable=LINEAR_PROBE, optim__name="sgd", optim__lr=1.0,
+                         optim__schedule="constant", optim__warmup_steps=0,
+                         optim__weight_decay=0.0, optim__clip_norm=1e-3)
+  s, batches = build(config)
+  params, model_state = train.fresh_variables(s)
+  # A random head (the default init is zeros), so the frozen backbone gets a real gradient.
+  head = params["head"]["kernel"]
+  params["head"]["kernel"] = jax.device_put(
+      jax.random.normal(jax.random.key(3), head.shape), head.sharding)
+  state = train.initial_state(s, params, model_state)
+  batch = to_global(next(batches), s.batch_sharding)
+  rng = jax.random.fold_in(jax.random.key(config.seed + 1), 0)
+  grads = jax.grad(lambda p: s.objective.loss(p, model_state, batch, rng, trainable=s.trainable)[0])(
+      params)
+  head_norm = float(optax.global_norm(grads["head"]))
+  assert float(optax.global_norm(grads["backbone"])) > 0.1 * head_norm
+  new_state, metrics = train.make_train_step(s)(state, batch)
+  np.testing.assert_allclose(float(metrics["grad_norm"]), head_norm, rtol=1e-5)
+  step = jax.tree.map(lambda a, b: a - b, jax.device_get(params["head"]),
+                      jax.device_get(new_state.params["head"]))
+  np.testing.assert_allclose(float(optax.global_norm(step)), 1e-3, rtol=1e-4)  # clipped to clip_norm
+  expected = jax.tree.map(lambda g: g * 1e-3 / head_norm, grads["head"])
+  for a, b in zip(jax.tree.leaves(step), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(a, b, rtol=1e-3, atol=3e-7)  # params minus params: f32 rounding
 
 
 def test_frozen_params_and_batchnorm_statistics_are_bit_identical():
@@ -88,8 +127,17 @@ def test_resume_after_preemption_gives_identical_params(tmp_path, monkeypatch):
   train.train(config, str(tmp_path / "resumed"))
   assert checkpoint.completed_steps(tmp_path / "resumed") == [10]
   monkeypatch.undo()
+  steps_run = []
+  real_step = train.make_train_step
+  def counting_step(s):
+    step_fn = real_step(s)
+    return lambda state, batch: (steps_run.append(int(state.step)), step_fn(state, batch))[1]
+  monkeypatch.setattr(train, "make_train_step", counting_step)
   resumed = train.train(config, str(tmp_path / "resumed"))
   assert int(resumed.step) == 20
+  assert steps_run == list(range(10, 20))  # it resumed at 10: no step ran twice, none was skipped
+  logged = [row["step"] for row in read_jsonl(tmp_path / "resumed" / "train_metrics.jsonl")]
+  assert logged == [5, 10, 15, 20]
   for a, b in zip(jax.tree.leaves(jax.device_get(straight)), jax.tree.leaves(jax.device_get(resumed))):
     np.testing.assert_array_equal(a, b)
 
@@ -100,3 +148,48 @@ def test_rerunning_a_finished_run_does_not_train_again(tmp_path):
   lines = (tmp_path / "train_metrics.jsonl").read_text().splitlines()
   train.train(config, str(tmp_path))
   assert (tmp_path / "train_metrics.jsonl").read_text().splitlines() == lines
+
+
+def test_sigint_saves_a_checkpoint_stops_and_gives_the_signal_back(tmp_path, monkeypatch):
+  """A real SIGINT (Ctrl-C) to this process mid-run: the loop saves the current step and returns
+  normally (no KeyboardInterrupt), and the caller's own handler is back afterwards."""
+  before = signal.getsignal(signal.SIGINT)
+  real_step = train.make_train_step
+
+  def interrupting_step(s):
+    step_fn = real_step(s)
+    def step(state, batch):
+      if int(state.step) == 6:
+        os.kill(os.getpid(), signal.SIGINT)
+      return step_fn(state, batch)
+    return step
+  monkeypatch.setattr(train, "make_train_step", interrupting_step)
+  state = train.train(digits_config(total_steps=20, checkpoint_every=100), str(tmp_path))
+  assert int(state.step) == 7
+  assert checkpoint.completed_steps(tmp_path) == [7]
+  assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_workdir_holds_what_the_readme_promises(tmp_path):
+  config = digits_config(total_steps=10, checkpoint_every=5, trainable=LINEAR_PROBE)
+  train.train(config, str(tmp_path))
+  evaluate.evaluate_checkpoints(None, str(tmp_path))  # from the run's own config.json
+  # config.json: the resolved config, equal to the one given.
+  assert config_lib.differences(config_lib.load_run_config(tmp_path), config) == []
+  # params.json: the linear probe trains the head (16 features x 5 classes + 5 biases) only.
+  s, _ = build(config)
+  total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(s.abstract_state.params))
+  counts = json.loads((tmp_path / "params.json").read_text())
+  assert (counts["trainable"], counts["frozen"]) == (16 * 5 + 5, total - 85)
+  assert counts["trainable_bytes"] == 4 * 85
+  assert checkpoint.completed_steps(tmp_path) == [5, 10]
+  assert [r["step"] for r in read_jsonl(tmp_path / "train_metrics.jsonl")] == [5, 10]
+  assert [r["step"] for r in read_jsonl(tmp_path / "eval_metrics.jsonl")] == [5, 10]
+  # TensorBoard event files with the same scalars.
+  import tensorflow as tf
+  for name, tag in (("train_metrics", "loss"), ("eval_metrics", "test/accuracy")):
+    files = list((tmp_path / "tensorboard" / name).glob("events.out.tfevents.*"))
+    assert files, name
+    tags = {v.tag for f in files for e in tf.compat.v1.train.summary_iterator(str(f))
+            for v in e.summary.value}
+    assert tag in tags, (name, tags)

@@ -1,6 +1,7 @@
 """Model registry: `@register(name)` on a factory, `build(config)` to call it from a config."""
 from __future__ import annotations
 
+import difflib
 import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -40,7 +41,9 @@ def options(name: str) -> dict[str, Any]:
 
 def _get(name: Any) -> Callable[..., nn.Module]:
   if name not in _REGISTRY:
-    raise ConfigError(f'unknown model {name!r}; choose one of: {", ".join(available())} '
+    close = difflib.get_close_matches(str(name), list(_REGISTRY), n=1)
+    hint = f' (did you mean {close[0]!r}?)' if close else ''
+    raise ConfigError(f'unknown model {name!r}{hint}; choose one of: {", ".join(available())} '
                       '(--config.model.name)')
   return _REGISTRY[name]
 
@@ -64,6 +67,10 @@ def _freeze_lists(value: Any) -> Any:
 def build(model_config: Mapping[str, Any], **overrides: Any) -> nn.Module:
   """Builds the model named `model_config.name` with the remaining entries as keyword arguments.
 
+  Every keyword argument of the registered factory is a config option (`--config.model.KEY=VALUE`
+  from the command line). An option set to None takes the factory's default, so an option a config
+  file sets for one model can be dropped when switching to another (`--config.model.widths=None`).
+
   Args:
     model_config: an `ml_collections.ConfigDict` (or mapping) with `name` and the model's options,
       e.g. `{'name': 'resnet18', 'num_classes': 10, 'dtype': 'bfloat16'}`.
@@ -77,10 +84,14 @@ def build(model_config: Mapping[str, Any], **overrides: Any) -> nn.Module:
   name = config.pop('name', None)
   factory = _get(name)
   params = inspect.signature(factory).parameters
+  config = {k: v for k, v in config.items() if v is not None}
   unknown = sorted(set(config) - set(params))
   if unknown:
-    raise ConfigError(f'model {name!r} has no option(s) {", ".join(unknown)}; valid options: '
-                      f'{", ".join(params)} (--config.model.*)')
+    close = difflib.get_close_matches(unknown[0], list(params), n=1)
+    hint = f' (did you mean {close[0]!r}?)' if close else ''
+    raise ConfigError(f'model {name!r} has no option(s) {", ".join(unknown)}{hint}; valid options: '
+                      f'{", ".join(params)} (--config.model.KEY; set a leftover option to None to '
+                      'drop it)')
   missing = [p for p, spec in params.items() if spec.default is spec.empty and p not in config]
   if missing:
     raise ConfigError(f'model {name!r} needs {", ".join(missing)}; set it in the config '

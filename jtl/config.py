@@ -1,0 +1,185 @@
+"""The run config at the boundary: local paths made absolute, values range-checked, runs compared.
+
+`prepare(config)` is called once where a run starts (`jtl.train.train`, `jtl.evaluate`): it returns a
+copy whose local paths are absolute (orbax refuses relative ones, and a run's `config.json` should say
+where things really were), with every top-level value checked. Sections owned by a component are
+checked by that component: `data` by `jtl.data`, `optim` by `jtl.optim`, `model` by the model registry
+(whose options are exactly the factory's keyword arguments), objective sections by the objective.
+
+Paths: every string leaf whose key is `workdir`, `path`, `data_dir` or ends in `_workdir`, `_path`,
+`_dir`, and a `folder:` dataset name, is resolved (`~` expanded, made absolute against the current
+directory). Remote paths (`gs://...`, any `scheme://`) are left alone.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import json
+import re
+from typing import Any
+
+import ml_collections
+from etils import epath
+
+from jtl.errors import ConfigError
+
+_REMOTE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+_PATH_KEY = re.compile(r"(.*_)?(workdir|path|dir)")
+FOLDER_PREFIX = "folder:"
+
+# Keys a resumed run may change without becoming another experiment: how long it runs, how it logs,
+# checkpoints and evaluates, where its data lives and on which devices (elastic resume).
+RESUMABLE_CHANGES = ("total_steps", "log_every", "checkpoint_every", "keep_checkpoints", "eval.*",
+                     "mesh.*", "data.data_dir", "init_from.*")
+
+
+def resolve_path(path: str) -> str:
+  """`path` made absolute (with `~` expanded) if local; remote (`scheme://`) paths are unchanged."""
+  if not path or _REMOTE.match(path):
+    return path
+  return str(epath.Path(path).expanduser().resolve())
+
+
+def _resolve_paths(config: ml_collections.ConfigDict) -> None:
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      _resolve_paths(value)
+    elif isinstance(value, str) and value and _PATH_KEY.fullmatch(key):
+      config[key] = resolve_path(value)
+
+
+def _is_int(value: Any) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_positive_int(value: Any, key: str, *, allow_none: bool = False, minimum: int = 1) -> None:
+  """ConfigError unless `value` is an int >= `minimum` (or None when allowed)."""
+  if value is None and allow_none:
+    return
+  if not _is_int(value) or value < minimum:
+    bound = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+    extra = " or None" if allow_none else ""
+    raise ConfigError(f"{key} must be {bound}{extra}, got {value!r}; set --config.{key}")
+
+
+def check_number(value: Any, key: str, *, low: float | None = None, high: float | None = None,
+                 low_open: bool = False, high_open: bool = False, allow_none: bool = False) -> None:
+  """ConfigError unless `value` is a number in the given (closed unless `*_open`) range."""
+  if value is None and allow_none:
+    return
+  ok = _is_number(value)
+  if ok and low is not None:
+    ok = value > low if low_open else value >= low
+  if ok and high is not None:
+    ok = value < high if high_open else value <= high
+  if not ok:
+    lo = "" if low is None else ("(" if low_open else "[") + f"{low}"
+    hi = "" if high is None else f"{high}" + (")" if high_open else "]")
+    where = f"in {lo or '(-inf'}, {hi or 'inf)'}"
+    raise ConfigError(f"{key} must be a number {where}, got {value!r}; set --config.{key}")
+
+
+def check_values(config: ml_collections.ConfigDict) -> None:
+  """Range checks of the top-level keys every run has."""
+  for key in ("total_steps", "batch_size", "log_every", "checkpoint_every"):
+    check_positive_int(config.get(key), key)
+  check_positive_int(config.get("keep_checkpoints"), "keep_checkpoints", allow_none=True)
+  if not _is_int(config.get("seed")):
+    raise ConfigError(f"seed must be an integer, got {config.get('seed')!r}; set --config.seed")
+  check_number(config.get("label_smoothing", 0.0), "label_smoothing", low=0.0, high=1.0,
+               high_open=True)
+  eval_cfg = config.get("eval") or {}
+  check_positive_int(eval_cfg.get("batch_size"), "eval.batch_size", allow_none=True)
+
+
+def prepare(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A checked copy of `config` with local paths absolute; ConfigError on a bad value."""
+  config = copy.deepcopy(config)
+  _resolve_paths(config)
+  name = config.data.get("name") if "data" in config else None
+  if isinstance(name, str) and name.startswith(FOLDER_PREFIX):
+    config.data.name = FOLDER_PREFIX + resolve_path(name[len(FOLDER_PREFIX):])
+  check_values(config)
+  return config
+
+
+def as_plain(config: ml_collections.ConfigDict | dict) -> dict:
+  """The config as plain JSON values (tuples become lists), as `config.json` holds it."""
+  if isinstance(config, ml_collections.ConfigDict):
+    return json.loads(config.to_json_best_effort())
+  return json.loads(json.dumps(config, default=str))
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+  """{'a': {'b': 1}} -> {'a.b': 1}."""
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict) and value:
+      out.update(flatten(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
+def differences(run: dict, given: dict, ignore: tuple[str, ...] = ()) -> list[str]:
+  """`key (X in the run, Y given)` for every flattened key whose values differ, minus `ignore` globs."""
+  run_flat, given_flat = flatten(as_plain(run)), flatten(as_plain(given))
+  ignored = [re.compile(re.escape(p).replace(r"\.\*", r"\..*").replace(r"\*", ".*")) for p in ignore]
+  out = []
+  for key in sorted(set(run_flat) | set(given_flat)):
+    if any(r.fullmatch(key) for r in ignored):
+      continue
+    a, b = run_flat.get(key, "<absent>"), given_flat.get(key, "<absent>")
+    if a != b:
+      out.append(f"{key} ({a!r} in the run, {b!r} given)")
+  return out
+
+
+def _tuples(value: Any) -> Any:
+  """JSON lists back to the tuples config files write (rule tables, label sets, mesh axes)."""
+  if isinstance(value, dict):
+    return {k: _tuples(v) for k, v in value.items()}
+  if isinstance(value, list):
+    return tuple(_tuples(v) for v in value)
+  return value
+
+
+def run_config_path(workdir: str | epath.Path) -> epath.Path:
+  return epath.Path(workdir) / "config.json"
+
+
+def load_run_config(workdir: str | epath.Path) -> ml_collections.ConfigDict | None:
+  """The resolved config a run wrote into its workdir, or None if it has none."""
+  path = run_config_path(workdir)
+  if not path.exists():
+    return None
+  try:
+    return ml_collections.ConfigDict(_tuples(json.loads(path.read_text())))
+  except (ValueError, TypeError) as e:
+    raise ConfigError(f"cannot read {path} ({e}); restore it, or pass --config") from e
+
+
+def unknown_override_error(path: str, reference: ml_collections.ConfigDict) -> ConfigError:
+  """The error for a `--config.PATH` override that names no key of the config file."""
+  parts = path.split(".")
+  node, depth = reference, 0
+  while depth < len(parts) - 1 and isinstance(node.get(parts[depth]), ml_collections.ConfigDict):
+    node, depth = node[parts[depth]], depth + 1
+  parent = ".".join(parts[:depth])
+  names = list(node.keys())
+  close = difflib.get_close_matches(parts[depth], names, n=1, cutoff=0.6)
+  if not close:  # a key put in the wrong section?
+    everywhere = list(flatten(as_plain(reference)))
+    close = difflib.get_close_matches(path, everywhere, n=1, cutoff=0.6)
+    if not close:
+      by_name = {k.rsplit(".", 1)[-1]: k for k in everywhere}
+      close = [by_name[c] for c in difflib.get_close_matches(parts[-1], list(by_name), n=1)]
+  else:
+    close = [".".join(parts[:depth] + close)]
+  hint = f" (did you mean --config.{close[0]}?)" if close else ""
+  where = f"config.{parent}" if parent else "the config"
+  return ConfigError(f"unknown config key {path!r}{hint}; keys of {where}: {', '.join(names)}")
