@@ -8,6 +8,7 @@ host sharding.
 import difflib
 import functools
 import logging
+import socket
 
 import ml_collections
 import numpy as np
@@ -16,10 +17,23 @@ import tensorflow_datasets as tfds
 
 from jtl.data import config as config_lib
 from jtl.data import digits  # Registers the embedded `sklearn_digits` builder with TFDS.
+from jtl.data import attributes  # Registers `digit_attributes`.
+from jtl.data import multidigits  # Registers `multi_digits`.
+from jtl.data import printed_digits  # Registers `printed_digits`.
 from jtl.errors import ConfigError
 
 # Builders whose data ships inside an installed package: preparing them is offline and takes seconds.
-EMBEDDED = (digits.SklearnDigits.name,)
+EMBEDDED = (digits.SklearnDigits.name, printed_digits.PrintedDigits.name,
+            multidigits.MultiDigits.name, attributes.DigitAttributes.name)
+
+
+def _network_reachable(host: str = 'storage.googleapis.com', timeout: float = 3.0) -> bool:
+  """Whether TFDS's usual download host answers (a quick check, not a guarantee)."""
+  try:
+    socket.create_connection((host, 443), timeout=timeout).close()
+    return True
+  except OSError:
+    return False
 
 
 def _first_line(error: Exception) -> str:
@@ -45,6 +59,11 @@ def _builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
 def _prepare(builder: tfds.core.DatasetBuilder, name: str,
              data_dir: str | None) -> tfds.core.DatasetBuilder:
   """Runs `download_and_prepare` once; tolerates another process preparing the same dir meanwhile."""
+  if name.split(':')[0].split('/')[0] not in EMBEDDED and not _network_reachable():
+    # Without this, TFDS retries each download with back-off for minutes before failing.
+    raise ConfigError(f'dataset {name!r} is not prepared in {builder.data_dir} and there is no '
+                      f'network to download it; prepare it where there is (`tfds build {name} '
+                      '--data_dir=DIR`) and set --config.data.data_dir=DIR')
   logging.info('Preparing dataset %s in %s', name, builder.data_dir)
   try:
     builder.download_and_prepare()
