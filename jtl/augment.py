@@ -1,0 +1,391 @@
+"""On-device image augmentation in JAX: the random views of contrastive objectives (SimCLR, SupCon).
+
+The pipeline follows SimCLR (Chen et al., 2020, "A Simple Framework for Contrastive Learning of Visual
+Representations", Appendix A): random resized crop → horizontal flip → colour jitter (brightness,
+contrast, saturation, hue, in a random order, with probability p) → random grayscale → Gaussian blur;
+plus optional additive Gaussian noise. The jitter amounts are (0.8s, 0.8s, 0.8s, 0.2s) for SimCLR's
+strength s (`strength`); a factor f ~ U[max(0, 1 - a), 1 + a] is drawn for an amount a, a hue shift
+d ~ U[-a, a] (in turns of the hue circle).
+
+Conventions:
+* Images are float [B, H, W, C] (C = 1 or 3), values in `clip_range` (default [0, 1]). Saturation, hue
+  and grayscale act only on C = 3; every other op acts on any C. Each jitter op, and the noise, is
+  clipped to `clip_range` as in SimCLR; crop, flip, grayscale and blur are convex combinations of pixels
+  and stay in range by themselves. For normalised images set `clip_range=None`: crop, flip, brightness
+  (then a scaling about the normalisation mean), contrast, blur and noise need no particular range,
+  but saturation, hue and grayscale assume RGB in [0, 1], so apply them before per-channel normalising.
+* Randomness is a function of (key, global example index) only: example i draws one vector of uniforms
+  from `fold_in(key, index_offset + i)`, each op at fixed offsets in it, so the result does not depend
+  on how the batch is sharded, and switching one op off leaves the others' draws unchanged. Call
+  `augment` on the global array under `jit`, not on a shard inside `shard_map` (or pass `index_offset`).
+* Every op is also a public function on one image [H, W, C] with explicit parameters, for tests.
+* Formulas: brightness x·f (SimCLR v2's multiplicative form); contrast (x - μ_c)·f + μ_c with μ_c the
+  per-channel mean (as tf.image.adjust_contrast); saturation g + f·(x - g) with g the BT.601 luma (as
+  torchvision); hue: rotation in HSV; blur: separable Gaussian with half-sample symmetric padding, which
+  keeps a constant image constant and the image mean exactly.
+"""
+from __future__ import annotations
+
+import difflib
+import itertools
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, NoReturn
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.scipy.special import erfinv
+
+from jtl.errors import ConfigError
+
+# ITU-R BT.601 luma weights, as tf.image.rgb_to_grayscale and torchvision use.
+LUMA_WEIGHTS = (0.299, 0.587, 0.114)
+# Crop candidates drawn per example; the first that fits inside the image is used (torchvision: 10).
+CROP_ATTEMPTS = 10
+# Uniform draws per crop: candidate areas and ratios, then the position.
+CROP_DRAWS = 2 * CROP_ATTEMPTS + 2
+# The whole image as a crop box (top, left, height, width), in fractions of the image.
+FULL_BOX = (0.0, 0.0, 1.0, 1.0)
+# Each example draws one vector of uniforms for all ops (one PRNG call: on XLA:CPU each threefry call
+# costs ~0.3 s of compile time), at fixed offsets, so switching one op off leaves the others' draws as
+# they were. Per op: [apply?, parameters...].
+_DRAW_SIZES = dict(crop=1 + CROP_DRAWS, flip=1, jitter=1 + 3 + 1 + 4, grayscale=1, blur=2, noise=1)
+_DRAW_OFFSETS = [0, *itertools.accumulate(_DRAW_SIZES.values())]
+_DRAW_SLICES = {op: slice(start, end)
+                for op, start, end in zip(_DRAW_SIZES, _DRAW_OFFSETS, _DRAW_OFFSETS[1:])}
+_NUM_DRAWS = _DRAW_OFFSETS[-1]
+
+_PROBABILITIES = ("crop_prob", "flip_prob", "jitter_prob", "grayscale_prob", "blur_prob", "noise_prob")
+_NON_NEGATIVE = ("brightness", "contrast", "saturation", "hue", "strength", "noise_std")
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Every option, with defaults for SimCLR on the 8x8 grayscale digits.
+
+  Differences from SimCLR's ImageNet recipe, and why: crop area >= 40% (an 8% crop of an 8x8 digit is
+  ~2x2 pixels of stroke); no flip (digits are not mirror-symmetric); strength 0.5 (SimCLR's CIFAR-10
+  value); no blur (SimCLR drops it on CIFAR-10, and at 8x8 a sigma of ~1 pixel already erases strokes).
+  On C = 1 saturation, hue and grayscale are no-ops, so digits get crop + brightness/contrast.
+  """
+  return ml_collections.ConfigDict(dict(
+      crop_prob=1.0,  # probability of a random resized crop (resampled bilinearly to the input size)
+      crop_scale=(0.4, 1.0),  # range of the crop's area, as a fraction of the image's area
+      crop_ratio=(3 / 4, 4 / 3),  # range of the crop's aspect ratio width/height (drawn log-uniformly)
+      flip_prob=0.0,  # probability of a horizontal flip (0: digits are not mirror-symmetric)
+      jitter_prob=0.8,  # probability of colour jitter (its four ops in a random order)
+      brightness=0.8,  # brightness amount a: x * f, f ~ U[max(0, 1 - a*s), 1 + a*s]
+      contrast=0.8,  # contrast amount: (x - channel mean) * f + channel mean
+      saturation=0.8,  # saturation amount: blend with the grayscale image (C = 3 only)
+      hue=0.2,  # hue amount: shift ~ U[-a*s, a*s] turns of the hue circle, a*s <= 0.5 (C = 3 only)
+      strength=0.5,  # SimCLR's colour strength s, multiplies the four jitter amounts
+      grayscale_prob=0.2,  # probability of converting to grayscale (C = 3 only)
+      blur_prob=0.0,  # probability of a Gaussian blur
+      blur_sigma=(0.1, 1.0),  # blur sigma range in pixels; kernel radius min(ceil(3*max), side - 1)
+      noise_prob=0.0,  # probability of additive Gaussian noise
+      noise_std=0.05,  # standard deviation of that noise
+      clip_range=(0.0, 1.0),  # pixel range to clip to after each jitter op and the noise; None = off
+  ))
+
+
+def _fail(key: str, value: Any, requirement: str) -> NoReturn:
+  raise ConfigError(f"augment.{key}={value!r} {requirement}; fix --config.augment.{key}")
+
+
+def _is_number(value: Any) -> bool:
+  if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
+    return False
+  return math.isfinite(value)
+
+
+def _check_pair(options: Mapping[str, Any], key: str, low: float, low_inclusive: bool,
+                high: float = math.inf) -> None:
+  pair = options[key]
+  if not (isinstance(pair, Sequence) and len(pair) == 2 and all(_is_number(v) for v in pair)):
+    _fail(key, pair, "must be a pair (min, max) of finite numbers")
+  lo, hi = pair
+  if lo > hi:
+    _fail(key, pair, "has min > max")
+  if (lo < low if low_inclusive else lo <= low) or hi > high:
+    bound = "[" if low_inclusive else "("
+    _fail(key, pair, f"must lie in {bound}{low}, {high}]")
+
+
+def _options(cfg: Mapping[str, Any] | ml_collections.ConfigDict) -> dict[str, Any]:
+  """Validated options: the defaults updated with `cfg` (which may name only some keys)."""
+  known = default_config()
+  options = {key: known[key] for key in known.keys()}
+  for key in cfg.keys():
+    if key not in options:
+      close = difflib.get_close_matches(key, list(options), n=1)
+      hint = f" (did you mean {close[0]!r}?)" if close else ""
+      raise ConfigError(f"unknown option --config.augment.{key}{hint}; valid options: "
+                        f"{', '.join(sorted(options))}")
+    options[key] = cfg[key]
+  for key in _PROBABILITIES:
+    if not _is_number(options[key]) or not 0 <= options[key] <= 1:
+      _fail(key, options[key], "must be a probability in [0, 1]")
+  for key in _NON_NEGATIVE:
+    if not _is_number(options[key]) or options[key] < 0:
+      _fail(key, options[key], "must be a finite number >= 0")
+  if options["hue"] * options["strength"] > 0.5:  # a larger shift wraps round the hue circle
+    _fail("hue", options["hue"], f"times strength={options['strength']} must lie in [0, 0.5]")
+  _check_pair(options, "crop_scale", 0.0, low_inclusive=False, high=1.0)
+  _check_pair(options, "crop_ratio", 0.0, low_inclusive=False)
+  _check_pair(options, "blur_sigma", 0.0, low_inclusive=False)
+  if options["clip_range"] is not None:
+    _check_pair(options, "clip_range", -math.inf, low_inclusive=False)
+    if options["clip_range"][0] == options["clip_range"][1]:
+      _fail("clip_range", options["clip_range"], "must have min < max (or be None for no clipping)")
+  return options
+
+
+def validate(cfg: Mapping[str, Any] | ml_collections.ConfigDict) -> None:
+  """Raises ConfigError naming `--config.augment.KEY` for an unknown key or a value out of range."""
+  _options(cfg)
+
+
+# ---------------------------------------------------------------- ops on one image [H, W, C]
+
+
+def crop_box(uniforms: jax.Array, scale: Sequence[float], ratio: Sequence[float],
+             aspect: float = 1.0) -> jax.Array:
+  """The (top, left, height, width) box, in fractions of an image whose width/height is `aspect`.
+
+  `uniforms` are CROP_DRAWS values in [0, 1): CROP_ATTEMPTS candidate areas (fraction of the image,
+  mapped onto `scale`), CROP_ATTEMPTS candidate aspect ratios (log-uniform over `ratio`), then the
+  vertical and horizontal position. The first candidate that fits is taken; if none does (extreme
+  ratios only), its sides are clamped to the image.
+  """
+  area = scale[0] + (scale[1] - scale[0]) * uniforms[:CROP_ATTEMPTS]
+  log_low, log_high = math.log(ratio[0]), math.log(ratio[1])
+  crop_ratio = jnp.exp(log_low + (log_high - log_low) * uniforms[CROP_ATTEMPTS:2 * CROP_ATTEMPTS])
+  width = jnp.sqrt(area * crop_ratio / aspect)
+  height = jnp.sqrt(area * aspect / crop_ratio)
+  first_fit = jnp.argmax((width <= 1.0) & (height <= 1.0))  # 0 when none fits
+  height, width = jnp.minimum(height[first_fit], 1.0), jnp.minimum(width[first_fit], 1.0)
+  top, left = uniforms[2 * CROP_ATTEMPTS:] * jnp.stack([1.0 - height, 1.0 - width])
+  return jnp.stack([top, left, height, width])
+
+
+def _bilinear_matrix(start: jax.Array, length: jax.Array, size: int) -> jax.Array:
+  """[size, size] weights that resample the span [start, start + length) (fractions) onto `size` pixels.
+
+  Output pixel o (centre o + 0.5) reads input position size * start + (o + 0.5) * length, i.e. index
+  minus 0.5; positions are clamped to the outer pixel centres, as jax.image.scale_and_translate does.
+  """
+  source = size * start + (jnp.arange(size, dtype=jnp.float32) + 0.5) * length - 0.5
+  source = jnp.clip(source, 0.0, size - 1.0)
+  return jnp.maximum(0.0, 1.0 - jnp.abs(source[:, None] - jnp.arange(size, dtype=jnp.float32)))
+
+
+def resized_crop(image: jax.Array, box: jax.Array) -> jax.Array:
+  """Crops `box` (top, left, height, width; fractions) and resamples it bilinearly to the input size.
+
+  The crop is never larger than the image, so this only upsamples and needs no antialiasing. Written as
+  two small interpolation matrices rather than jax.image.scale_and_translate (same values to float32
+  rounding): a third less compile time on XLA:CPU.
+  """
+  height, width = image.shape[:2]
+  box = jnp.asarray(box, jnp.float32)
+  rows = _bilinear_matrix(box[0], box[2], height)
+  cols = _bilinear_matrix(box[1], box[3], width)
+  # HIGHEST: accelerators would otherwise multiply in bf16/tf32.
+  return jnp.einsum("ih,hwc,jw->ijc", rows, image, cols, precision=jax.lax.Precision.HIGHEST)
+
+
+def random_resized_crop(image: jax.Array, key: jax.Array, scale: Sequence[float] = (0.08, 1.0),
+                        ratio: Sequence[float] = (3 / 4, 4 / 3)) -> jax.Array:
+  """`resized_crop` at a random box (see `crop_box`)."""
+  uniforms = jax.random.uniform(key, (CROP_DRAWS,))
+  return resized_crop(image, crop_box(uniforms, scale, ratio, aspect=image.shape[1] / image.shape[0]))
+
+
+def flip(image: jax.Array, do_flip: jax.Array | bool) -> jax.Array:
+  """Mirrors the image left-right where `do_flip` is true."""
+  return jnp.where(do_flip, image[:, ::-1], image)
+
+
+def adjust_brightness(image: jax.Array, factor: jax.Array | float) -> jax.Array:
+  """x * factor."""
+  return image * factor
+
+
+def adjust_contrast(image: jax.Array, factor: jax.Array | float) -> jax.Array:
+  """(x - mean) * factor + mean, with the mean per channel over the image."""
+  mean = jnp.mean(image, axis=(0, 1), keepdims=True)
+  return (image - mean) * factor + mean
+
+
+def to_grayscale(image: jax.Array) -> jax.Array:
+  """BT.601 luma, repeated over the 3 channels (C = 3); other C are returned unchanged."""
+  if image.shape[-1] != 3:
+    return image
+  luma = image @ jnp.asarray(LUMA_WEIGHTS, image.dtype)
+  return jnp.repeat(luma[..., None], 3, axis=-1)
+
+
+def adjust_saturation(image: jax.Array, factor: jax.Array | float) -> jax.Array:
+  """gray + factor * (x - gray): 0 gives grayscale, 1 the image (C = 3; other C unchanged)."""
+  if image.shape[-1] != 3:
+    return image
+  gray = to_grayscale(image)
+  return gray + factor * (image - gray)
+
+
+def adjust_hue(image: jax.Array, delta: jax.Array | float) -> jax.Array:
+  """Rotates the HSV hue by `delta` turns (C = 3; other C unchanged). Saturation and value are kept."""
+  if image.shape[-1] != 3:
+    return image
+  red, green, blue = image[..., 0], image[..., 1], image[..., 2]
+  value = jnp.max(image, axis=-1)
+  chroma = value - jnp.min(image, axis=-1)
+  safe_chroma = jnp.where(chroma > 0, chroma, 1.0)  # gray pixels: hue is arbitrary, avoid 0/0
+  hue_sixths = jnp.where(value == red, jnp.mod((green - blue) / safe_chroma, 6.0),
+                         jnp.where(value == green, (blue - red) / safe_chroma + 2.0,
+                                   (red - green) / safe_chroma + 4.0))
+  hue_sixths = jnp.mod(hue_sixths + 6.0 * delta, 6.0)
+  # HSV -> RGB: channel n in (5, 3, 1) is V - C * clip(min(k, 4 - k), 0, 1), k = (n + 6h) mod 6.
+  channels = []
+  for n in (5.0, 3.0, 1.0):
+    k = jnp.mod(n + hue_sixths, 6.0)
+    channels.append(value - chroma * jnp.clip(jnp.minimum(k, 4.0 - k), 0.0, 1.0))
+  return jnp.stack(channels, axis=-1)
+
+
+def color_jitter(image: jax.Array, factors: jax.Array, order: jax.Array,
+                 clip_range: Sequence[float] | None = None) -> jax.Array:
+  """Brightness, contrast, saturation factors and hue shift (`factors`, [4]) applied in `order`.
+
+  `order` is a permutation of 0..3 (0 brightness, 1 contrast, 2 saturation, 3 hue). Each op's output is
+  clipped to `clip_range` when given, as in SimCLR, so the order matters.
+  """
+  ops = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
+
+  def branch(op_index: int):
+    def apply(x):
+      x = ops[op_index](x, factors[op_index])
+      return x if clip_range is None else jnp.clip(x, clip_range[0], clip_range[1])
+    return apply
+
+  branches = [branch(i) for i in range(len(ops))]
+  for slot in range(len(ops)):
+    image = jax.lax.switch(order[slot], branches, image)
+  return image
+
+
+def blur_radius(sigma_max: float, size: int) -> int:
+  """Static kernel radius for sigmas up to `sigma_max` on a side of `size`: 3 sigma, inside the image."""
+  return max(0, min(math.ceil(3.0 * sigma_max), size - 1))
+
+
+def _blur_matrix(sigma: jax.Array, size: int, radius: int) -> jax.Array:
+  """[size, size] matrix of a 1-D Gaussian blur with half-sample symmetric padding (rows sum to 1).
+
+  Its columns also sum to 1 (the padding mirrors each tap of a symmetric kernel onto the pixel it left),
+  which is what keeps the image mean exact.
+  """
+  offsets = np.arange(-radius, radius + 1)
+  source = np.arange(size)[:, None] + offsets[None, :]  # [size, taps], before folding at the borders
+  source = np.where(source < 0, -source - 1, source)
+  source = np.where(source >= size, 2 * size - 1 - source, source)
+  taps = np.zeros((len(offsets), size, size), np.float32)
+  np.add.at(taps, (np.arange(len(offsets))[None, :], np.arange(size)[:, None], source), 1.0)
+  weights = jnp.exp(-0.5 * (jnp.asarray(offsets, jnp.float32) / sigma) ** 2)
+  return jnp.tensordot(weights / jnp.sum(weights), jnp.asarray(taps), axes=1)
+
+
+def gaussian_blur(image: jax.Array, sigma: jax.Array | float,
+                  radius: int | tuple[int, int]) -> jax.Array:
+  """Separable Gaussian blur with std `sigma` pixels; `radius` (static) per axis, clipped to side - 1."""
+  height, width = image.shape[:2]
+  radius_h, radius_w = (radius, radius) if isinstance(radius, int) else radius
+  rows = _blur_matrix(sigma, height, min(radius_h, height - 1))
+  cols = _blur_matrix(sigma, width, min(radius_w, width - 1))
+  # HIGHEST: accelerators would otherwise multiply in bf16/tf32.
+  return jnp.einsum("ih,hwc,jw->ijc", rows, image, cols, precision=jax.lax.Precision.HIGHEST)
+
+
+def uniform_to_normal(uniforms: jax.Array) -> jax.Array:
+  """Standard normal draws from uniforms in [0, 1) by the inverse CDF, sqrt(2) erfinv(2u - 1)."""
+  lowest = np.nextafter(np.float32(-1), np.float32(0))  # u = 0 would map to -inf
+  return np.float32(np.sqrt(2.0)) * erfinv(jnp.maximum(2.0 * uniforms - 1.0, lowest))
+
+
+def add_noise(image: jax.Array, normal: jax.Array, std: float) -> jax.Array:
+  """x + std * z for standard normal draws `normal` shaped like the image."""
+  return image + std * normal
+
+
+# ---------------------------------------------------------------- the batch
+
+
+def _augment_example(image: jax.Array, key: jax.Array, options: dict[str, Any]) -> jax.Array:
+  """One random view of one image; ops whose probability is 0 are left out of the graph."""
+  height, width, channels = image.shape
+  clip_range = options["clip_range"]
+  add_noise_here = options["noise_prob"] > 0 and options["noise_std"] > 0
+  # The noise's uniforms follow the ops' draws in the same call (see _DRAW_SIZES for why one call).
+  uniforms = jax.random.uniform(key, (_NUM_DRAWS + (image.size if add_noise_here else 0),))
+
+  def draws(op: str) -> jax.Array:
+    return uniforms[_DRAW_SLICES[op]]
+
+  if options["crop_prob"] > 0:
+    crop_draws = draws("crop")
+    box = crop_box(crop_draws[1:], options["crop_scale"], options["crop_ratio"], aspect=width / height)
+    image = resized_crop(image, jnp.where(crop_draws[0] < options["crop_prob"], box,
+                                          jnp.asarray(FULL_BOX)))
+  if options["flip_prob"] > 0:
+    image = flip(image, draws("flip")[0] < options["flip_prob"])
+  amounts = [options[k] * options["strength"] for k in ("brightness", "contrast", "saturation", "hue")]
+  if options["jitter_prob"] > 0 and any(amounts):
+    jitter_draws = draws("jitter")
+    low = jnp.asarray([max(0.0, 1.0 - a) for a in amounts[:3]] + [-amounts[3]])
+    high = jnp.asarray([1.0 + a for a in amounts])
+    factors = low + (high - low) * jitter_draws[1:5]
+    order = jnp.argsort(jitter_draws[5:9])  # a uniformly random permutation of the four ops
+    jittered = color_jitter(image, factors, order, clip_range)
+    image = jnp.where(jitter_draws[0] < options["jitter_prob"], jittered, image)
+  if options["grayscale_prob"] > 0 and channels == 3:
+    image = jnp.where(draws("grayscale")[0] < options["grayscale_prob"], to_grayscale(image), image)
+  if options["blur_prob"] > 0:
+    blur_draws = draws("blur")
+    sigma_min, sigma_max = options["blur_sigma"]
+    sigma = sigma_min + (sigma_max - sigma_min) * blur_draws[1]
+    radius = (blur_radius(sigma_max, height), blur_radius(sigma_max, width))
+    image = jnp.where(blur_draws[0] < options["blur_prob"], gaussian_blur(image, sigma, radius), image)
+  if add_noise_here:
+    normal = uniform_to_normal(uniforms[_NUM_DRAWS:].reshape(image.shape))
+    noisy = add_noise(image, normal, options["noise_std"])
+    if clip_range is not None:
+      noisy = jnp.clip(noisy, clip_range[0], clip_range[1])
+    image = jnp.where(draws("noise")[0] < options["noise_prob"], noisy, image)
+  return image
+
+
+def augment(images: jax.Array, key: jax.Array, cfg: Mapping[str, Any] | ml_collections.ConfigDict,
+            *, index_offset: int | jax.Array = 0) -> jax.Array:
+  """One random view of a batch [B, H, W, C]; example i draws from `fold_in(key, index_offset + i)`.
+
+  `cfg` may name only some options (the rest take their defaults); it is validated here, at trace time.
+  """
+  options = _options(cfg)
+  if images.ndim != 4 or not jnp.issubdtype(images.dtype, jnp.floating):
+    raise ValueError(f"augment expects float images [B, H, W, C], got {images.dtype} {images.shape}")
+  indices = index_offset + jnp.arange(images.shape[0])
+  example_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, indices)
+  augmented = jax.vmap(lambda image, k: _augment_example(image, k, options))(
+      images.astype(jnp.float32), example_keys)
+  return augmented.astype(images.dtype)
+
+
+def views(images: jax.Array, key: jax.Array, cfg: Mapping[str, Any] | ml_collections.ConfigDict,
+          num_views: int = 2) -> jax.Array:
+  """`num_views` independent views [B, V, H, W, C]; view v is `augment(images, fold_in(key, v), cfg)`."""
+  if num_views < 1:
+    raise ConfigError(f"num_views={num_views} must be >= 1; ask for at least one view")
+  view_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, jnp.arange(num_views))
+  stacked = jax.vmap(lambda k: augment(images, k, cfg))(view_keys)  # [V, B, H, W, C]
+  return jnp.swapaxes(stacked, 0, 1)
