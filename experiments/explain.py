@@ -1,0 +1,78 @@
+"""Grad-CAM or CAM maps for the first eval images of a trained run, as a PNG grid.
+
+  python -m experiments.explain --workdir=/tmp/jtl/pretrain [--config=CONFIG.py[:ARGS]] [--step=N] \
+      [--num=16] [--method=gradcam|cam] [--layer=backbone/stage3]
+
+Reads the run's resolved config from WORKDIR/config.json unless --config is given, restores the
+latest checkpoint (or --step), writes WORKDIR/plots/<method>_step<N>.png and prints its path. Bad
+input stops with one `error:` line and exit status 2, before anything is written.
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import numpy as np
+from absl import flags
+from etils import epath
+
+from experiments import cli
+from jtl import checkpoint, data, explain, objectives
+from jtl import config as config_lib
+from jtl.errors import ConfigError
+
+
+def define_flags(flag_values: flags.FlagValues, argv: list[str]) -> None:
+  """Registers this entry point's flags on `flag_values` (absl's FLAGS, or fresh ones in tests)."""
+  cli.define_config_flag(flag_values, argv,
+                         "Config file (path[:args]); default: the run's WORKDIR/config.json.")
+  flags.DEFINE_string("workdir", None, "The training run's workdir.", flag_values=flag_values)
+  flags.DEFINE_integer("step", None, "Checkpoint step to explain (default: the latest).",
+                       flag_values=flag_values)
+  flags.DEFINE_integer("num", 16, "How many of the first eval-split images to explain.",
+                       flag_values=flag_values)
+  flags.DEFINE_enum("method", "gradcam", list(explain.METHODS), "Saliency method.",
+                    flag_values=flag_values)
+  flags.DEFINE_string("layer", None, "Module path of the feature map, e.g. backbone/stage3 "
+                      "(default: the model's last feature map before pooling).",
+                      flag_values=flag_values)
+  flags.mark_flag_as_required("workdir", flag_values=flag_values)
+
+
+def explain_run(flag_values: flags.FlagValues) -> epath.Path:
+  """Validates everything, then computes the maps and writes the grid; returns the PNG's path."""
+  workdir = epath.Path(config_lib.resolve_path(flag_values.workdir))
+  if flag_values.num < 1:
+    raise ConfigError(f"--num must be at least 1, got {flag_values.num}")
+  config = cli.load_config(flag_values) or config_lib.load_run_config(workdir)
+  if config is None:
+    raise ConfigError(f"{workdir} holds no config.json; pass the run's config with --config=... or "
+                      "fix --workdir")
+  config = config_lib.prepare(config)
+  model = getattr(objectives.build(config), "model", None)
+  if not isinstance(model, nn.Module):
+    raise ConfigError(f"objective {config.get('objective', 'supervised')!r} has no single model to "
+                      "explain")
+  step, variables = checkpoint.load_variables(workdir, flag_values.step)
+  make_batches, _ = data.eval_iterator(config.data, split=config.data.eval_split,
+                                       global_batch_size=flag_values.num, process_index=0,
+                                       process_count=1)
+  batch = next(iter(make_batches()))
+  real = batch["mask"] > 0  # a split smaller than --num is padded
+  images, labels = batch["image"][real], batch["label"][real]
+  maps, predicted, _ = explain.explain(model, variables, images, method=flag_values.method,
+                                       layer=flag_values.layer)
+  # With data.labels the model's class i is the dataset's class labels[i]: title with the latter.
+  kept = config.data.get("labels")
+  class_names = [str(c) for c in kept] if kept else None
+  path = workdir / "plots" / f"{flag_values.method}_step{step}.png"
+  layer = flag_values.layer or explain.default_layer(model)
+  title = f"{flag_values.method} at {layer}, step {step}"
+  return explain.save_grid(images, np.asarray(maps), np.asarray(predicted), labels, path,
+                           class_names, title=title)
+
+
+def main(flag_values: flags.FlagValues) -> None:
+  print(explain_run(flag_values), flush=True)
+
+
+if __name__ == "__main__":
+  cli.run(define_flags, main)
