@@ -13,8 +13,8 @@ exist, a ConfigError raised while the experiment is set up — ends as one line 
 and exit status 2, before anything is compiled or written.
 
 `--config.KEY=VALUE` may name any key the config file defines, and, in the sections whose keys depend
-on a choice (`model`: the chosen model's options), any key: the component validates those (an unknown
-model option lists the valid ones). Anything else that names no key of the config file is an error
+on a choice (`model`: the chosen model's options; `evals`: evaluators and their options), any key: the
+component validates those (an unknown model option lists the valid ones). Anything else that names no key of the config file is an error
 with a did-you-mean.
 """
 from __future__ import annotations
@@ -39,7 +39,7 @@ FlagValues = flags.FlagValues
 Define = Callable[[FlagValues, list[str]], None]
 Main = Callable[[FlagValues], None]
 # Config sections whose valid keys depend on a choice; their owners validate them.
-OPEN_SECTIONS = ("model",)
+OPEN_SECTIONS = ("model", "evals")
 EXIT_BAD_INPUT = 2
 
 

@@ -139,6 +139,11 @@ def differences(run: dict, given: dict, ignore: tuple[str, ...] = ()) -> list[st
   return out
 
 
+def from_plain(tree: dict) -> ml_collections.ConfigDict:
+  """A ConfigDict from plain (JSON) values, lists turned back into tuples."""
+  return ml_collections.ConfigDict(_tuples(tree))
+
+
 def _tuples(value: Any) -> Any:
   """JSON lists back to the tuples config files write (rule tables, label sets, mesh axes)."""
   if isinstance(value, dict):
@@ -158,7 +163,7 @@ def load_run_config(workdir: str | epath.Path) -> ml_collections.ConfigDict | No
   if not path.exists():
     return None
   try:
-    return ml_collections.ConfigDict(_tuples(json.loads(path.read_text())))
+    return from_plain(json.loads(path.read_text()))
   except (ValueError, TypeError) as e:
     raise ConfigError(f"cannot read {path} ({e}); restore it, or pass --config") from e
 

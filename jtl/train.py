@@ -72,6 +72,10 @@ def setup(config: ml_collections.ConfigDict, example_batch: Any) -> Setup:
   if config.batch_size % divisor:
     raise ConfigError(f"batch_size={config.batch_size} does not split over the {divisor} devices of the "
                       f"batch axes; use a multiple of {divisor} (--config.batch_size)")
+  for rows in {x.shape[0] * jax.process_count() for x in jax.tree.leaves(example_batch)}:
+    if rows % divisor:  # a part of a composite batch (e.g. one task's share of a data mixture)
+      raise ConfigError(f"a batch part of {rows} rows does not split over the {divisor} devices; "
+                        f"make every part a multiple of {divisor} (--config.batch_size)")
   abstract_batch = global_shapes(example_batch, batch_sharding)
   rng = jax.random.key(config.seed)
   params, model_state = jax.eval_shape(objective.init, rng, abstract_batch)

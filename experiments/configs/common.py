@@ -47,6 +47,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh = default_mesh_config()
   c.eval = ml_collections.ConfigDict(dict(splits=config_dict.placeholder(tuple),
                                           batch_size=config_dict.placeholder(int)))
+  # Evaluators (jtl/evaluators): {name: dict(type=..., split=..., data=..., ...)}; empty = the
+  # objective's metrics on each of eval.splits (default data.eval_split).
+  c.evals = ml_collections.ConfigDict()
   # Transfer init from another run's checkpoint; workdir None = train from the fresh init.
   c.init_from = ml_collections.ConfigDict(dict(
       workdir=config_dict.placeholder(str), step=config_dict.placeholder(int),

@@ -13,14 +13,15 @@ for _kind in ('GPU', 'TPU'):
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from jtl.data.config import default_data_config
+from jtl.data.mixture import members as mixture_members
+from jtl.data.mixture import train_iterator
+from jtl.data.mixture import validate
 from jtl.data.pipeline import eval_iterator
-from jtl.data.pipeline import train_iterator
 from jtl.data.source import get_builder
 from jtl.data.source import num_classes
 from jtl.data.source import num_examples
-from jtl.data.source import validate
 
 __all__ = [
-    'default_data_config', 'eval_iterator', 'get_builder', 'num_classes', 'num_examples',
-    'train_iterator', 'validate',
+    'default_data_config', 'eval_iterator', 'get_builder', 'mixture_members', 'num_classes',
+    'num_examples', 'train_iterator', 'validate',
 ]

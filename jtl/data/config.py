@@ -27,6 +27,9 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.crop_padding = 1  # Pixels of zero padding around the image for the random crop.
   c.shuffle_buffer = 10_000  # Only for cache=False (streaming); the in-memory path shuffles fully.
   c.cache = True  # Hold the decoded (filtered) split in memory: right for small sets.
+  # Several datasets per step, one per task: {task: dict(weight=w, **overrides of these keys)}; the
+  # batch is then {task: batch}, task t getting a share w_t / sum(w) of batch_size. Empty: one dataset.
+  c.mixture = ml_collections.ConfigDict()
   return c
 
 
@@ -75,6 +78,7 @@ def resolve(data_config: ml_collections.ConfigDict | dict[str, Any]) -> ml_colle
       raise ConfigError(f'unknown data config key {key!r}{hint}; '
                         f'valid keys: {", ".join(defaults.keys())}')
   c = ml_collections.ConfigDict({**defaults.to_dict(), **given})
+  c.mixture = ml_collections.ConfigDict(dict(c.get('mixture') or {}))
   _check_values(c)
   if c.labels is not None:
     c.labels = tuple(int(x) for x in c.labels)

@@ -53,11 +53,17 @@ def _options(ds: tf.data.Dataset) -> tf.data.Dataset:
 
 
 def _decoder(c: ml_collections.ConfigDict) -> Callable[[dict], dict]:
-  return preprocess.decoder(source.get_builder(c).info.features['image'], c.image_size)
+  builder = source.get_builder(c)
+  return preprocess.decoder(builder.info.features['image'], c.image_size,
+                            tuple(source.target_features(builder)))
 
 
-def load_in_memory(c: ml_collections.ConfigDict, split: str) -> tuple[np.ndarray, np.ndarray]:
-  """The whole filtered split, decoded: (uint8 [M, H, W, C], int32 [M]); memoised per process."""
+Targets = dict[str, np.ndarray]
+
+
+def load_in_memory(c: ml_collections.ConfigDict, split: str) -> tuple[np.ndarray, Targets]:
+  """The whole filtered split, decoded: (uint8 [M, H, W, C], {feature: [M, ...]}); memoised per
+  process. The targets are every numeric feature besides the image (`label`, ...)."""
   shots = c.shots if split == c.train_split else None
   key = (c.name, str(source.get_builder(c).data_dir), split, c.labels, shots,
          c.shots_seed if shots else None, c.image_size)
@@ -68,14 +74,16 @@ def load_in_memory(c: ml_collections.ConfigDict, split: str) -> tuple[np.ndarray
     if len(_LOAD_CACHE) >= _LOAD_CACHE_SIZE:
       _LOAD_CACHE.pop(next(iter(_LOAD_CACHE)))
     _LOAD_CACHE[key] = (np.concatenate([x['image'] for x in batches]),
-                        np.concatenate([x['label'] for x in batches]))
+                        {k: np.concatenate([x[k] for x in batches])
+                         for k in batches[0] if k != 'image'})
   return _LOAD_CACHE[key]
 
 
 def train_iterator(data_config: ml_collections.ConfigDict, *, global_batch_size: int, seed: int,
                    start_step: int = 0, process_index: int = 0,
                    process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
-  """Infinite iterator of host-local batches {'image': f32 [b, H, W, C], 'label': i32 [b]}.
+  """Infinite iterator of host-local batches {'image': f32 [b, H, W, C], 'label': i32 [b], ...}
+  (every numeric feature of the dataset: `label` and, for multi-label sets, the others).
 
   Deterministic in (data_config, seed, global_batch_size): starting at `start_step` yields exactly
   the batches an uninterrupted iterator yields from that step on. Each epoch is reshuffled.
@@ -112,7 +120,7 @@ def train_iterator(data_config: ml_collections.ConfigDict, *, global_batch_size:
       offsets = tf.reshape(chunk['offsets'], [k * local, 2])
       flat = preprocess.random_crop(flat, offsets, c.crop_padding)
       images = tf.reshape(flat, images.shape)
-    return {'image': to_float(images), 'label': chunk['label']}
+    return {**{k: v for k, v in chunk.items() if k != 'offsets'}, 'image': to_float(images)}
 
   ds = ds.map(finish, num_parallel_calls=tf.data.AUTOTUNE)
   return _unchunk(_options(ds.prefetch(2)).as_numpy_iterator())
@@ -145,8 +153,8 @@ def _in_memory_chunks(c: ml_collections.ConfigDict, seed: int,
   Global position p is example order_e[p % M] of epoch e = p // M, order_e a stateless permutation
   seeded by (seed, e). Resuming costs nothing: no record is read or skipped.
   """
-  images, labels = load_in_memory(c, c.train_split)
-  size = len(labels)
+  images, targets = load_in_memory(c, c.train_split)
+  size = len(images)
   key = tf.constant(preprocess.derive_key(seed, preprocess.SHUFFLE), tf.int64)
 
   # A tf.data element costs ~50 us here, so small sets make several epochs' orders per element.
@@ -167,13 +175,14 @@ def _in_memory_chunks(c: ml_collections.ConfigDict, seed: int,
   precropped = offsets is not None and images.nbytes * width**2 <= _ALL_CROPS_MAX_BYTES
   if precropped:
     images = preprocess.all_crops(images, c.crop_padding)
-  images, labels = tf.constant(images), tf.constant(labels)
+  images = tf.constant(images)
+  targets = {k: tf.constant(v) for k, v in targets.items()}
   if (offsets is None or precropped) and images.shape.num_elements() * 4 <= _FLOAT_CACHE_MAX_BYTES:
     images = to_float(images)
 
   def chunk_at(order: tf.Tensor, offsets: tf.Tensor | None = None) -> dict[str, tf.Tensor]:
     rows = order * width**2 + offsets[..., 0] * width + offsets[..., 1] if precropped else order
-    chunk = {'image': tf.gather(images, rows), 'label': tf.gather(labels, order)}
+    chunk = {'image': tf.gather(images, rows), **{k: tf.gather(v, order) for k, v in targets.items()}}
     if offsets is not None and not precropped:
       chunk['offsets'] = offsets
     return chunk
@@ -223,7 +232,7 @@ def _steps_per_chunk(batch_bytes: int) -> int:
 
 def _unchunk(chunks: Iterator[dict[str, np.ndarray]]) -> Iterator[dict[str, np.ndarray]]:
   for chunk in chunks:
-    for i in range(len(chunk['label'])):
+    for i in range(len(chunk['image'])):
       yield {k: v[i] for k, v in chunk.items()}
 
 
@@ -233,8 +242,8 @@ def eval_iterator(
 ) -> tuple[Callable[[], Iterator[dict[str, np.ndarray]]], int]:
   """Returns (factory of a fresh pass, num_batches) over `split` (default: data.eval_split).
 
-  Batches are host-local {'image', 'label', 'mask'}; `mask` is 1.0 for real examples and 0.0 for
-  padding (zero images, label 0). Every example of the filtered split appears exactly once over all
+  Batches are host-local {'image', 'mask', 'label', ...}; `mask` is 1.0 for real examples and 0.0 for
+  padding (zero images and targets). Every example of the filtered split appears exactly once over all
   hosts, host h taking examples h, h + P, ... (or its `even_splits` part when streaming without a
   label filter), and every host yields the same `num_batches`. No shuffling, no augmentation.
   """
@@ -244,8 +253,8 @@ def eval_iterator(
   local = _local_batch_size(global_batch_size, process_index, process_count)
   to_float = preprocess.normalizer(config_lib.parse_normalize(c.normalize))
   if c.cache:
-    images, labels = load_in_memory(c, split)
-    sizes = [len(range(i, len(labels), process_count)) for i in range(process_count)]
+    images, targets = load_in_memory(c, split)
+    sizes = [len(range(i, len(images), process_count)) for i in range(process_count)]
   else:
     sizes = source.host_sizes(c, split, process_count)
   num_batches = max(1, math.ceil(max(sizes) / local))
@@ -253,15 +262,17 @@ def eval_iterator(
 
   if c.cache:
     # One all-zero example appended: padding rows gather it, so they need no special casing.
-    images = np.concatenate([images[process_index::process_count], np.zeros_like(images[:1])])
-    labels = np.concatenate([labels[process_index::process_count], np.zeros_like(labels[:1])])
-    images, labels = tf.constant(images), tf.constant(labels)
+    def local_rows(x: np.ndarray) -> tf.Tensor:
+      return tf.constant(np.concatenate([x[process_index::process_count], np.zeros_like(x[:1])]))
+    images = local_rows(images)
+    targets = {k: local_rows(v) for k, v in targets.items()}
 
     def batch_at(k: tf.Tensor) -> dict[str, tf.Tensor]:
       position = k * local + tf.range(local, dtype=tf.int64)
       valid = position < size
       index = tf.where(valid, position, size)
-      return {'image': to_float(tf.gather(images, index)), 'label': tf.gather(labels, index),
+      return {'image': to_float(tf.gather(images, index)),
+              **{k: tf.gather(v, index) for k, v in targets.items()},
               'mask': tf.cast(valid, tf.float32)}
 
     ds = tf.data.Dataset.range(num_batches).map(batch_at, num_parallel_calls=tf.data.AUTOTUNE)

@@ -20,8 +20,10 @@ def derive_key(seed: int, purpose: int) -> int:
   return int(np.random.SeedSequence([seed & 0xFFFFFFFF, purpose]).generate_state(1)[0] >> 1)
 
 
-def decoder(image_feature: tfds.features.Image, image_size: int | None) -> Callable[[dict], dict]:
-  """Returns example -> example that decodes the image (uint8) and resizes it to a square if asked."""
+def decoder(image_feature: tfds.features.Image, image_size: int | None,
+            targets: tuple[str, ...] = ('label',)) -> Callable[[dict], dict]:
+  """Returns example -> example: the image decoded (uint8) and resized to a square if asked; the
+  `targets` features carried along, integers as int32 and floats as float32."""
 
   def decode(example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
     image = image_feature.decode_example(example['image'])
@@ -29,9 +31,16 @@ def decoder(image_feature: tfds.features.Image, image_size: int | None) -> Calla
       image = tf.image.resize(image, [image_size, image_size], antialias=True)
       # Back to uint8: 4x less memory in the cache, same values whether cached or streamed.
       image = tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
-    return {'image': image, 'label': tf.cast(example['label'], tf.int32)}
+    return {'image': image, **{k: _narrow(example[k]) for k in targets}}
 
   return decode
+
+
+def _narrow(value: tf.Tensor) -> tf.Tensor:
+  """int64/bool -> int32 and float64 -> float32: what JAX computes with by default."""
+  if value.dtype.is_floating:
+    return tf.cast(value, tf.float32)
+  return tf.cast(value, tf.int32)
 
 
 def offset_block(seed: int, crop_padding: int) -> Callable[[tf.Tensor], tf.Tensor]:

@@ -77,21 +77,41 @@ def _prepare(builder: tfds.core.DatasetBuilder, name: str,
   return _builder(name, data_dir)
 
 
+def target_features(builder: tfds.core.DatasetBuilder) -> dict[str, tfds.features.FeatureConnector]:
+  """The features carried next to the image: every numeric one (class labels, numeric tensors);
+  text and other non-numeric features are dropped."""
+  out = {}
+  for name, feature in builder.info.features.items():
+    dtype = getattr(feature, 'np_dtype', None)
+    if name == 'image' or dtype is None:
+      continue
+    if np.issubdtype(np.dtype(dtype), np.number) or np.dtype(dtype) == np.bool_:
+      out[name] = feature
+  return out
+
+
+def _has_class_label(features) -> bool:
+  return 'label' in features and isinstance(features['label'], tfds.features.ClassLabel)
+
+
 def _check_features(builder: tfds.core.DatasetBuilder, c: ml_collections.ConfigDict) -> None:
   """Checks features and labels (known from the builder's code: no need to prepare it)."""
   features = builder.info.features
-  if ('image' not in features or 'label' not in features
-      or not isinstance(features['label'], tfds.features.ClassLabel)):
-    raise ConfigError(f"dataset {c.name!r} has no 'image' and ClassLabel 'label' features "
-                      f'(it has {", ".join(features.keys())}); pick an image classification dataset')
+  if 'image' not in features or not isinstance(features['image'], tfds.features.Image):
+    raise ConfigError(f"dataset {c.name!r} has no 'image' feature (it has "
+                      f'{", ".join(features.keys())}); pick an image dataset')
+  if (c.labels is not None or c.shots is not None) and not _has_class_label(features):
+    raise ConfigError(f"data.labels and data.shots need a ClassLabel 'label' feature, which "
+                      f"{c.name!r} lacks; unset --config.data.labels / --config.data.shots")
   shape = features['image'].shape
   if None in shape[:2] and c.image_size is None:
     raise ConfigError(f'dataset {c.name!r} has images of varying size {shape}; '
                       'set --config.data.image_size')
-  n = features['label'].num_classes
-  if c.labels is not None and max(c.labels) >= n:
-    raise ConfigError(f'data.labels={c.labels} has class ids >= {n}, the number of classes of '
-                      f'{c.name!r}; set --config.data.labels to ids in 0..{n - 1}')
+  if c.labels is not None:
+    n = features['label'].num_classes
+    if max(c.labels) >= n:
+      raise ConfigError(f'data.labels={c.labels} has class ids >= {n}, the number of classes of '
+                        f'{c.name!r}; set --config.data.labels to ids in 0..{n - 1}')
 
 
 def _check_splits(builder: tfds.core.DatasetBuilder, c: ml_collections.ConfigDict) -> None:
@@ -170,7 +190,10 @@ def num_classes(data_config: ml_collections.ConfigDict) -> int:
   c = validate(data_config)
   if c.labels is not None:
     return len(c.labels)
-  return _builder(c.name, c.data_dir).info.features['label'].num_classes  # Known without preparing.
+  features = _builder(c.name, c.data_dir).info.features  # Known without preparing.
+  if not _has_class_label(features):
+    raise ConfigError(f"dataset {c.name!r} has no ClassLabel 'label' feature to count classes of")
+  return features['label'].num_classes
 
 
 def selected_indices(c: ml_collections.ConfigDict, split: str) -> np.ndarray | None:
@@ -230,7 +253,6 @@ def host_examples(c: ml_collections.ConfigDict, split: str, process_index: int,
   split's records (cheap: images stay encoded) and keeps every `process_count`-th selected example.
   """
   builder = get_builder(c)
-  table = tf.constant(label_table(c, builder.info.features['label'].num_classes))
   keep = selected_indices(c, split)
   if keep is None:
     part = tfds.even_splits(split, n=process_count, drop_remainder=False)[process_index]
@@ -244,4 +266,9 @@ def host_examples(c: ml_collections.ConfigDict, split: str, process_index: int,
     ds = ds.map(lambda _, example: example)
     ds = ds.shard(process_count, process_index)
     size = len(range(process_index, len(keep), process_count))
-  return ds.map(lambda ex: {'image': ex['image'], 'label': tf.gather(table, ex['label'])}), size
+  names = list(target_features(builder))
+  if not _has_class_label(builder.info.features):
+    return ds.map(lambda ex: {'image': ex['image'], **{k: ex[k] for k in names}}), size
+  table = tf.constant(label_table(c, builder.info.features['label'].num_classes))
+  return ds.map(lambda ex: {'image': ex['image'], **{k: ex[k] for k in names},
+                            'label': tf.gather(table, ex['label'])}), size
