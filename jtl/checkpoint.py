@@ -86,16 +86,34 @@ def load_variables(workdir: str | epath.Path, step: int | None = None) -> tuple[
                 for n in ("params", "model_state")}
 
 
+def _transfer_source(params: Any, model_state: Any, init_from: ml_collections.ConfigDict
+                     ) -> tuple[str, dict[str, Any], dict[str, Any]]:
+  """(what it is, {'params', 'model_state'} host trees, a pretrained file's report or {})."""
+  if init_from.get("path") and init_from.get("workdir"):
+    raise ConfigError("init_from has both a workdir and a path; set one of --config.init_from.workdir "
+                      "and --config.init_from.path")
+  if init_from.get("path"):
+    from jtl import pretrained  # pylint: disable=g-import-not-at-top  (only when used)
+    loaded, report = pretrained.load_pretrained(
+        init_from.path, abstract_variables={"params": params, "model_state": model_state},
+        format=init_from.get("format") or "auto")
+    logging.info("%s", pretrained.format_report(report, init_from.path))
+    return init_from.path, loaded, report
+  step, source = load_variables(init_from.workdir, init_from.get("step"))
+  return f"{init_from.workdir} step {step}", source, {}
+
+
 def transfer_init(params: Any, model_state: Any, init_from: ml_collections.ConfigDict
                   ) -> tuple[Any, Any, str]:
-  """Merges another run's checkpoint into a fresh init: returns (params, model_state, report).
+  """Merges another run's checkpoint (`init_from.workdir`) or a weights file (`init_from.path`) into a
+  fresh init: returns (params, model_state, report).
 
-  Every fresh leaf is either loaded (same path and shape in the checkpoint) or re-initialised (its
-  path matches a `dont_load` regex). Anything else — a shape mismatch, or a leaf missing from the
-  checkpoint — is a ConfigError naming the paths. Checkpoint leaves the model lacks are reported as
-  unexpected and ignored.
+  Every fresh leaf is either loaded (same path and shape in the source) or re-initialised (its path
+  matches a `dont_load` regex). Anything else — a shape mismatch, or a leaf missing from the source —
+  is a ConfigError naming the paths. Source leaves the model lacks are reported as unexpected and
+  ignored.
   """
-  step, source = load_variables(init_from.workdir, init_from.get("step"))
+  origin, source, file_report = _transfer_source(params, model_state, init_from)
   dont_load = [re.compile(p) for p in init_from.get("dont_load", ())]
   report = {"loaded": [], "reinitialised": [], "missing": [], "mismatched": [], "unexpected": []}
   merged = {}
@@ -122,14 +140,16 @@ def transfer_init(params: Any, model_state: Any, init_from: ml_collections.Confi
   if report["missing"]:
     problems.append("missing from checkpoint: " + ", ".join(report["missing"]))
   if problems:
-    raise ConfigError(f"cannot load {init_from.workdir} step {step}: {'; '.join(problems)}; add these "
-                      "paths to init_from.dont_load to re-initialise them")
+    why = f" (the file: {'; '.join(file_report['mismatched'][:3])})" if file_report.get(
+        "mismatched") else ""
+    raise ConfigError(f"cannot load {origin}: {'; '.join(problems)}{why}; add these paths to "
+                      "init_from.dont_load to re-initialise them")
   for pattern in dont_load:
     all_paths = masks.leaf_paths(params, "params") + masks.leaf_paths(model_state, "model_state")
     if not any(pattern.fullmatch(p) for p in all_paths):
       raise ConfigError(f"init_from.dont_load pattern {pattern.pattern!r} matches no parameter; "
                         f"fix it (paths look like {all_paths[-1]!r})")
-  text = (f"transfer init from {init_from.workdir} step {step}: loaded {len(report['loaded'])}, "
+  text = (f"transfer init from {origin}: loaded {len(report['loaded'])}, "
           f"re-initialised {len(report['reinitialised'])} {report['reinitialised']}, "
           f"unexpected (ignored) {len(report['unexpected'])} {report['unexpected']}")
   logging.info(text)

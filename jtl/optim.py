@@ -13,6 +13,8 @@ Config (`config.optim`):
     biases, norm scales, position embeddings and tokens are not decayed)
   clip_norm: global-norm clip over trainable gradients (None = off)
   lr_mults: rule table of per-group learning-rate multipliers, e.g. [('params/backbone/.*', 0.1)]
+  layer_decay: layer-wise learning-rate decay (e.g. 0.75; None = off): decay ** (depth from the top),
+    composed with lr_mults (see jtl/layer_decay.py)
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ import ml_collections
 from ml_collections import config_dict
 import optax
 
-from jtl import masks
+from jtl import layer_decay, masks
 from jtl.config import check_number, check_positive_int
 from jtl.errors import ConfigError
 
@@ -36,7 +38,8 @@ def default_optim_config() -> ml_collections.ConfigDict:
       name="adamw", lr=1e-3, schedule="cosine", warmup_steps=0, end_lr_factor=0.0,
       boundaries=(0.5, 0.75), decay_factor=0.1, momentum=0.9, b1=0.9, b2=0.999, eps=1e-8,
       weight_decay=1e-4, decay_rules=DEFAULT_DECAY_RULES,
-      clip_norm=config_dict.placeholder(float), lr_mults=()))
+      clip_norm=config_dict.placeholder(float), lr_mults=(),
+      layer_decay=config_dict.placeholder(float)))
 
 
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
@@ -64,6 +67,8 @@ def check_config(cfg: ml_collections.ConfigDict) -> None:
   check_number(cfg.get("eps", 1e-8), "optim.eps", low=0.0, low_open=True)
   check_number(cfg.get("weight_decay", 0.0), "optim.weight_decay", low=0.0)
   check_number(cfg.get("clip_norm"), "optim.clip_norm", low=0.0, low_open=True, allow_none=True)
+  check_number(cfg.get("layer_decay"), "optim.layer_decay", low=0.0, high=1.0, low_open=True,
+               allow_none=True)
   for b in cfg.get("boundaries", ()):
     check_number(b, "optim.boundaries", low=0.0, low_open=True)
 
@@ -98,38 +103,49 @@ def _scale_by_tree(multipliers: Any) -> optax.GradientTransformation:
   return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
 
 
-def build_optimizer(cfg: ml_collections.ConfigDict, params: Any, trainable: Any,
-                    total_steps: int) -> tuple[optax.GradientTransformation, Callable[[Any], Any]]:
+def _direction(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """The stateful, per-leaf part of the optimizer (before weight decay and the learning rate)."""
+  if cfg.name == "sgd":
+    return optax.identity()
+  if cfg.name == "momentum":
+    return optax.trace(decay=cfg.get("momentum", 0.9))
+  return optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
+
+
+def build_optimizer(cfg: ml_collections.ConfigDict, params: Any, trainable: Any, total_steps: int,
+                    join_groups: Any = None
+                    ) -> tuple[optax.GradientTransformation, Callable[[Any], Any]]:
   """Returns (tx for the trainable subtree, lr schedule).
 
-  Rule tables are matched against the *full* params tree (so a typo is caught even where it names only
-  frozen leaves), then cut down to the trainable part.
+  The chain: [global-norm clip] -> per-leaf direction (sgd: identity, momentum: trace, adam/adamw:
+  scale_by_adam) with weight decay coupled before it (sgd, momentum, adam: L2) or decoupled after it
+  (adamw) -> the learning-rate schedule -> per-leaf multipliers (`lr_mults` times layer decay).
+
+  `join_groups` (a label tree over the trainable subtree, from `jtl.phases`) gives every group of
+  leaves that started training together its own direction state (moments and their bias-correction
+  count), so leaves that join in a later phase start cleanly while the others carry on; the schedule's
+  step count is shared. Rule tables are matched against the *full* params tree (so a typo is caught even
+  where it names only frozen leaves), then cut down to the trainable part.
   """
   check_config(cfg)
   schedule = make_schedule(cfg, total_steps)
   decay_mask = masks.match(params, cfg.get("decay_rules", DEFAULT_DECAY_RULES), what="decay rule")
   decay_mask, _ = masks.partition(decay_mask, trainable)
   wd = float(cfg.get("weight_decay", 0.0))
-  name = cfg.name
-  if name in ("sgd", "momentum"):
-    momentum = cfg.get("momentum", 0.9) if name == "momentum" else None
-    core = optax.chain(optax.add_decayed_weights(wd, mask=decay_mask) if wd else optax.identity(),
-                       optax.sgd(schedule, momentum=momentum))
-  elif name == "adam":
-    core = optax.chain(optax.add_decayed_weights(wd, mask=decay_mask) if wd else optax.identity(),
-                       optax.adam(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps))
-  elif name == "adamw":
-    core = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=wd,
-                       mask=decay_mask)
-  else:
-    _choice(name, OPTIMIZERS, "optim.name")
-  chain = []
-  if cfg.get("clip_norm"):
-    chain.append(optax.clip_by_global_norm(float(cfg.clip_norm)))
-  chain.append(core)
-  lr_mults = cfg.get("lr_mults", ())
-  if lr_mults:
-    mults = masks.match(params, lr_mults, default=1.0, what="lr_mults rule")
-    mults, _ = masks.partition(mults, trainable)
-    chain.append(_scale_by_tree(mults))
+  direction = _direction(cfg)
+  if join_groups is not None:
+    groups = sorted(set(jax.tree.leaves(join_groups)))
+    direction = optax.partition({g: _direction(cfg) for g in groups}, join_groups)
+  decay = optax.add_decayed_weights(wd, mask=decay_mask) if wd else optax.identity()
+  chain = [optax.clip_by_global_norm(float(cfg.clip_norm))] if cfg.get("clip_norm") else []
+  chain += [direction, decay] if cfg.name == "adamw" else [decay, direction]
+  chain.append(optax.scale_by_learning_rate(schedule))
+  mults = None
+  if cfg.get("lr_mults"):
+    mults = masks.match(params, cfg.lr_mults, default=1.0, what="lr_mults rule")
+  if cfg.get("layer_decay"):
+    layer = layer_decay.multipliers(params, cfg.layer_decay)
+    mults = layer if mults is None else jax.tree.map(lambda a, b: a * b, mults, layer)
+  if mults is not None:
+    chain.append(_scale_by_tree(masks.partition(mults, trainable)[0]))
   return optax.chain(*chain), schedule

@@ -27,7 +27,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jtl import checkpoint, data, masks, objectives, optim, sharding
+from jtl import checkpoint, data, masks, objectives, optim, phases, sharding
 from jtl import config as config_lib
 from jtl.errors import ConfigError
 from jtl.metric_writer import MetricWriter
@@ -54,6 +54,7 @@ class Setup:
   abstract_batch: Any
   abstract_state: TrainState
   state_shardings: TrainState
+  phase: phases.Phase
 
 
 def global_shapes(local_batch: Any, batch_sharding: NamedSharding) -> Any:
@@ -63,8 +64,10 @@ def global_shapes(local_batch: Any, batch_sharding: NamedSharding) -> Any:
                                                      sharding=batch_sharding), local_batch)
 
 
-def setup(config: ml_collections.ConfigDict, example_batch: Any) -> Setup:
-  """Builds objective, mesh, masks, optimizer and abstract sharded state; raises ConfigError early."""
+def setup(config: ml_collections.ConfigDict, example_batch: Any,
+          phase: phases.Phase | None = None) -> Setup:
+  """Builds objective, mesh, masks, optimizer and abstract sharded state for one phase of the run
+  (default: the first); raises ConfigError early, for every phase's rule tables."""
   objective = objectives.build(config)
   mesh = sharding.make_mesh(config.mesh)
   batch_sharding = NamedSharding(mesh, sharding.batch_spec(mesh, config.mesh.batch_axes))
@@ -79,8 +82,14 @@ def setup(config: ml_collections.ConfigDict, example_batch: Any) -> Setup:
   abstract_batch = global_shapes(example_batch, batch_sharding)
   rng = jax.random.key(config.seed)
   params, model_state = jax.eval_shape(objective.init, rng, abstract_batch)
-  trainable = masks.trainable_mask(params, config.trainable)
-  tx, schedule = optim.build_optimizer(config.optim, params, trainable, config.total_steps)
+  phase = phase or phases.schedule(config)[0]
+  phase_config = phases.phase_config(config, phase)
+  trainable = masks.trainable_mask(params, phase_config.trainable)
+  groups = phases.join_groups(params, config)
+  if groups is not None:
+    groups = masks.partition(groups, trainable)[0]
+  tx, schedule = optim.build_optimizer(phase_config.optim, params, trainable, config.total_steps,
+                                       join_groups=groups)
   opt_state = jax.eval_shape(tx.init, masks.partition(params, trainable)[0])
   abstract_state = TrainState(jax.ShapeDtypeStruct((), jnp.int32), params, model_state, opt_state)
   shardings = sharding.state_shardings(abstract_state, mesh, config.mesh.rules)
@@ -89,7 +98,7 @@ def setup(config: ml_collections.ConfigDict, example_batch: Any) -> Setup:
   abstract_state = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
                                 abstract_state, shardings)
   return Setup(config, objective, mesh, batch_sharding, trainable, tx, schedule, abstract_batch,
-               abstract_state, shardings)
+               abstract_state, shardings, phase)
 
 
 def make_train_step(s: Setup) -> Callable[[TrainState, Any], tuple[TrainState, dict]]:
@@ -128,7 +137,7 @@ def load_transfer_source(s: Setup) -> tuple[Any, Any] | None:
   compiles or is written; `init_variables` places it on the devices.
   """
   init_from = s.config.get("init_from")
-  if not init_from or not init_from.get("workdir"):
+  if not init_from or not (init_from.get("workdir") or init_from.get("path")):
     return None
   params, model_state, _ = checkpoint.transfer_init(s.abstract_state.params,
                                                     s.abstract_state.model_state, init_from)
@@ -142,6 +151,18 @@ def init_variables(s: Setup, loaded: tuple[Any, Any] | None = None) -> tuple[Any
   if loaded is not None:
     params, model_state = checkpoint.fill_holes(loaded, (params, model_state), s.state_shardings)
   return params, model_state
+
+
+def switch_phase(old: Setup, new: Setup, state: TrainState) -> TrainState:
+  """The state entering phase `new` from phase `old`: optimizer state carried over for the leaves that
+  already trained (by path), fresh for the group that joins (see `jtl.phases`)."""
+  logging.info("phase %d -> %d at step %d", old.phase.index, new.phase.index, new.phase.start)
+
+  def build(state):
+    fresh = new.tx.init(masks.partition(state.params, new.trainable)[0])
+    return state.replace(opt_state=phases.carry_over(state.opt_state, fresh))
+  logging.info("trainable parameters:\n%s", masks.summary(new.abstract_state.params, new.trainable))
+  return jax.jit(build, out_shardings=new.state_shardings)(state)
 
 
 def initial_state(s: Setup, params: Any, model_state: Any) -> TrainState:
@@ -232,7 +253,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Trai
       config.data, global_batch_size=config.batch_size, seed=config.seed, start_step=start_step,
       process_index=jax.process_index(), process_count=jax.process_count())
   first = next(batches)
-  s = setup(config, first)
+  schedule = phases.schedule(config)
+  # The setup of the phase that wrote the checkpoint (at a phase boundary: the one before).
+  s = setup(config, first, phases.at(schedule, max(start_step - 1, 0)))
   loaded = None if start_step else load_transfer_source(s)
   # Validation is over: from here on the workdir is written.
   _write_run_files(s, workdir)
@@ -247,8 +270,18 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Trai
   else:
     state = initial_state(s, *init_variables(s, loaded))
   writer = MetricWriter(workdir, "train_metrics")
+  device_batches = sharding.prefetch_to_mesh(itertools.chain([first], batches), s.batch_sharding)
   try:
-    state = run_loop(s, state, itertools.chain([first], batches), mgr, writer)
+    for phase in schedule:
+      if phase.end <= int(state.step):
+        continue
+      if phase.index != s.phase.index:
+        next_setup = setup(config, first, phase)
+        state = switch_phase(s, next_setup, state)
+        s = next_setup
+      state = run_loop(s, state, device_batches, mgr, writer, until=phase.end)
+      if int(state.step) < phase.end:  # stopped by a signal
+        break
   finally:
     writer.close()
     mgr.wait_until_finished()
@@ -256,24 +289,25 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Trai
   return state
 
 
-def run_loop(s: Setup, state: TrainState, batches: Iterator[Any], mgr: Any,
-             writer: MetricWriter) -> TrainState:
-  """Steps until total_steps or a stop signal; logs every `log_every`, checkpoints every
-  `checkpoint_every` and at the end. Signal handlers are the loop's only while it runs."""
+def run_loop(s: Setup, state: TrainState, device_batches: Iterator[Any], mgr: Any,
+             writer: MetricWriter, until: int | None = None) -> TrainState:
+  """Steps (on batches already on the mesh) until `until` (default total_steps) or a stop signal; logs
+  every `log_every`, checkpoints every `checkpoint_every` and at the end. Signal handlers are the
+  loop's only while it runs."""
   config = s.config
+  until = config.total_steps if until is None else until
   step_fn = make_train_step(s)
   stop = _StopFlag(sync_every=config.log_every)
   step = int(state.step)
-  device_batches = sharding.prefetch_to_mesh(batches, s.batch_sharding)
   window: list[dict] = []
   last_time, last_step = time.perf_counter(), step
   stop.install()
   try:
-    while step < config.total_steps:
+    while step < until:
       state, metrics = step_fn(state, next(device_batches))
       step += 1
       window.append(metrics)  # device arrays: fetched once per window, no sync per step
-      if step % config.log_every == 0 or step == config.total_steps:
+      if step % config.log_every == 0 or step == until:
         means = {k: float(np.mean([m[k] for m in jax.device_get(window)])) for k in window[0]}
         now = time.perf_counter()
         rate = (step - last_step) / max(now - last_time, 1e-9)

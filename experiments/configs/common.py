@@ -44,6 +44,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim = default_optim_config()
   # Rule table over params paths: which leaves train (first match wins). See jtl/masks.py.
   c.trainable = ((".*", True),)
+  # Phases in one run (LP-FT, gradual unfreezing): ((start_step, trainable_rules[, lr_mults]), ...);
+  # each replaces `trainable` from its step on. Empty: one phase. See jtl/phases.py.
+  c.phases = ()
   c.mesh = default_mesh_config()
   c.eval = ml_collections.ConfigDict(dict(splits=config_dict.placeholder(tuple),
                                           batch_size=config_dict.placeholder(int)))
@@ -51,7 +54,9 @@ def base_config() -> ml_collections.ConfigDict:
   # objective's metrics on each of eval.splits (default data.eval_split).
   c.evals = ml_collections.ConfigDict()
   # Transfer init from another run's checkpoint; workdir None = train from the fresh init.
+  # Or from a weights file (`path`: .pt/.pth, .safetensors, .npz; torchvision, timm, big_vision or jtl
+  # names; `format`: auto | torch | safetensors | npz). See jtl/pretrained.
   c.init_from = ml_collections.ConfigDict(dict(
       workdir=config_dict.placeholder(str), step=config_dict.placeholder(int),
-      dont_load=("params/head/.*",)))
+      path=config_dict.placeholder(str), format="auto", dont_load=("params/head/.*",)))
   return c

@@ -4,7 +4,8 @@
       --config=experiments/configs/transfer_digits.py:mode=finetune,shots=1,pretrain=/tmp/jtl/pretrain \
       --workdir=/tmp/jtl/finetune
 
-Modes (arguments: mode, shots=1, pretrain=<pretrain workdir>, reinit_stages=0, backbone_lr=1.0):
+Modes (arguments: mode, shots=1, pretrain=<pretrain workdir, or a weights file .npz/.pt/.pth/
+.safetensors>, reinit_stages=0, backbone_lr=1.0):
   scratch       all parameters trained from a random init;
   linear_probe  the whole pretrained backbone loaded and frozen (BatchNorm statistics too); only the
                 new head trains;
@@ -43,6 +44,7 @@ def get_config(arg=None):
   c.model.num_classes = len(TARGET_CLASSES)
   c.optim.lr = 3e-3
   c.optim.warmup_steps = 10
+  weights_file = str(a.pretrain).endswith((".npz", ".pt", ".pth", ".bin", ".safetensors"))
   if a.mode == "linear_probe":
     c.init_from.workdir = a.pretrain
     c.init_from.dont_load = ("params/head/.*",)
@@ -56,4 +58,6 @@ def get_config(arg=None):
         if stages else ())
     if a.backbone_lr != 1.0:
       c.optim.lr_mults = (("params/backbone/.*", float(a.backbone_lr)),)
+  if weights_file and a.mode != "scratch":  # a weights file (jtl/pretrained) instead of a run
+    c.init_from.path, c.init_from.workdir = a.pretrain, None
   return c
