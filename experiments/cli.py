@@ -13,8 +13,9 @@ exist, a ConfigError raised while the experiment is set up — ends as one line 
 and exit status 2, before anything is compiled or written.
 
 `--config.KEY=VALUE` may name any key the config file defines, and, in the sections whose keys depend
-on a choice (`model`: the chosen model's options; `evals`: evaluators and their options), any key: the
-component validates those (an unknown model option lists the valid ones). Anything else that names no key of the config file is an error
+on a choice (`model`: the chosen model's options; `evals`: evaluators and their options; a multitask
+run's `arch_options` and `weighting_options`), any key: the component validates those (an unknown
+model option lists the valid ones). Anything else that names no key of the config file is an error
 with a did-you-mean.
 """
 from __future__ import annotations
@@ -39,7 +40,7 @@ FlagValues = flags.FlagValues
 Define = Callable[[FlagValues, list[str]], None]
 Main = Callable[[FlagValues], None]
 # Config sections whose valid keys depend on a choice; their owners validate them.
-OPEN_SECTIONS = ("model", "evals")
+OPEN_SECTIONS = ("model", "evals", "multitask.arch_options", "multitask.weighting_options")
 EXIT_BAD_INPUT = 2
 
 
@@ -88,7 +89,7 @@ def load_config(flag_values: FlagValues) -> ml_collections.ConfigDict | None:
     return None
   reference = _config_as_written(config_flags.get_config_filename(flag))
   for path in config_flags.get_override_values(flag):
-    if not _has_key(reference, path) and path.split(".")[0] not in OPEN_SECTIONS:
+    if not _has_key(reference, path) and not any(path.startswith(p + ".") for p in OPEN_SECTIONS):
       raise unknown_override_error(path, reference)
   config = flag.value
   config.lock()  # from here on a typo in code that sets a key fails loudly too

@@ -7,9 +7,11 @@ import ml_collections
 
 from jtl.errors import ConfigError
 from jtl.objectives.base import Objective, apply_model
+from jtl.objectives.multitask import Multitask
 from jtl.objectives.supervised import Supervised
 
 OBJECTIVES = {"supervised": Supervised}
+OBJECTIVES.update(multitask=Multitask)  # tasks x sharing architectures x weightings
 
 
 def build(config: ml_collections.ConfigDict) -> Objective:
@@ -23,4 +25,4 @@ def build(config: ml_collections.ConfigDict) -> Objective:
   return OBJECTIVES[name].from_config(config)
 
 
-__all__ = ["OBJECTIVES", "Objective", "Supervised", "apply_model", "build"]
+__all__ = ["Multitask", "OBJECTIVES", "Objective", "Supervised", "apply_model", "build"]
