@@ -61,7 +61,7 @@ def test_representation_space_equals_explicit_per_task_gradients(method):
   per_task = [jax.grad(task_loss)(z, t).ravel() for t in range(2)]
   gram = np.array([[float(a @ b) for b in per_task] for a in per_task])
   w, _ = aggregators.AGGREGATORS[method](jnp.asarray(gram), jax.random.fold_in(rng, 7))
-  np.testing.assert_allclose([metrics["w_0"], metrics["w_1"]], w, rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose([metrics["w_left"], metrics["w_right"]], w, rtol=1e-4, atol=1e-6)
 
   # The one-backward-pass gradient: trunk = d(sum_t w_t L_t)/d trunk with w fixed; heads = their
   # own task's plain gradient.
@@ -90,7 +90,7 @@ def test_shared_params_space_equals_explicit_per_task_gradients():
   flat = [jnp.concatenate([g.ravel() for g in jax.tree.leaves(p["backbone"])]) for p in per_task]
   gram = jnp.asarray([[float(a @ b) for b in flat] for a in flat])
   w, _ = aggregators.AGGREGATORS["mgda"](gram, jax.random.fold_in(rng, 7))
-  np.testing.assert_allclose([metrics["w_0"], metrics["w_1"]], w, rtol=1e-4)
+  np.testing.assert_allclose([metrics["w_left"], metrics["w_right"]], w, rtol=1e-4)
   expected = jax.tree.map(lambda a, b: w[0] * a + w[1] * b, per_task[0]["backbone"],
                           per_task[1]["backbone"])
   for a, b in zip(jax.tree.leaves(grads["backbone"]), jax.tree.leaves(expected)):
@@ -189,3 +189,19 @@ def test_cli_with_arch_and_weighting_options(tmp_path):
   errors = [line for line in err.getvalue().splitlines() if line.startswith("error:")]
   assert status == 2 and "windoww" in errors[-1] and "window" in errors[-1]
   assert not (tmp_path / "bad").exists()
+
+
+def test_delta_m_against_single_task_references(tmp_path):
+  from jtl import evaluate
+  from jtl.metric_writer import read_jsonl
+  single = small("tasks=right", total_steps=4, checkpoint_every=4)
+  train.train(single, str(tmp_path / "right"))
+  evaluate.evaluate_checkpoints(single, str(tmp_path / "right"))
+  reference_right = read_jsonl(tmp_path / "right" / "eval_metrics.jsonl")[-1]["test/right/accuracy"]
+  config = small("", total_steps=4, checkpoint_every=4)
+  config.evals.test.references = {"left": 0.5, "right": str(tmp_path / "right")}
+  train.train(config, str(tmp_path / "mt"))
+  row = evaluate.evaluate_checkpoints(config, str(tmp_path / "mt"))[-1]
+  expected = 50 * ((row["test/left/accuracy"] - 0.5) / 0.5
+                   + (row["test/right/accuracy"] - reference_right) / reference_right)
+  np.testing.assert_allclose(row["test/delta_m"], expected, rtol=1e-6)

@@ -210,8 +210,11 @@ class Multitask(Objective):
     return total + successive, own, metrics
 
   def _metrics(self, losses, penalties, extra) -> Metrics:
+    # Per-task values by task name (`w_3` from a weighting becomes `w_<task>`).
+    names = {f"w_{i}": f"w_{t.name}" for i, t in enumerate(self.tasks)}
     return {**{f"{t.name}/loss": losses[i] for i, t in enumerate(self.tasks)},
-            **{f"penalty_{k}": v for k, v in penalties.items()}, **extra}
+            **{f"penalty_{k}": v for k, v in penalties.items()},
+            **{names.get(k, k): v for k, v in extra.items()}}
 
   def loss(self, params, model_state, batch, rng, *, trainable, grad_norms=None):
     x, targets = self._inputs(batch)

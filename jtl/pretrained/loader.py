@@ -110,7 +110,8 @@ def load_pretrained(path: str | os.PathLike, *, abstract_variables: Mapping[str,
     report["loaded"].append(f"{jtl_path} <- {names}")
   report["unexpected"] = [k for k in tensors if k not in used and not convention.ignored(k)]
   report["unexpected"] += convention.extra_unexpected()
-  if not any(p.startswith("params/backbone/") for p in loaded):  # a head alone: the wrong file
+  # A foreign file of which only a head fits is the wrong file (jtl's own files may hold any tree).
+  if convention.name != "jtl" and not any(p.startswith("params/backbone/") for p in loaded):
     needed = (report["missing"] + report["mismatched"] + ["?"])[0]
     raise ConfigError(f"no tensor of {path} ({convention.name} names) fits this model's backbone "
                       f"(it needs e.g. {needed}); check that the model config matches the file")
