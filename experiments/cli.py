@@ -34,14 +34,14 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from jtl.config import unknown_override_error  # noqa: E402
-from jtl.errors import ConfigError  # noqa: E402
+from jtl.errors import ConfigError, RunError  # noqa: E402
 
 FlagValues = flags.FlagValues
 Define = Callable[[FlagValues, list[str]], None]
 Main = Callable[[FlagValues], None]
 # Config sections whose valid keys depend on a choice; their owners validate them.
 OPEN_SECTIONS = ("model", "evals", "multitask.arch_options", "multitask.weighting_options")
-EXIT_BAD_INPUT = 2
+EXIT_BAD_INPUT, EXIT_RUN_FAILED = 2, 3
 
 
 def define_config_flag(flag_values: FlagValues, argv: list[str], help_string: str) -> None:
@@ -60,6 +60,9 @@ def _define_distributed(flag_values: FlagValues) -> None:
                        flag_values=flag_values)
   flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() with auto-detection "
                     "(Cloud TPU pods, SLURM).", flag_values=flag_values)
+  flags.DEFINE_integer("heartbeat_timeout", 100, "Multi-host: seconds without a peer's heartbeat "
+                       "after which the others stop (exit non-zero) instead of waiting forever.",
+                       flag_values=flag_values)
 
 
 def _has_key(config: ml_collections.ConfigDict, path: str) -> bool:
@@ -106,9 +109,9 @@ def _one_line(error: BaseException) -> str:
   return " ".join(text.split()) or type(error).__name__
 
 
-def _fail(message: str) -> int:
+def _fail(message: str, status: int = EXIT_BAD_INPUT) -> int:
   print(f"error: {message}", file=sys.stderr, flush=True)
-  return EXIT_BAD_INPUT
+  return status
 
 
 def _parse(flag_values: FlagValues, argv: list[str]) -> list[str] | int:
@@ -134,7 +137,8 @@ def _start_distributed(flag_values: FlagValues) -> None:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=flag_values.coordinator_address,
                                num_processes=flag_values.num_processes,
-                               process_id=flag_values.process_id)
+                               process_id=flag_values.process_id,
+                               heartbeat_timeout_seconds=flag_values.heartbeat_timeout)
 
 
 def _guarded(main: Main, flag_values: FlagValues) -> int:
@@ -144,6 +148,9 @@ def _guarded(main: Main, flag_values: FlagValues) -> int:
   except ConfigError as e:
     logging.flush()
     return _fail(_one_line(e))
+  except RunError as e:
+    logging.flush()
+    return _fail(_one_line(e), EXIT_RUN_FAILED)
   return 0
 
 

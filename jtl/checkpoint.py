@@ -28,11 +28,16 @@ def checkpoint_dir(workdir: str | epath.Path) -> epath.Path:
 
 
 def manager(workdir: str | epath.Path, *, keep: int | None = 3, save_every: int = 1,
-            async_save: bool = True, create: bool = True) -> ocp.CheckpointManager:
-  """CheckpointManager over `WORKDIR/checkpoints`; `save(step, force=True)` ignores `save_every`."""
+            async_save: bool = True, create: bool = True,
+            cleanup_tmp: bool = False) -> ocp.CheckpointManager:
+  """CheckpointManager over `WORKDIR/checkpoints`; `save(step, force=True)` ignores `save_every`.
+
+  `keep=None`: orbax deletes nothing (the trainer's keep policy is `jtl.keep`). `cleanup_tmp`: remove
+  half-written temporary folders that a killed run left (only the trainer, which owns them).
+  """
   options = ocp.CheckpointManagerOptions(
       max_to_keep=keep, save_interval_steps=save_every, enable_async_checkpointing=async_save,
-      create=create)
+      create=create, cleanup_tmp_directories=cleanup_tmp)
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
 
 

@@ -30,7 +30,8 @@ FOLDER_PREFIX = "folder:"
 # Keys a resumed run may change without becoming another experiment: how long it runs, how it logs,
 # checkpoints and evaluates, where its data lives and on which devices (elastic resume).
 RESUMABLE_CHANGES = ("total_steps", "log_every", "checkpoint_every", "keep_checkpoints", "eval.*",
-                     "mesh.*", "data.data_dir", "init_from.*")
+                     "evals.*", "mesh.*", "data.data_dir", "init_from.*", "checkpoint_verify",
+                     "skip_nonfinite_updates")
 
 
 def resolve_path(path: str) -> str:
@@ -88,6 +89,7 @@ def check_values(config: ml_collections.ConfigDict) -> None:
   for key in ("total_steps", "batch_size", "log_every", "checkpoint_every"):
     check_positive_int(config.get(key), key)
   check_positive_int(config.get("keep_checkpoints"), "keep_checkpoints", allow_none=True)
+  check_positive_int(config.get("skip_nonfinite_updates", 0), "skip_nonfinite_updates", minimum=0)
   if not _is_int(config.get("seed")):
     raise ConfigError(f"seed must be an integer, got {config.get('seed')!r}; set --config.seed")
   check_number(config.get("label_smoothing", 0.0), "label_smoothing", low=0.0, high=1.0,
@@ -125,13 +127,17 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
   return out
 
 
-def differences(run: dict, given: dict, ignore: tuple[str, ...] = ()) -> list[str]:
-  """`key (X in the run, Y given)` for every flattened key whose values differ, minus `ignore` globs."""
+def differences(run: dict, given: dict, ignore: tuple[str, ...] = (),
+                shared_only: bool = False) -> list[str]:
+  """`key (X in the run, Y given)` for every flattened key whose values differ, minus `ignore` globs
+  (with `shared_only`, keys only one side has, e.g. options a newer jtl added, are not differences)."""
   run_flat, given_flat = flatten(as_plain(run)), flatten(as_plain(given))
   ignored = [re.compile(re.escape(p).replace(r"\.\*", r"\..*").replace(r"\*", ".*")) for p in ignore]
   out = []
   for key in sorted(set(run_flat) | set(given_flat)):
     if any(r.fullmatch(key) for r in ignored):
+      continue
+    if shared_only and (key not in run_flat or key not in given_flat):
       continue
     a, b = run_flat.get(key, "<absent>"), given_flat.get(key, "<absent>")
     if a != b:

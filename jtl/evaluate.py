@@ -19,7 +19,7 @@ import jax
 import ml_collections
 from absl import logging
 from etils import epath
-from jtl import checkpoint, data, evaluators
+from jtl import checkpoint, data, evaluators, keep
 from jtl import config as config_lib
 from jtl.errors import ConfigError
 from jtl.metric_writer import MetricWriter, read_jsonl
@@ -102,25 +102,43 @@ def evaluate_checkpoints(config: ml_collections.ConfigDict | None, workdir: str 
   s, evaluator_list = setup_for_eval(config)
   writer = MetricWriter(workdir, "eval_metrics")
   done = {row["step"] for row in read_jsonl(writer.path)}
+  broken: set[int] = set()  # skipped with a warning, never recorded as evaluated
   new_rows = []
   try:
     while True:
       available = checkpoint.completed_steps(workdir)
-      todo = [t for t in available if t not in done and (step is None or t == step)]
+      todo = [t for t in available if t not in done | broken and (step is None or t == step)]
       for t in todo:
+        why = keep.problem(workdir, t)
+        if why:
+          logging.warning("checkpoint %d is broken (%s); skipped, not recorded as evaluated", t, why)
+          broken.add(t)
+          continue
         try:
           row = evaluate_step(s, evaluator_list, workdir, t)
-        except FileNotFoundError:  # deleted by the trainer's keep-K policy before we got to it
+        except FileNotFoundError:  # deleted by the trainer's keep policy before we got to it
           logging.warning("checkpoint %d vanished before it was evaluated; skipped", t)
+          continue
+        except Exception as e:  # a damaged checkpoint? (orbax raises many types)
+          why = keep.verify(workdir, t)
+          if why is None:
+            raise
+          logging.warning("checkpoint %d is broken (%s); skipped, not recorded as evaluated", t, why)
+          broken.add(t)
           continue
         writer.write(t, row)
         done.add(t)
         new_rows.append({"step": t, **row})
         logging.info("step %d: %s", t, " ".join(f"{k}={v:.4g}" for k, v in row.items()))
+        if watch:
+          keep.report_evaluator_progress(workdir, t)
       finished = (step in done) if step is not None else (config.total_steps in done)
       if not watch or finished or time.time() > deadline:
         break
+      keep.report_evaluator_progress(workdir, max(done, default=-1))  # heartbeat
       time.sleep(poll_every)
   finally:
     writer.close()
+    if watch and jax.process_index() == 0:  # no longer watching: the trainer need not wait for us
+      (workdir / keep.EVALUATOR_FILE).unlink(missing_ok=True)
   return new_rows

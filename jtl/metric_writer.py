@@ -38,6 +38,16 @@ class MetricWriter:
             tf.summary.scalar(key, value)
       self._tb.flush()
 
+  def drop_after(self, step: int) -> None:
+    """Removes rows past `step`: a resumed run logs those steps again (a killed run had logged them
+    after its last checkpoint), so every step appears once."""
+    if not self.enabled or not self.path.exists():
+      return
+    rows = read_jsonl(self.path)
+    kept = [row for row in rows if row["step"] <= step]
+    if len(kept) < len(rows):
+      self.path.write_text("".join(json.dumps(row) + "\n" for row in kept))
+
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()

@@ -29,7 +29,8 @@ from jtl.errors import ConfigError
 
 def default_mesh_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
-      axes=(("data", -1),), rules=((".*", ()),), batch_axes=("data", "fsdp")))
+      axes=(("data", -1),), rules=((".*", ()),), batch_axes=("data", "fsdp"),
+      fsdp_axis="data", fsdp_min_size=2**12))
 
 
 def make_mesh(cfg: ml_collections.ConfigDict, devices: list[Any] | None = None) -> Mesh:
@@ -67,10 +68,40 @@ def batch_size_divisor(mesh: Mesh, batch_axes: Iterable[str] = ("data", "fsdp"))
   return int(np.prod([mesh.shape[a] for a in batch_axes if a in mesh.axis_names]))
 
 
-def state_shardings(abstract_state: Any, mesh: Mesh, rules: Any) -> Any:
-  """NamedSharding for every leaf of a (abstract) state, from the `(pattern, spec)` rule table."""
+def fsdp_spec(shape: tuple[int, ...], axis: str, axis_size: int, min_size: int) -> tuple:
+  """Shard the largest dimension divisible by the axis size, for leaves of at least `min_size`
+  elements (smaller ones, and those with no divisible dimension, stay replicated)."""
+  if int(np.prod(shape)) < min_size or axis_size == 1:
+    return ()
+  divisible = [i for i, d in enumerate(shape) if d % axis_size == 0]
+  if not divisible:
+    return ()
+  dim = max(divisible, key=lambda i: (shape[i], -i))
+  return tuple(axis if i == dim else None for i in range(len(shape)))
+
+
+def state_shardings(abstract_state: Any, mesh: Mesh, rules: Any,
+                    cfg: ml_collections.ConfigDict | None = None) -> Any:
+  """NamedSharding for every leaf of a (abstract) state, from the `(pattern, spec)` rule table.
+
+  A spec is a PartitionSpec tuple, or `"fsdp"`: params and optimizer state sharded over the
+  `fsdp_axis` (default the data axis, ZeRO-3 / FSDP style) along their largest divisible dimension,
+  e.g. `config.mesh.rules = (('.*', 'fsdp'),)`.
+  """
+  cfg = cfg or default_mesh_config()
   specs = masks.match(abstract_state, rules, prefix="", default=(), what="mesh rule")
+  fsdp_axis = cfg.get("fsdp_axis", "data")
+
   def to_sharding(leaf, spec):
+    if isinstance(spec, str):
+      if spec != "fsdp":
+        raise ConfigError(f"mesh rule spec {spec!r} is not a PartitionSpec tuple or 'fsdp'; fix "
+                          "config.mesh.rules")
+      if fsdp_axis not in mesh.axis_names:
+        raise ConfigError(f"mesh.fsdp_axis {fsdp_axis!r} is not a mesh axis {mesh.axis_names}; fix "
+                          "config.mesh.fsdp_axis")
+      spec = fsdp_spec(tuple(leaf.shape), fsdp_axis, mesh.shape[fsdp_axis],
+                       int(cfg.get("fsdp_min_size", 2**12)))
     spec = tuple(spec)
     if len(spec) > len(leaf.shape):
       spec = ()  # scalars and vectors matched by a broad rule stay replicated

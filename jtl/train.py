@@ -8,11 +8,8 @@ compiled or written.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
 import os
-import signal
-import time
 from collections.abc import Iterator
 from typing import Any, Callable
 
@@ -20,17 +17,17 @@ import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from absl import logging
 from etils import epath
-from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jtl import checkpoint, data, masks, objectives, optim, phases, sharding
+from jtl import checkpoint, data, keep, loop, masks, objectives, optim, phases, sharding
 from jtl import config as config_lib
 from jtl.errors import ConfigError
 from jtl.metric_writer import MetricWriter
+
+_StopFlag = loop.StopFlag  # tests stop a run at a chosen step by patching its `should_stop`
 
 
 @flax.struct.dataclass
@@ -92,7 +89,7 @@ def setup(config: ml_collections.ConfigDict, example_batch: Any,
                                        join_groups=groups)
   opt_state = jax.eval_shape(tx.init, masks.partition(params, trainable)[0])
   abstract_state = TrainState(jax.ShapeDtypeStruct((), jnp.int32), params, model_state, opt_state)
-  shardings = sharding.state_shardings(abstract_state, mesh, config.mesh.rules)
+  shardings = sharding.state_shardings(abstract_state, mesh, config.mesh.rules, config.mesh)
   # Abstract leaves carry their target sharding, so a checkpoint restores onto this run's devices
   # whatever the topology of the run that wrote it.
   abstract_state = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
@@ -102,8 +99,13 @@ def setup(config: ml_collections.ConfigDict, example_batch: Any,
 
 
 def make_train_step(s: Setup) -> Callable[[TrainState, Any], tuple[TrainState, dict]]:
-  """The jitted, donated, sharded step. Only the trainable subtree is differentiated and updated."""
+  """The jitted, donated, sharded step. Only the trainable subtree is differentiated and updated.
+
+  With `skip_nonfinite_updates`, an update whose metrics or gradients are not all finite is refused
+  inside the step (state unchanged but for the step count; `skipped` = 1 in its metrics).
+  """
   base_rng = jax.random.key(s.config.seed + 1)
+  skip_nonfinite = bool(s.config.get("skip_nonfinite_updates"))
 
   def train_step(state: TrainState, batch: Any) -> tuple[TrainState, dict]:
     rng = jax.random.fold_in(base_rng, state.step)
@@ -115,6 +117,11 @@ def make_train_step(s: Setup) -> Callable[[TrainState, Any], tuple[TrainState, d
     metrics = {**metrics, "grad_norm": optax.global_norm(grads), "lr": s.schedule(state.step)}
     new_state = TrainState(state.step + 1, masks.merge(trainable_params, frozen_params),
                            model_state, opt_state)
+    if skip_nonfinite:
+      finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(v)) for v in jax.tree.leaves(metrics)]))
+      new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+      new_state = new_state.replace(step=state.step + 1)
+      metrics["skipped"] = jnp.logical_not(finite).astype(jnp.float32)
     return new_state, metrics
 
   replicated = NamedSharding(s.mesh, PartitionSpec())
@@ -173,56 +180,45 @@ def initial_state(s: Setup, params: Any, model_state: Any) -> TrainState:
   return jax.jit(build, out_shardings=s.state_shardings)(params, model_state)
 
 
-class _StopFlag:
-  """Set by SIGTERM/SIGINT (preemption, Ctrl-C): the loop saves a checkpoint and exits cleanly."""
-
-  SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-  def __init__(self, sync_every: int):
-    self.requested = False
-    self.sync_every = sync_every
-    self._previous: dict[int, Any] = {}
-
-  def install(self) -> None:
-    for sig in self.SIGNALS:
-      self._previous[sig] = signal.signal(sig, self._handle)
-
-  def uninstall(self) -> None:
-    """Gives the signals back to whoever handled them before (a caller's own handler, or Python's)."""
-    for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
-    self._previous = {}
-
-  def _handle(self, signum, frame):
-    del frame
-    logging.warning("signal %d: saving a checkpoint and stopping", signum)
-    self.requested = True
-
-  def should_stop(self, step: int) -> bool:
-    if jax.process_count() == 1:
-      return self.requested
-    # All hosts must agree, or the save would hang; agreeing costs a sync, so only now and then.
-    if multihost_utils.reached_preemption_sync_point(step):
-      return True
-    if step % self.sync_every:
-      return False
-    return bool(multihost_utils.process_allgather(np.array(self.requested)).any())
-
-
-def _resume_step(config: ml_collections.ConfigDict, workdir: epath.Path) -> int:
-  """The step to resume from (0: start fresh); ConfigError if the workdir holds another experiment."""
-  done = checkpoint.completed_steps(workdir)
-  if not done:
-    return 0
+def _check_same_experiment(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
+  """ConfigError if the workdir holds checkpoints of a different experiment."""
+  if not checkpoint.completed_steps(workdir):
+    return
   previous = config_lib.load_run_config(workdir)
   if previous is not None:
-    changed = config_lib.differences(previous, config, ignore=config_lib.RESUMABLE_CHANGES)
+    changed = config_lib.differences(previous, config, ignore=config_lib.RESUMABLE_CHANGES,
+                                     shared_only=True)
     if changed:
       raise ConfigError(
           f"workdir {workdir} holds checkpoints of a different experiment: {'; '.join(changed[:5])}"
           f"{' ...' if len(changed) > 5 else ''}; use another --workdir, or delete {workdir} to "
           "start fresh")
-  return done[-1]
+
+
+def _resume(config: ml_collections.ConfigDict, workdir: epath.Path, example: Any,
+            schedule: list[phases.Phase], mgr: Any) -> tuple[int, Setup, TrainState | None]:
+  """(step, setup, restored state) from the newest checkpoint that reads back; (0, setup, None)
+  without one. A broken checkpoint is moved aside with a warning and the next older one is tried."""
+  candidates = keep.good_steps(workdir)  # structurally broken ones are moved aside here
+  mgr.reload()
+  for step in reversed(candidates):
+    # The setup of the phase that wrote the checkpoint (at a phase boundary: the one before).
+    s = setup(config, example, phases.at(schedule, max(step - 1, 0)))
+    try:
+      restored = checkpoint.restore(mgr, step, {
+          name: getattr(s.abstract_state, name) for name in checkpoint.ITEMS})
+    except Exception as e:  # orbax/tensorstore raise many types
+      why = keep.verify(workdir, step)
+      if why is None:  # the files read fine: they are another state's, not damaged
+        raise ConfigError(f"checkpoint {step} in {workdir} does not fit this run's state "
+                          f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''});"
+                          " use another --workdir, or delete that one to start fresh") from e
+      keep.quarantine(workdir, step, why)
+      mgr.reload()
+      continue
+    state = TrainState(jnp.asarray(step, jnp.int32), **restored)
+    return step, s, jax.device_put(state, s.state_shardings)
+  return 0, setup(config, example, schedule[0]), None
 
 
 def _write_run_files(s: Setup, workdir: epath.Path) -> None:
@@ -248,82 +244,45 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Trai
   config = config_lib.prepare(config)
   workdir = epath.Path(config_lib.resolve_path(os.fspath(workdir)))
   data.validate(config.data)
-  start_step = _resume_step(config, workdir)
-  batches = data.train_iterator(
-      config.data, global_batch_size=config.batch_size, seed=config.seed, start_step=start_step,
-      process_index=jax.process_index(), process_count=jax.process_count())
-  first = next(batches)
+  _check_same_experiment(config, workdir)
   schedule = phases.schedule(config)
-  # The setup of the phase that wrote the checkpoint (at a phase boundary: the one before).
-  s = setup(config, first, phases.at(schedule, max(start_step - 1, 0)))
-  loaded = None if start_step else load_transfer_source(s)
+
+  def batches_from(step: int) -> Iterator[Any]:
+    return data.train_iterator(
+        config.data, global_batch_size=config.batch_size, seed=config.seed, start_step=step,
+        process_index=jax.process_index(), process_count=jax.process_count())
+  example = next(batches_from(0))
+  s = setup(config, example, schedule[0])
+  loaded = None if checkpoint.completed_steps(workdir) else load_transfer_source(s)
   # Validation is over: from here on the workdir is written.
   _write_run_files(s, workdir)
-  logging.info("trainable parameters:\n%s", masks.summary(s.abstract_state.params, s.trainable))
-  mgr = checkpoint.manager(workdir, keep=config.get("keep_checkpoints", 3))
-  if start_step:
-    restored = checkpoint.restore(mgr, start_step, {
-        name: getattr(s.abstract_state, name) for name in checkpoint.ITEMS})
-    state = jax.device_put(TrainState(jnp.asarray(start_step, jnp.int32), **restored),
-                           s.state_shardings)
-    logging.info("resumed from step %d", start_step)
-  else:
+  mgr = checkpoint.manager(workdir, keep=None, cleanup_tmp=True)
+  start_step, s, state = _resume(config, workdir, example, schedule, mgr)
+  if state is None:  # (every checkpoint there broken: start over, from init_from if any)
+    loaded = loaded if loaded is not None else load_transfer_source(s)
     state = initial_state(s, *init_variables(s, loaded))
+  else:
+    logging.info("resumed from step %d", start_step)
+  logging.info("trainable parameters:\n%s", masks.summary(s.abstract_state.params, s.trainable))
   writer = MetricWriter(workdir, "train_metrics")
-  device_batches = sharding.prefetch_to_mesh(itertools.chain([first], batches), s.batch_sharding)
+  writer.drop_after(start_step)  # steps a killed run logged past its last checkpoint run again
+  keeper = keep.Keeper(mgr, workdir, config.get("keep_checkpoints", 3),
+                       verify_newest=config.get("checkpoint_verify", True))
+  device_batches = sharding.prefetch_to_mesh(batches_from(start_step), s.batch_sharding)
   try:
     for phase in schedule:
       if phase.end <= int(state.step):
         continue
       if phase.index != s.phase.index:
-        next_setup = setup(config, first, phase)
+        next_setup = setup(config, example, phase)
         state = switch_phase(s, next_setup, state)
         s = next_setup
-      state = run_loop(s, state, device_batches, mgr, writer, until=phase.end)
+      state = loop.run(config, state, make_train_step(s), device_batches, writer,
+                       until=phase.end, keeper=keeper)
       if int(state.step) < phase.end:  # stopped by a signal
         break
   finally:
     writer.close()
-    mgr.wait_until_finished()
+    keeper.finish()
     mgr.close()
-  return state
-
-
-def run_loop(s: Setup, state: TrainState, device_batches: Iterator[Any], mgr: Any,
-             writer: MetricWriter, until: int | None = None) -> TrainState:
-  """Steps (on batches already on the mesh) until `until` (default total_steps) or a stop signal; logs
-  every `log_every`, checkpoints every `checkpoint_every` and at the end. Signal handlers are the
-  loop's only while it runs."""
-  config = s.config
-  until = config.total_steps if until is None else until
-  step_fn = make_train_step(s)
-  stop = _StopFlag(sync_every=config.log_every)
-  step = int(state.step)
-  window: list[dict] = []
-  last_time, last_step = time.perf_counter(), step
-  stop.install()
-  try:
-    while step < until:
-      state, metrics = step_fn(state, next(device_batches))
-      step += 1
-      window.append(metrics)  # device arrays: fetched once per window, no sync per step
-      if step % config.log_every == 0 or step == until:
-        means = {k: float(np.mean([m[k] for m in jax.device_get(window)])) for k in window[0]}
-        now = time.perf_counter()
-        rate = (step - last_step) / max(now - last_time, 1e-9)
-        means["steps_per_sec"] = rate
-        logging.info("step %d/%d %s | %.1f steps/s, ETA %.0fs", step, config.total_steps,
-                     " ".join(f"{k}={v:.4g}" for k, v in means.items() if k != "steps_per_sec"),
-                     rate, (config.total_steps - step) / max(rate, 1e-9))
-        writer.write(step, means)
-        window, last_time, last_step = [], now, step
-      stopping = stop.should_stop(step)
-      if step % config.checkpoint_every == 0 or step == config.total_steps or stopping:
-        checkpoint.save(mgr, step, state, force=True)
-      if stopping:
-        logging.warning("stopped at step %d after a signal; resume by running the same command",
-                        step)
-        break
-  finally:
-    stop.uninstall()
   return state

@@ -10,6 +10,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from jtl.data import default_data_config
+from jtl.lora import default_config as default_lora_config
 from jtl.optim import default_optim_config
 from jtl.sharding import default_mesh_config
 
@@ -36,14 +37,18 @@ def base_config() -> ml_collections.ConfigDict:
   c.batch_size = 64
   c.log_every = 50
   c.checkpoint_every = 250
-  c.keep_checkpoints = 3
+  c.keep_checkpoints = 3  # the newest good ones (None: all); see jtl/keep.py
+  c.checkpoint_verify = True  # read the newest checkpoint back before deleting older ones
+  # 0: stop at the first NaN/Inf loss or gradient. N > 0: refuse such updates, stop after N in a row.
+  c.skip_nonfinite_updates = 0
   c.objective = "supervised"
   c.label_smoothing = 0.0
   c.data = default_data_config()
   c.model = ml_collections.ConfigDict(dict(name="cnn_small", num_classes=10))
   c.optim = default_optim_config()
-  # Rule table over params paths: which leaves train (first match wins). See jtl/masks.py.
-  c.trainable = ((".*", True),)
+  # Rule table over params paths: which leaves train (first match wins). See jtl/masks.py. Or a
+  # preset name: "head_only", "bitfit", "lora" (typed `object` so a config may assign either).
+  c.trainable = config_dict.FieldReference(((".*", True),), field_type=object)
   # Phases in one run (LP-FT, gradual unfreezing): ((start_step, trainable_rules[, lr_mults]), ...);
   # each replaces `trainable` from its step on. Empty: one phase. See jtl/phases.py.
   c.phases = ()
@@ -59,4 +64,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.init_from = ml_collections.ConfigDict(dict(
       workdir=config_dict.placeholder(str), step=config_dict.placeholder(int),
       path=config_dict.placeholder(str), format="auto", dont_load=("params/head/.*",)))
+  # LoRA adapters (jtl/lora.py): `rules` pick the Dense/Conv/attention kernels (matched against
+  # params/.../kernel), `rank` 0 = off, update scale alpha/rank (alpha/sqrt(rank) with `rslora`).
+  # Train them with trainable="lora"; loading a checkpoint without adapters needs
+  # `.*/lora_[ab]` in init_from.dont_load.
+  c.lora = default_lora_config()
   return c

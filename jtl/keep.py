@@ -1,0 +1,190 @@
+"""Which checkpoints a run keeps: integrity checks, quarantine of broken ones, and the keep policy.
+
+* **Integrity.** `problem(workdir, step)` is a structural check (metadata that parses, every item folder
+  with its metadata and non-empty files); `verify` reads a checkpoint back to the host. A broken
+  checkpoint is never deleted and never used: it is moved aside to `checkpoints/corrupt-<step>` with a
+  warning naming it, so resuming falls back to the newest good one and the evaluator skips it.
+* **Keep policy.** Orbax's own `max_to_keep` would delete old checkpoints when a new one is written,
+  before anyone knows the new one is readable. Here the run keeps the newest `keep_checkpoints`
+  checkpoints that are good — the newest is read back (`checkpoint_verify`) before any older one is
+  deleted — so a bad checkpoint never costs the last good one.
+* **A watching evaluator** (`experiments.evaluate --watch`) writes `WORKDIR/evaluator.json` (the last
+  step it evaluated and a heartbeat). While its heartbeat is fresh, checkpoints it has not evaluated yet
+  are kept too, up to `max_unevaluated` of them (a warning names what is dropped when it falls further
+  behind), so a learning curve gets every point.
+"""
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
+from jax.experimental import multihost_utils
+
+from jtl import checkpoint
+
+EVALUATOR_FILE = "evaluator.json"
+HEARTBEAT_FRESH_S = 600.0  # an evaluator silent for longer is taken to be gone
+
+
+def _files(folder: epath.Path) -> list[epath.Path]:
+  """Every file under `folder` (epath has no recursive glob for remote storage)."""
+  out, todo = [], [folder]
+  while todo:
+    for entry in todo.pop().iterdir():
+      (todo if entry.is_dir() else out).append(entry)
+  return out
+
+
+def problem(workdir: str | epath.Path, step: int) -> str | None:
+  """Why checkpoint `step` is structurally broken, or None if it looks whole."""
+  folder = checkpoint.checkpoint_dir(workdir) / str(step)
+  try:
+    meta = json.loads((folder / "_CHECKPOINT_METADATA").read_text())
+    items = list(meta.get("item_handlers") or [])
+    if "params" not in items:
+      return "its metadata lists no params item"
+    for item in items:
+      item_dir = folder / item
+      if not item_dir.exists():
+        return f"item folder {item} is missing"
+      json.loads((item_dir / "_METADATA").read_text())
+      empty = [p.name for p in _files(item_dir) if p.stat().length == 0
+               and p.name != "commit_success.txt"]
+      if empty:
+        return f"{item}/{empty[0]} is empty"
+  except FileNotFoundError as e:
+    return f"{e.filename or e} is missing"
+  except (ValueError, OSError) as e:  # garbage metadata, unreadable files
+    return f"unreadable metadata ({str(e).splitlines()[0][:120]})"
+  return None
+
+
+def verify(workdir: str | epath.Path, step: int) -> str | None:
+  """Why checkpoint `step` cannot be read back (every item, onto one host device), or None."""
+  why = problem(workdir, step)
+  if why:
+    return why
+  folder = checkpoint.checkpoint_dir(workdir) / str(step)
+  items = [n for n in checkpoint.ITEMS if (folder / n).exists()]
+  one_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  args = ocp.args.Composite(
+      **{n: ocp.args.StandardRestore(fallback_sharding=one_device) for n in items})
+  with checkpoint.manager(workdir, keep=None, async_save=False, create=False) as reader:
+    try:
+      out = reader.restore(step, args=args)
+      jax.block_until_ready([out[n] for n in items])
+    except Exception as e:  # orbax/tensorstore raise many types for a damaged file
+      return (f"cannot be read back ({type(e).__name__}: "
+              f"{str(e).splitlines()[0][:160] if str(e) else ''})")
+  return None
+
+
+def quarantine(workdir: str | epath.Path, step: int, why: str) -> None:
+  """Moves a broken checkpoint aside (to `checkpoints/corrupt-<step>`), with a warning naming it."""
+  folder = checkpoint.checkpoint_dir(workdir)
+  target = folder / f"corrupt-{step}"
+  n = 1
+  while target.exists():
+    target, n = folder / f"corrupt-{step}-{n}", n + 1
+  logging.warning("checkpoint %s is broken: %s; moved to %s and not used", folder / str(step), why,
+                  target)
+  if jax.process_index() == 0:
+    (folder / str(step)).rename(target)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f"jtl_quarantine_{step}")
+
+
+def good_steps(workdir: str | epath.Path) -> list[int]:
+  """Completed steps that pass the structural check (broken ones are quarantined on the way)."""
+  out = []
+  for step in checkpoint.completed_steps(workdir):
+    why = problem(workdir, step)
+    if why:
+      quarantine(workdir, step, why)
+    else:
+      out.append(step)
+  return out
+
+
+def evaluator_progress(workdir: str | epath.Path) -> int | None:
+  """The last step a live watching evaluator reported as evaluated (-1: none yet); None if no
+  evaluator is watching (no file, or a stale heartbeat)."""
+  path = epath.Path(workdir) / EVALUATOR_FILE
+  try:
+    info = json.loads(path.read_text())
+  except (FileNotFoundError, ValueError):
+    return None
+  if time.time() - float(info.get("heartbeat", 0)) > HEARTBEAT_FRESH_S:
+    return None
+  return int(info.get("evaluated", -1))
+
+
+def report_evaluator_progress(workdir: str | epath.Path, evaluated: int) -> None:
+  """Written by a watching evaluator (process 0), atomically: its progress and a heartbeat."""
+  path = epath.Path(workdir) / EVALUATOR_FILE
+  if jax.process_index() or not path.parent.exists():
+    return
+  tmp = path.parent / f".{EVALUATOR_FILE}.tmp"
+  tmp.write_text(json.dumps({"evaluated": evaluated, "heartbeat": time.time()}))
+  tmp.replace(path)
+
+
+class Keeper:
+  """The keep policy of one run (see the module docstring)."""
+
+  def __init__(self, mgr: ocp.CheckpointManager, workdir: str | epath.Path, keep: int | None,
+               verify_newest: bool = True, max_unevaluated: int = 50):
+    self.mgr, self.workdir, self.keep, self.verify_newest = mgr, workdir, keep, verify_newest
+    self.max_unevaluated = max_unevaluated
+    self._verified: set[int] = set()
+
+  def last_good(self) -> int | None:
+    """The newest checkpoint on disk that looks whole (after any save in flight completes)."""
+    self.mgr.wait_until_finished()
+    steps = [s for s in checkpoint.completed_steps(self.workdir) if not problem(self.workdir, s)]
+    return steps[-1] if steps else None
+
+  def save(self, step: int, state: Any) -> None:
+    """Prunes once the previous (asynchronous) save is complete, then saves `step`."""
+    self.mgr.wait_until_finished()
+    self.prune()
+    checkpoint.save(self.mgr, step, state, force=True)
+
+  def finish(self) -> None:
+    self.mgr.wait_until_finished()
+    self.prune()
+
+  def prune(self) -> None:
+    mgr = self.mgr
+    if self.keep is None:
+      return
+    good = good_steps(self.workdir)
+    while good and self.verify_newest and good[-1] not in self._verified:
+      why = verify(self.workdir, good[-1])
+      if not why:
+        self._verified.add(good[-1])
+        break
+      quarantine(self.workdir, good.pop(), why)
+    keep = set(good[-self.keep:])
+    evaluated = evaluator_progress(self.workdir)
+    if evaluated is not None:
+      waiting = [s for s in good if s > evaluated and s not in keep]
+      if len(waiting) > self.max_unevaluated:
+        dropped = waiting[:len(waiting) - self.max_unevaluated]
+        logging.warning("the watching evaluator is %d checkpoints behind; deleting unevaluated "
+                        "checkpoints %s", len(waiting), dropped)
+        waiting = waiting[len(dropped):]
+      keep |= set(waiting)
+    doomed = [s for s in good if s not in keep]
+    if jax.process_count() > 1:  # every process deletes the same steps
+      doomed = [int(s) for s in multihost_utils.broadcast_one_to_all(
+          np.asarray(doomed + [-1] * (len(good) - len(doomed)), np.int64)) if s >= 0]
+    for step in doomed:
+      mgr.delete(step)
+    mgr.reload()

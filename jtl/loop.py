@@ -1,0 +1,152 @@
+"""The training loop: steps, metric windows, checkpoints, stop signals and the non-finite guard.
+
+The step is never made to wait on the host: its metrics stay device arrays in a window that is fetched
+when it is logged and before every checkpoint. A fetched window is checked for non-finite values, so a
+NaN/Inf loss is caught before the state it produced could be saved: the run stops with the step and
+the metrics that went non-finite, and the last checkpoint on disk is the last good one. With
+`skip_nonfinite_updates = N`, the step itself refuses such updates (parameters, optimizer and model
+state unchanged; `skipped` = 1 in its metrics) and the run stops only after N in a row.
+"""
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
+
+from jtl import keep
+from jtl.errors import NonFiniteError
+from jtl.metric_writer import MetricWriter
+
+
+class StopFlag:
+  """Set by SIGTERM/SIGINT (preemption, Ctrl-C): the loop saves a checkpoint and exits cleanly."""
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+  def __init__(self, sync_every: int):
+    self.requested = False
+    self.sync_every = sync_every
+    self._previous: dict[int, Any] = {}
+
+  def install(self) -> None:
+    for sig in self.SIGNALS:
+      self._previous[sig] = signal.signal(sig, self._handle)
+
+  def uninstall(self) -> None:
+    """Gives the signals back to whoever handled them before (a caller's own handler, or Python's)."""
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+    self._previous = {}
+
+  def _handle(self, signum, frame):
+    del frame
+    logging.warning("signal %d: saving a checkpoint and stopping", signum)
+    self.requested = True
+
+  def should_stop(self, step: int) -> bool:
+    if jax.process_count() == 1:
+      return self.requested
+    # All hosts must agree, or the save would hang; agreeing costs a sync, so only now and then.
+    if multihost_utils.reached_preemption_sync_point(step):
+      return True
+    if step % self.sync_every:
+      return False
+    return bool(multihost_utils.process_allgather(np.array(self.requested)).any())
+
+
+class Window:
+  """Per-step metrics since the last log line; fetched from the devices only when checked."""
+
+  def __init__(self, max_skipped: int):
+    self.max_skipped = max_skipped
+    self.pending: list[tuple[int, dict]] = []  # (step, device metrics), not yet checked
+    self.checked: list[tuple[int, dict]] = []  # (step, host metrics)
+    self.skipped_in_a_row = 0
+
+  def add(self, step: int, metrics: dict) -> None:
+    self.pending.append((step, metrics))
+
+  def check(self, last_good: int | None) -> None:
+    """Fetches pending metrics; NonFiniteError at the first non-finite step (or skip streak)."""
+    if not self.pending:
+      return
+    fetched = jax.device_get([m for _, m in self.pending])
+    for (step, _), metrics in zip(self.pending, fetched):
+      if self.max_skipped:
+        skipped = bool(metrics.get("skipped", 0))
+        self.skipped_in_a_row = self.skipped_in_a_row + 1 if skipped else 0
+        if self.skipped_in_a_row >= self.max_skipped:
+          raise NonFiniteError(
+              f"{self.skipped_in_a_row} updates in a row had non-finite values, the last at step "
+              f"{step}; stopped (skip_nonfinite_updates={self.max_skipped}); {_advice(last_good)}")
+      else:
+        bad = sorted(k for k, v in metrics.items() if not np.all(np.isfinite(v)))
+        if bad:
+          values = ", ".join(f"{k}={np.asarray(metrics[k]).item():.4g}" for k in bad)
+          raise NonFiniteError(f"non-finite values at step {step} ({values}); stopped before saving "
+                               f"anything from it; {_advice(last_good)}")
+    self.checked += [(step, m) for (step, _), m in zip(self.pending, fetched)]
+    self.pending = []
+
+  def means(self) -> dict[str, float]:
+    """Means over the checked steps that were not skipped (`skipped`: how many were), then an empty
+    window."""
+    rows = [m for _, m in self.checked]
+    used = [r for r in rows if not r.get("skipped", 0)]
+    out = {k: float(np.mean([r[k] for r in used])) if used else float("nan") for k in rows[0]}
+    if "skipped" in out:
+      out["skipped"] = float(sum(r["skipped"] for r in rows))
+    self.checked = []
+    return out
+
+
+def _advice(last_good: int | None) -> str:
+  where = (f"the last good checkpoint is step {last_good} (rerunning resumes from it)"
+           if last_good is not None else "no checkpoint was written")
+  return (f"{where}; lower optim.lr, clip gradients (optim.clip_norm), or skip such updates "
+          "(--config.skip_nonfinite_updates=N)")
+
+
+def run(config: Any, state: Any, step_fn: Callable, device_batches: Iterator[Any],
+        writer: MetricWriter, until: int, keeper: keep.Keeper) -> Any:
+  """Steps until `until` or a stop signal; logs every `log_every`, checkpoints every
+  `checkpoint_every`, at `total_steps` and on a signal. Signal handlers are the loop's only while it
+  runs. Returns the state (its step < `until` if a signal stopped it)."""
+  stop = StopFlag(sync_every=config.log_every)
+  step = int(state.step)
+  window = Window(int(config.get("skip_nonfinite_updates") or 0))
+  last_time, last_step = time.perf_counter(), step
+  stop.install()
+  try:
+    while step < until:
+      state, metrics = step_fn(state, next(device_batches))
+      step += 1
+      window.add(step, metrics)  # device arrays: no sync per step
+      if step % config.log_every == 0 or step == until:
+        window.check(keeper.last_good())
+        means = window.means()
+        now = time.perf_counter()
+        rate = (step - last_step) / max(now - last_time, 1e-9)
+        means["steps_per_sec"] = rate
+        logging.info("step %d/%d %s | %.1f steps/s, ETA %.0fs", step, config.total_steps,
+                     " ".join(f"{k}={v:.4g}" for k, v in means.items() if k != "steps_per_sec"),
+                     rate, (config.total_steps - step) / max(rate, 1e-9))
+        writer.write(step, means)
+        last_time, last_step = now, step
+      stopping = stop.should_stop(step)
+      if step % config.checkpoint_every == 0 or step == config.total_steps or stopping:
+        window.check(keeper.last_good())  # never save a state that came from a non-finite step
+        keeper.save(step, state)
+      if stopping:
+        logging.warning("stopped at step %d after a signal; resume by running the same command",
+                        step)
+        break
+  finally:
+    stop.uninstall()
+  return state

@@ -1,0 +1,158 @@
+"""Real processes, real signals. `kill -9` mid-step, mid-save and right after a save, and a polite
+SIGTERM (save and exit 0): the same command again ends bit-identical to an uninterrupted run, every
+step logged once. Two hosts (2 processes x 2 devices, gloo) train like one process with 4 devices; one
+of them killed stops the other in bounded time, the restarted pair resumes, and two evaluator
+processes write each row once."""
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+
+from jtl import checkpoint, data
+from jtl.metric_writer import read_jsonl
+from tests.helpers import digits_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 240
+ARGS = ("--config=experiments/configs/pretrain_digits.py", f"--config.total_steps={STEPS}",
+        "--config.batch_size=16", "--config.log_every=10", "--config.checkpoint_every=8",
+        "--config.optim.warmup_steps=2", "--config.model.widths=(8,16)")
+TIMEOUT_S = 300
+
+
+def start(workdir, *extra, devices=1, module="experiments.train"):
+  env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+         "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3"}
+  args = ARGS if module == "experiments.train" else ()
+  return subprocess.Popen([sys.executable, "-m", module, *args, f"--workdir={workdir}", *extra],
+                          cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True)
+
+
+def finish(process, deadline, expect=0):
+  try:
+    output, _ = process.communicate(timeout=max(deadline - time.monotonic(), 1))
+  except subprocess.TimeoutExpired:
+    process.kill()
+    output, _ = process.communicate()
+    raise AssertionError(f"still running at the deadline:\n{output[-3000:]}") from None
+  if expect is not None:
+    assert process.returncode == expect, f"exit {process.returncode}:\n{output[-3000:]}"
+  return output
+
+
+def wait_for(condition, process, deadline, what):
+  while not condition():
+    assert process.poll() is None, f"exited before {what}:\n{process.communicate()[0][-3000:]}"
+    assert time.monotonic() < deadline, f"no {what} before the deadline"
+    time.sleep(0.002)
+
+
+def saving(workdir):
+  folder = checkpoint.checkpoint_dir(workdir)
+  return folder.exists() and any("tmp" in p.name for p in folder.iterdir())
+
+
+def test_kill_9_anywhere_then_rerun_is_bit_identical(tmp_path):
+  data.validate(digits_config().data)  # builds the embedded dataset once, not in racing runs
+  deadline = time.monotonic() + TIMEOUT_S
+  reference = start(tmp_path / "reference")
+  kills = {  # name -> (moment, signal)
+      "mid-step": (lambda w: len(read_jsonl(w / "train_metrics.jsonl")) >= 3, signal.SIGKILL),
+      "mid-save": (lambda w: len(checkpoint.completed_steps(w)) >= 2 and saving(w), signal.SIGKILL),
+      "after-save": (lambda w: len(checkpoint.completed_steps(w)) >= 3, signal.SIGKILL),
+      "sigterm": (lambda w: len(read_jsonl(w / "train_metrics.jsonl")) >= 2, signal.SIGTERM),
+  }
+  processes = [reference]
+  try:
+    for name, (moment, sig) in kills.items():
+      workdir = tmp_path / name
+      victim = start(workdir)
+      processes.append(victim)
+      wait_for(lambda: moment(workdir), victim, deadline, name)
+      victim.send_signal(sig)
+      output = finish(victim, deadline, expect=0 if sig == signal.SIGTERM else None)
+      if sig == signal.SIGTERM:  # preemption: a checkpoint at the current step, then exit 0
+        assert "stopped at step" in output, output[-2000:]
+      assert checkpoint.completed_steps(workdir)[-1] < STEPS, f"{name}: finished before the signal"
+    for name in kills:  # the same command again
+      processes.append(start(tmp_path / name))
+    outputs = [finish(p, deadline) for p in processes[len(kills) + 1:]]
+    finish(reference, deadline)
+  finally:
+    for p in processes:
+      if p.poll() is None:
+        p.kill()
+        p.communicate()
+  assert all("resumed from step" in out for out in outputs)
+  _, expected = checkpoint.load_variables(tmp_path / "reference")
+  for name in kills:
+    step, got = checkpoint.load_variables(tmp_path / name)
+    assert step == STEPS
+    for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(got)):
+      np.testing.assert_array_equal(a, b, err_msg=name)
+    logged = [r["step"] for r in read_jsonl(tmp_path / name / "train_metrics.jsonl")]
+    assert logged == list(range(10, STEPS + 1, 10)), (name, logged)  # each step once
+
+
+def free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+PAIR_STEPS = 40  # short: two device layouts sum gradients in different orders, and that drifts
+
+
+def pair(workdir, module="experiments.train"):
+  address = f"127.0.0.1:{free_port()}"
+  extra = [f"--config.total_steps={PAIR_STEPS}"] if module == "experiments.train" else []
+  return [start(workdir, f"--coordinator_address={address}", "--num_processes=2",
+                f"--process_id={i}", "--heartbeat_timeout=10", *extra, devices=2, module=module)
+          for i in range(2)]
+
+
+def test_two_hosts_train_like_one_a_dead_one_stops_its_peer_and_the_pair_resumes(tmp_path):
+  data.validate(digits_config().data)
+  workdir = tmp_path / "run"
+  deadline = time.monotonic() + TIMEOUT_S
+  processes = pair(workdir) + [start(tmp_path / "single", f"--config.total_steps={PAIR_STEPS}",
+                                     devices=4)]
+  try:
+    wait_for(lambda: len(checkpoint.completed_steps(workdir)) >= 1, processes[0], deadline,
+             "a checkpoint")
+    processes[1].send_signal(signal.SIGKILL)
+    processes[1].communicate()
+    killed_at = time.monotonic()
+    output = finish(processes[0], killed_at + 90, expect=None)
+    assert processes[0].returncode != 0, output[-2000:]
+    assert "another task died" in output, output[-2000:]
+    restarted = pair(workdir)
+    processes += restarted
+    outputs = [finish(p, deadline) for p in restarted]
+    assert "resumed from step" in outputs[0]
+    evaluators = pair(workdir, "experiments.evaluate")
+    processes += evaluators
+    for p in evaluators:
+      finish(p, deadline)
+    finish(processes[2], deadline)
+  finally:
+    for p in processes:
+      if p.poll() is None:
+        p.kill()
+        p.communicate()
+  evaluated = [r["step"] for r in read_jsonl(workdir / "eval_metrics.jsonl")]
+  assert evaluated == sorted(set(evaluated)) and evaluated[-1] == PAIR_STEPS, evaluated
+  # Two processes of 2 devices (gloo collectives) end where one process with 4 devices does.
+  multi_step, multi = checkpoint.load_variables(workdir)
+  single_step, single = checkpoint.load_variables(tmp_path / "single")
+  assert multi_step == single_step == PAIR_STEPS
+  for a, b in zip(jax.tree.leaves(multi), jax.tree.leaves(single)):
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+  logged = [r["step"] for r in read_jsonl(workdir / "train_metrics.jsonl")]
+  assert logged == list(range(10, PAIR_STEPS + 1, 10)), logged  # process 0 writes, each step once
