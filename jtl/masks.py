@@ -8,6 +8,20 @@ lists the nearest paths, because a silent typo in a freeze rule trains the wrong
 On top of that: boolean trainable masks, label trees, `partition`/`merge` of a params pytree into its
 trainable and frozen parts (nested dicts holding only the selected leaves, so an optimizer built on the
 trainable part has no state for frozen leaves), and a per-module summary table.
+
+Named presets: a `trainable` value (or a phase's rule table, jtl.phases) that is one of these names
+stands for its rule table; any other string keeps its meaning of a bare pattern.
+  "head_only"  the head (a linear probe): `params/head/.*`.
+  "bitfit"     every bias and the head (Ben Zaken et al. 2022, BitFit): leaves named `bias`, which
+               are the additive terms of Dense/Conv layers *and* of normalisation layers (BatchNorm
+               and LayerNorm beta, the shift after normalising). Norm `scale` (gamma) multiplies,
+               so it is not a bias and stays frozen; running statistics are not parameters. The
+               norm shifts are needed: convolutions followed by BatchNorm carry no bias of their own
+               (cnn_small, the ResNets), so without beta BitFit would train nothing below the head.
+               A BatchNorm with a trainable beta is not frozen: in training it normalises with batch
+               statistics and updates its running averages.
+  "lora"       the LoRA adapters (`lora_a`/`lora_b`, jtl.lora) and the head; needs
+               `config.lora.rank > 0`.
 """
 from __future__ import annotations
 
@@ -90,8 +104,28 @@ def match(tree: PyTree, rules: Rules | str, *, prefix: str = "params", default: 
   return jax.tree.unflatten(jax.tree.structure(tree), labels)
 
 
+PRESETS: dict[str, tuple[tuple[str, bool], ...]] = {
+    "head_only": (("params/head/.*", True), (".*", False)),
+    "bitfit": (("params/head/.*", True), (".*/bias", True), (".*", False)),
+    "lora": (("params/head/.*", True), (".*/lora_[ab]", True), (".*", False)),
+}
+
+
+def preset_rules(rules: Rules | str, params: PyTree, prefix: str = "params") -> Rules | str:
+  """The rule table of a preset name (see the module docstring); anything else unchanged."""
+  if not isinstance(rules, str) or rules not in PRESETS:
+    return rules
+  if rules == "lora" and not any(p.endswith(("/lora_a", "/lora_b"))
+                                 for p in leaf_paths(params, prefix)):
+    raise ConfigError("trainable='lora' needs LoRA adapters, but the model has none; set "
+                      "--config.lora.rank to a positive rank")
+  return PRESETS[rules]
+
+
 def trainable_mask(params: PyTree, rules: Rules | str, prefix: str = "params") -> PyTree:
-  """Boolean tree, True where a leaf trains. A bare pattern means: that trains, nothing else does."""
+  """Boolean tree, True where a leaf trains. A preset name (`PRESETS`) stands for its rule table; any
+  other bare pattern means: that trains, nothing else does."""
+  rules = preset_rules(rules, params, prefix)
   default = False if isinstance(rules, str) else _NO_DEFAULT
   mask = match(params, rules, prefix=prefix, default=default, what="trainable rule")
   for leaf in jax.tree.leaves(mask):

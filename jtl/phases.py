@@ -67,9 +67,10 @@ def phase_config(config: ml_collections.ConfigDict, phase: Phase) -> ml_collecti
   if not config.get("phases"):
     return config
   config = copy.deepcopy(config)
-  config.trainable = phase.trainable
-  if phase.lr_mults is not None:
-    config.optim.lr_mults = phase.lr_mults
+  with config.ignore_type():  # a phase may name a preset (a string) where the run had a rule table
+    config.trainable = phase.trainable
+    if phase.lr_mults is not None:
+      config.optim.lr_mults = phase.lr_mults
   return config
 
 

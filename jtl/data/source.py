@@ -20,11 +20,12 @@ from jtl.data import digits  # Registers the embedded `sklearn_digits` builder w
 from jtl.data import attributes  # Registers `digit_attributes`.
 from jtl.data import multidigits  # Registers `multi_digits`.
 from jtl.data import printed_digits  # Registers `printed_digits`.
+from jtl.data import folder  # `folder:<path>`: a user's own images, built offline.
 from jtl.errors import ConfigError
 
 # Builders whose data ships inside an installed package: preparing them is offline and takes seconds.
 EMBEDDED = (digits.SklearnDigits.name, printed_digits.PrintedDigits.name,
-            multidigits.MultiDigits.name, attributes.DigitAttributes.name)
+            multidigits.MultiDigits.name, attributes.DigitAttributes.name, folder.NAME)
 
 
 def _network_reachable(host: str = 'storage.googleapis.com', timeout: float = 3.0) -> bool:
@@ -42,7 +43,11 @@ def _first_line(error: Exception) -> str:
 
 @functools.lru_cache(maxsize=None)
 def _builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
-  """The TFDS builder for `name` (not prepared); ConfigError with close matches for unknown names."""
+  """The TFDS builder for `name` (not prepared); ConfigError with close matches for unknown names.
+
+  `name` is `_key(c)`: the dataset name, or for a `folder:` dataset its `folder.builder_key`."""
+  if folder.is_folder(name):
+    return folder.builder(name, data_dir)
   base = name.split(':')[0].split('/')[0]
   known = tfds.list_builders(with_community_datasets=False)
   if base not in known:
@@ -67,6 +72,8 @@ def _prepare(builder: tfds.core.DatasetBuilder, name: str,
   logging.info('Preparing dataset %s in %s', name, builder.data_dir)
   try:
     builder.download_and_prepare()
+  except ConfigError:  # A bad input found while preparing (an unreadable image): say it as it is.
+    raise
   except Exception as e:
     _builder.cache_clear()
     builder = _builder(name, data_dir)
@@ -132,6 +139,11 @@ def check_split(builder: tfds.core.DatasetBuilder, name: str, split: str, where:
                       f"{list(builder.info.splits.keys())}, or a slice like 'train[:90%]'") from e
 
 
+def _key(c: ml_collections.ConfigDict) -> str:
+  """What `_builder` opens: the name, plus a folder dataset's held-out fraction (it shapes splits)."""
+  return folder.builder_key(c.name, c.folder_test_fraction) if folder.is_folder(c.name) else c.name
+
+
 def validate(data_config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """All cheap checks (keys, values, name, splits, labels); returns the resolved config.
 
@@ -139,10 +151,10 @@ def validate(data_config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
   dataset that is not prepared yet has its splits checked by `get_builder` after downloading.
   """
   c = config_lib.resolve(data_config)
-  builder = _builder(c.name, c.data_dir)
+  builder = _builder(_key(c), c.data_dir)
   _check_features(builder, c)
   if not builder.is_prepared() and c.name.split(':')[0].split('/')[0] in EMBEDDED:
-    builder = _prepare(builder, c.name, c.data_dir)
+    builder = _prepare(builder, _key(c), c.data_dir)
   if builder.is_prepared():
     _check_splits(builder, c)
   return c
@@ -154,9 +166,9 @@ def get_builder(data_config: ml_collections.ConfigDict) -> tfds.core.DatasetBuil
   Only datasets that are not prepared yet are downloaded and prepared: prepared ones are reused as is.
   """
   c = validate(data_config)
-  builder = _builder(c.name, c.data_dir)
+  builder = _builder(_key(c), c.data_dir)
   if not builder.is_prepared():
-    builder = _prepare(builder, c.name, c.data_dir)
+    builder = _prepare(builder, _key(c), c.data_dir)
     _check_splits(builder, c)
   return builder
 
@@ -190,7 +202,7 @@ def num_classes(data_config: ml_collections.ConfigDict) -> int:
   c = validate(data_config)
   if c.labels is not None:
     return len(c.labels)
-  features = _builder(c.name, c.data_dir).info.features  # Known without preparing.
+  features = _builder(_key(c), c.data_dir).info.features  # Known without preparing.
   if not _has_class_label(features):
     raise ConfigError(f"dataset {c.name!r} has no ClassLabel 'label' feature to count classes of")
   return features['label'].num_classes
@@ -207,7 +219,7 @@ def selected_indices(c: ml_collections.ConfigDict, split: str) -> np.ndarray | N
     return None
   builder = get_builder(c)
   table = label_table(c, builder.info.features['label'].num_classes)
-  remapped = table[_raw_labels(c.name, c.data_dir, split)]
+  remapped = table[_raw_labels(_key(c), c.data_dir, split)]
   keep = np.flatnonzero(remapped >= 0)
   if use_shots:
     rng = np.random.default_rng(c.shots_seed)

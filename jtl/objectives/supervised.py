@@ -1,5 +1,6 @@
 """Supervised classification: the objective behind pretraining, training from scratch, linear probing
-and (partial/full) fine-tuning. Which of those it is depends only on the mask and `init_from`."""
+and (partial/full) fine-tuning. Which of those it is depends only on the mask and `init_from`; with
+`config.lora.rank > 0` the model carries LoRA adapters (jtl/lora.py)."""
 from __future__ import annotations
 
 import flax.linen as nn
@@ -7,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from jtl import losses, models
+from jtl import lora, losses, models
 from jtl.objectives.base import Metrics, Objective, PyTree, apply_model
 
 
@@ -20,7 +21,10 @@ class Supervised(Objective):
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> "Supervised":
-    return cls(models.build(config.model), config.get("label_smoothing", 0.0))
+    model = models.build(config.model)
+    if lora.enabled(config):  # adapters on the kernels config.lora.rules selects
+      model = lora.wrap(model, config.lora)
+    return cls(model, config.get("label_smoothing", 0.0))
 
   def init(self, rng: jax.Array, batch: PyTree) -> tuple[PyTree, PyTree]:
     variables = self.model.init(rng, jnp.zeros_like(batch["image"][:1]), train=False)
@@ -37,3 +41,9 @@ class Supervised(Objective):
     logits, _ = apply_model(self.model, params, model_state, batch["image"], train=False)
     return {"loss": losses.softmax_cross_entropy(logits, batch["label"]),
             "accuracy": losses.accuracy(logits, batch["label"])}
+
+  def features(self, params: PyTree, model_state: PyTree, images: jax.Array) -> jax.Array:
+    """The backbone's pooled features [B, D] in inference mode (what kNN and linear probes read)."""
+    features, _ = apply_model(self.model, params, model_state, images, train=False,
+                              method="features")
+    return features
