@@ -1,0 +1,126 @@
+"""Benchmark of the two-tower losses on the global batch: CLIP, SigLIP, and SigLIP ring-chunked.
+
+  python -m experiments.bench.contrastive [--batch_sizes=512,1024,2048,4096] [--dim=64] [--rounds=5]
+
+On 8 fake CPU devices (set here unless XLA_FLAGS already asks for devices), embeddings [B, dim]
+sharded along "data", for each loss and global batch size B: the time of one jitted
+value-and-gradient (w.r.t. both embeddings and the learnable scalars; median of interleaved rounds)
+and the compiled per-device temporary memory (`.compile().memory_analysis().temp_size_in_bytes`).
+The plain losses build the [B_local, B] logits per device (XLA all-gathers one side); the chunked
+SigLIP keeps one [B_local, B_local] block at a time, so its memory should tend to ~1/n of the plain
+one for n devices. The last line is one JSON object of ratios measured in this process:
+  siglip_chunked_vs_plain_temp_bytes   chunked / plain SigLIP temp memory at the largest B
+  siglip_chunked_vs_plain_time         chunked / plain SigLIP time at the largest B
+  siglip_plain_temp_growth_per_2x_batch  plain temp memory at the largest B / at the one before it
+                                       (the default sizes double: ~4 means quadratic)
+  siglip_chunked_temp_growth_per_2x_batch  the same for the chunked loss
+  clip_vs_siglip_time                  CLIP (softmax) / SigLIP (sigmoid) plain time, largest B
+"""
+from __future__ import annotations
+
+import os
+
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                             + " --xla_force_host_platform_device_count=8").strip()
+
+import json  # noqa: E402
+import math  # noqa: E402
+import time  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
+
+from jtl.losses import contrastive as cl  # noqa: E402
+
+flags.DEFINE_list("batch_sizes", ["512", "1024", "2048", "4096"], "Global batch sizes.")
+flags.DEFINE_integer("dim", 64, "Embedding dimension.")
+flags.DEFINE_integer("rounds", 5, "Interleaved timing rounds (the median is kept).")
+flags.DEFINE_integer("iters", 3, "Calls per timed round.")
+FLAGS = flags.FLAGS
+
+
+def loss_fns(mesh: Mesh) -> dict:
+  """name -> f(image, text, scalars) -> mean loss (scalars: learnable log-scale / log-t, bias)."""
+  return {
+      "clip": lambda image, text, s: jnp.mean(cl.clip_loss(image, text, s["log_t"])),
+      "siglip": lambda image, text, s: jnp.mean(cl.siglip_loss(image, text, s["log_t"], s["b"])),
+      "siglip_chunked": lambda image, text, s: jnp.mean(
+          cl.siglip_loss_chunked(image, text, s["log_t"], s["b"], mesh=mesh, axis="data")),
+  }
+
+
+def compiled(fn, mesh: Mesh, batch: int, dim: int):
+  sharded = NamedSharding(mesh, PartitionSpec("data"))
+  replicated = NamedSharding(mesh, PartitionSpec())
+  step = jax.jit(jax.value_and_grad(fn, argnums=(0, 1, 2)),
+                 in_shardings=(sharded, sharded, replicated))
+  args = (jax.ShapeDtypeStruct((batch, dim), jnp.float32, sharding=sharded),
+          jax.ShapeDtypeStruct((batch, dim), jnp.float32, sharding=sharded),
+          {"log_t": jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated),
+           "b": jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated)})
+  return step.lower(*args).compile()
+
+
+def inputs(mesh: Mesh, batch: int, dim: int):
+  rng = np.random.RandomState(0)
+  sharded = NamedSharding(mesh, PartitionSpec("data"))
+  image = jax.device_put(rng.randn(batch, dim).astype(np.float32), sharded)
+  text = jax.device_put(rng.randn(batch, dim).astype(np.float32), sharded)
+  scalars = {"log_t": jnp.float32(math.log(10.0)), "b": jnp.float32(-10.0)}
+  return image, text, jax.device_put(scalars, NamedSharding(mesh, PartitionSpec()))
+
+
+def time_call(executable, args, iters: int) -> float:
+  jax.block_until_ready(executable(*args))
+  start = time.perf_counter()
+  for _ in range(iters):
+    out = executable(*args)
+  jax.block_until_ready(out)
+  return (time.perf_counter() - start) / iters
+
+
+def main(argv):
+  del argv
+  devices = jax.devices()
+  mesh = Mesh(np.asarray(devices), ("data",))
+  batch_sizes = [int(b) for b in FLAGS.batch_sizes]
+  fns = loss_fns(mesh)
+  results = {}  # (name, batch) -> {"ms": ..., "temp_mb": ...}
+  for batch in batch_sizes:
+    executables = {name: compiled(fn, mesh, batch, FLAGS.dim) for name, fn in fns.items()}
+    args = inputs(mesh, batch, FLAGS.dim)
+    times = {name: [] for name in fns}
+    for _ in range(FLAGS.rounds):  # interleaved, so machine load hits every variant alike
+      for name, executable in executables.items():
+        times[name].append(time_call(executable, args, FLAGS.iters))
+    for name, executable in executables.items():
+      temp = executable.memory_analysis().temp_size_in_bytes
+      results[(name, batch)] = {"ms": 1e3 * float(np.median(times[name])), "temp_bytes": temp}
+
+  print(f"{len(devices)} {devices[0].platform} devices, embeddings [B, {FLAGS.dim}] sharded on "
+        "'data'; value and gradient; time = median of interleaved rounds; temp = per-device "
+        "compiled temporary memory")
+  print(f"{'loss':<16}{'B':>7}{'ms':>10}{'temp MiB':>11}")
+  for (name, batch), r in sorted(results.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+    print(f"{name:<16}{batch:>7}{r['ms']:>10.2f}{r['temp_bytes'] / 2**20:>11.2f}")
+  big, half = batch_sizes[-1], batch_sizes[-2] if len(batch_sizes) > 1 else batch_sizes[-1]
+  ratio = lambda a, b, key: round(results[a][key] / max(results[b][key], 1e-12), 4)  # noqa: E731
+  figures = {
+      "siglip_chunked_vs_plain_temp_bytes": ratio(("siglip_chunked", big), ("siglip", big),
+                                                  "temp_bytes"),
+      "siglip_chunked_vs_plain_time": ratio(("siglip_chunked", big), ("siglip", big), "ms"),
+      "siglip_plain_temp_growth_per_2x_batch": ratio(("siglip", big), ("siglip", half),
+                                                     "temp_bytes"),
+      "siglip_chunked_temp_growth_per_2x_batch": ratio(("siglip_chunked", big),
+                                                       ("siglip_chunked", half), "temp_bytes"),
+      "clip_vs_siglip_time": ratio(("clip", big), ("siglip", big), "ms"),
+  }
+  print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,239 @@
+"""SimCLR and SupCon: contrastive pretraining of a registry backbone on augmented views.
+
+SimCLR (Chen et al. 2020, "A Simple Framework for Contrastive Learning of Visual Representations"):
+V random views of each image (`jtl.augment.views`, drawn inside the step from the step's rng, so a
+resumed run sees the same views) go through the backbone and a projection MLP, and NT-Xent (eq. 1)
+pulls the views of one image together against every other view of the global batch. SupCon (Khosla
+et al. 2020, "Supervised Contrastive Learning", eq. 2 `out` / eq. 3 `in`) makes every view of the
+same *class* a positive too. Losses come from `jtl.losses.contrastive`.
+
+Conventions:
+* The encoder is `models.build(config.model, num_classes=0).backbone`, owned directly, so the params
+  are `params/backbone/...` and the BatchNorm statistics `model_state/batch_stats/backbone/...`
+  exactly as in a supervised `Classifier`: a contrastive checkpoint is the `init_from` of a transfer
+  run with no conversion (its `params/projection` and `params/online_probe` are ignored there).
+* All B*V views go through the backbone as one batch, so BatchNorm statistics are over the global
+  batch of views (SimCLR's global BN; under jit over a Mesh that is exact, not per device).
+* Optional online linear probe (`params/online_probe`, as in SimCLR's code): a linear classifier on
+  `stop_gradient(features)` of every view, trained with the labels alongside; its loss is added but
+  cannot reach the encoder, and its accuracy is a train metric.
+* Options: `config.contrastive` (see `default_config`) and `config.augment` (`jtl.augment`).
+"""
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from jtl import augment, losses, models
+from jtl.errors import ConfigError
+from jtl.losses import contrastive as contrastive_losses
+from jtl.objectives.base import Metrics, Objective, PyTree, apply_model
+
+SUPCON_FORMS = ("out", "in")
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """`config.contrastive`: every option, with defaults for the 8x8 digits."""
+  return ml_collections.ConfigDict(dict(
+      temperature=0.2,  # NT-Xent/SupCon temperature tau (SimCLR: 0.5 on CIFAR-10, 0.1 on ImageNet)
+      num_views=2,  # augmented views per image (SimCLR: 2; SupCon: 2)
+      projection_dims=(128, 64),  # projection MLP widths, relu between; the last is the output dim
+      supcon_form="out",  # SupCon's eq. 2 ('out', the paper's choice) or eq. 3 ('in')
+      online_probe=True,  # a linear probe on stop_gradient(features), trained with the labels
+      probe_classes=None,  # classes of the online probe; None: config.model.num_classes
+  ))
+
+
+def section_options(config: ml_collections.ConfigDict, section: str,
+                    defaults: ml_collections.ConfigDict) -> dict[str, Any]:
+  """`config.<section>` over its defaults, as a dict; an unknown key is a ConfigError."""
+  given = config.get(section) or {}
+  options = dict(defaults.items())
+  for key, value in given.items():
+    if key not in options:
+      close = difflib.get_close_matches(key, list(options), n=1)
+      hint = f" (did you mean {close[0]!r}?)" if close else ""
+      raise ConfigError(f"unknown option --config.{section}.{key}{hint}; valid options: "
+                        f"{', '.join(options)}")
+    options[key] = value
+  return options
+
+
+def check_number(value: Any, key: str, low: float = 0.0) -> None:
+  """ConfigError unless `value` is a real number > `low`."""
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > low:
+    raise ConfigError(f"{key}={value!r} must be a number > {low}; set --config.{key}")
+
+
+def check_int(value: Any, key: str, low: int = 1, allow_none: bool = False) -> None:
+  """ConfigError unless `value` is an int >= `low` (or None when allowed)."""
+  if value is None and allow_none:
+    return
+  if isinstance(value, bool) or not isinstance(value, int) or value < low:
+    raise ConfigError(f"{key}={value!r} must be an integer >= {low}; set --config.{key}")
+
+
+class ProjectionHead(nn.Module):
+  """Dense layers `dense{i}` of the given widths with relu between them (none after the last)."""
+  dims: Sequence[int]
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    for i, width in enumerate(self.dims):
+      if i:
+        x = nn.relu(x)
+      x = nn.Dense(width, name=f"dense{i}")(x)
+    return x
+
+
+class ContrastiveModel(nn.Module):
+  """backbone -> features [N, D]; projection -> embeddings [N, E]; online probe -> logits."""
+  backbone: nn.Module
+  projection_dims: Sequence[int]
+  probe_classes: int = 0
+
+  def setup(self):
+    self.projection = ProjectionHead(tuple(self.projection_dims))
+    if self.probe_classes:
+      self.online_probe = nn.Dense(self.probe_classes)
+
+  def features(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+    """Encoder features before the projection (what transfer and the probes use)."""
+    return self.backbone(x, train=train).astype(jnp.float32)
+
+  def __call__(self, x: jnp.ndarray, train: bool = False
+               ) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray | None]:
+    features = self.features(x, train)
+    embeddings = self.projection(features) if self.projection_dims else features
+    logits = self.online_probe(jax.lax.stop_gradient(features)) if self.probe_classes else None
+    return features, embeddings, logits
+
+
+class Contrastive(Objective):
+  """SimCLR (`supervised=False`, NT-Xent) or SupCon (`supervised=True`) on `{'image', 'label'}`.
+
+  Labels are used by SupCon's loss and by the online probe only; SimCLR without a probe needs none.
+  `from_config` builds the subclass's flavour (`SUPERVISED`).
+  """
+
+  SUPERVISED = False
+
+  def __init__(self, backbone: nn.Module, augment_config: Mapping[str, Any], *,
+               supervised: bool = False, temperature: float = 0.2, num_views: int = 2,
+               projection_dims: Sequence[int] = (128, 64), supcon_form: str = "out",
+               probe_classes: int = 0):
+    self.model = ContrastiveModel(backbone, tuple(projection_dims), probe_classes)
+    self.augment_config = dict(augment_config)
+    self.supervised = supervised
+    self.temperature = temperature
+    self.num_views = num_views
+    self.supcon_form = supcon_form
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict) -> "Contrastive":
+    """Validates `config.contrastive` and `config.augment` and builds the objective."""
+    supervised = cls.SUPERVISED
+    o = section_options(config, "contrastive", default_config())
+    check_number(o["temperature"], "contrastive.temperature")
+    check_int(o["num_views"], "contrastive.num_views", low=1 if supervised else 2)
+    dims = tuple(o["projection_dims"] or ())
+    for width in dims:
+      check_int(width, "contrastive.projection_dims")
+    if o["supcon_form"] not in SUPCON_FORMS:
+      raise ConfigError(f"contrastive.supcon_form={o['supcon_form']!r} must be one of "
+                        f"{SUPCON_FORMS} (eq. 2 / eq. 3 of Khosla et al.)")
+    if not isinstance(o["online_probe"], bool):
+      raise ConfigError(f"contrastive.online_probe must be True or False, got "
+                        f"{o['online_probe']!r}")
+    check_int(o["probe_classes"], "contrastive.probe_classes", allow_none=True)
+    probe_classes = 0
+    if o["online_probe"]:
+      probe_classes = o["probe_classes"] or config.model.get("num_classes") or 0
+      check_int(probe_classes, "model.num_classes (or contrastive.probe_classes, for the probe)")
+    augment_config = config.get("augment") or {}
+    augment.validate(augment_config)
+    backbone = models.build(config.model, num_classes=0).backbone
+    return cls(backbone, augment_config, supervised=supervised, temperature=o["temperature"],
+               num_views=o["num_views"], projection_dims=dims, supcon_form=o["supcon_form"],
+               probe_classes=probe_classes)
+
+  def init(self, rng: jax.Array, batch: PyTree) -> tuple[PyTree, PyTree]:
+    variables = self.model.init(rng, jnp.zeros_like(batch["image"][:1]), train=False)
+    params = variables.pop("params")
+    return params, dict(variables)
+
+  def _loss_and_metrics(self, embeddings: jax.Array, labels: jax.Array | None
+                        ) -> tuple[jax.Array, Metrics]:
+    """The contrastive loss of embeddings [B, V, E] and the mean cosine similarity of positives."""
+    if self.supervised:
+      per_anchor, valid = contrastive_losses.supcon(embeddings, labels, self.temperature,
+                                                    self.supcon_form)
+      loss = contrastive_losses.masked_mean(per_anchor, valid)
+    else:
+      loss = jnp.mean(contrastive_losses.nt_xent(embeddings, self.temperature))
+    unit = contrastive_losses.l2_normalize(embeddings)
+    # Cosine similarity of view 0 with view 1 of the same image: rises as views align.
+    alignment = jnp.sum(unit[:, 0] * unit[:, -1], axis=-1)
+    return loss, {"view_alignment": jnp.mean(alignment)}
+
+  def loss(self, params, model_state, batch, rng, *, trainable):
+    images = batch["image"]
+    batch_size = images.shape[0]
+    views = augment.views(images, jax.random.fold_in(rng, 0), self.augment_config, self.num_views)
+    flat = views.reshape((batch_size * self.num_views,) + images.shape[1:])
+    (_, embeddings, logits), model_state = apply_model(
+        self.model, params, model_state, flat, train=True, trainable=trainable,
+        rng=jax.random.fold_in(rng, 1))
+    labels = batch.get("label")
+    loss, metrics = self._loss_and_metrics(embeddings.reshape(batch_size, self.num_views, -1),
+                                           labels)
+    metrics["contrastive_loss"] = loss
+    if logits is not None:
+      view_labels = jnp.repeat(labels, self.num_views)  # flat is example-major: [b0v0, b0v1, ...]
+      probe_loss = losses.softmax_cross_entropy(logits, view_labels).mean()
+      metrics["probe_loss"] = probe_loss
+      metrics["probe_accuracy"] = losses.accuracy(logits, view_labels).mean()
+      loss = loss + probe_loss  # the probe sees stop_gradient(features): no effect on the encoder
+    return loss, (model_state, metrics)
+
+  def eval_metrics(self, params, model_state, batch) -> Metrics:
+    """Per example: cosine similarity of two fixed augmented views' embeddings and, with the
+    online probe, its loss and accuracy on the un-augmented image."""
+    images = batch["image"]
+    views = augment.views(images, jax.random.key(0), self.augment_config, 2)
+    flat = views.reshape((2 * images.shape[0],) + images.shape[1:])
+    (_, embeddings, _), _ = apply_model(self.model, params, model_state, flat, train=False)
+    unit = contrastive_losses.l2_normalize(embeddings.reshape(images.shape[0], 2, -1))
+    metrics = {"view_alignment": jnp.sum(unit[:, 0] * unit[:, 1], axis=-1)}
+    if self.model.probe_classes:
+      (_, _, logits), _ = apply_model(self.model, params, model_state, images, train=False)
+      metrics["probe_loss"] = losses.softmax_cross_entropy(logits, batch["label"])
+      metrics["probe_accuracy"] = losses.accuracy(logits, batch["label"])
+    return metrics
+
+  def features(self, params: PyTree, model_state: PyTree, images: jax.Array) -> jax.Array:
+    """Encoder (backbone) features [B, D] in inference mode, before the projection."""
+    features, _ = apply_model(self.model, params, model_state, images, train=False,
+                              method="features")
+    return features
+
+  def embed_images(self, params: PyTree, model_state: PyTree, images: jax.Array) -> jax.Array:
+    """Projection-head embeddings [B, E] in inference mode (the space the loss compares in)."""
+    (_, embeddings, _), _ = apply_model(self.model, params, model_state, images, train=False)
+    return embeddings
+
+
+class SimCLR(Contrastive):
+  """`objective="simclr"`: NT-Xent over augmented views; labels only feed the online probe."""
+  SUPERVISED = False
+
+
+class SupCon(Contrastive):
+  """`objective="supcon"`: supervised contrastive loss; same-class views are positives."""
+  SUPERVISED = True
