@@ -1,0 +1,68 @@
+"""Domain adaptation, printed -> handwritten digits: DANN and its baselines.
+
+  python -m experiments.train --config=experiments/configs/dann_digits.py:mode=dann --workdir=runs/dann
+  python -m experiments.evaluate --workdir=runs/dann     # test/target/accuracy, test/source/accuracy
+
+Source: `printed_digits` (labelled; jtl/data/printed_digits.py). Target: `sklearn_digits` train split
+without its labels (the training loss never reads them). Every step takes half its batch from each.
+Evaluation (`config.evals.test`): the test split of both, as a mixture, so `test/target/accuracy` is
+the accuracy on held-out handwritten digits and `test/source/accuracy` on printed ones.
+
+Arguments (all optional):
+  mode  source_only            the same model, steps and source batches, no adaptation
+                               (domain.weight=0: the target batch is not even forwarded, so
+                               BatchNorm sees printed digits only);
+        source_only_target_bn  source only, but the target batch still goes through the model, so
+                               BatchNorm's statistics are of both domains, as in the adapting runs
+                               (domain.target_batchnorm): the part of their gain that this alone gives;
+        dann                   domain-adversarial training (objective `dann`,
+                               jtl/objectives/domain.py);
+        target_supervised      the upper bound: the same model and steps trained on the *labelled*
+                               handwritten train split (the `source` member here), no adaptation.
+Options: --config.domain.{weight,gamma,hidden,...} (`jtl.objectives.domain.default_config`).
+coral_digits.py runs Deep CORAL and MMD on the same setting.
+"""
+import ml_collections
+
+from experiments.configs.common import base_config, parse_arg
+from jtl.objectives import domain
+
+MODES = ("source_only", "source_only_target_bn", "dann", "target_supervised")
+SOURCE, TARGET = "printed_digits", "sklearn_digits"
+MODEL = dict(name="cnn_small", num_classes=10, widths=(16, 32, 64))
+
+
+def domain_config(objective: str, mode: str) -> ml_collections.ConfigDict:
+  """The shared setting of dann_digits.py and coral_digits.py; `mode` as in the docstring, with
+  `adapt` meaning `objective`'s own method."""
+  c = base_config()
+  c.objective = objective
+  c.total_steps = 600
+  c.batch_size = 64  # 32 source + 32 target
+  c.log_every = 50
+  c.checkpoint_every = 200
+  c.data.augment = True
+  c.model = ml_collections.ConfigDict(MODEL)
+  c.optim.lr = 3e-3
+  c.optim.warmup_steps = 20
+  c.domain = domain.default_config()
+  c.data.mixture = ml_collections.ConfigDict({"source": dict(name=SOURCE),
+                                              "target": dict(name=TARGET)})
+  if mode in ("source_only", "target_supervised"):
+    c.domain.weight = 0.0
+    c.batch_size = 32  # the source share of an adapting run's batch: the same labelled batches
+    labelled = TARGET if mode == "target_supervised" else SOURCE
+    c.data.mixture = ml_collections.ConfigDict({"source": dict(name=labelled)})
+  if mode == "source_only_target_bn":
+    c.domain.weight = 0.0
+    c.domain.target_batchnorm = True
+  c.evals = ml_collections.ConfigDict({"test": dict(type="metrics", data=dict(
+      mixture={"source": dict(name=SOURCE), "target": dict(name=TARGET)}))})
+  return c
+
+
+def get_config(arg=None):
+  a = parse_arg(arg, mode="dann")
+  if a.mode not in MODES:
+    raise ValueError(f"unknown mode {a.mode!r}; use one of {', '.join(MODES)}")
+  return domain_config("dann", a.mode)
