@@ -27,9 +27,14 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.crop_padding = 1  # Pixels of zero padding around the image for the random crop.
   c.shuffle_buffer = 10_000  # Only for cache=False (streaming); the in-memory path shuffles fully.
   c.cache = True  # Hold the decoded (filtered) split in memory: right for small sets.
+  # `folder:<path>` datasets without train/ and test/ sub-folders: each class's held-out test share.
+  c.folder_test_fraction = 0.2
   # Several datasets per step, one per task: {task: dict(weight=w, **overrides of these keys)}; the
   # batch is then {task: batch}, task t getting a share w_t / sum(w) of batch_size. Empty: one dataset.
   c.mixture = ml_collections.ConfigDict()
+  # [episodes] N-way K-shot meta-learning batches (jtl/data/episodes.py): ways N, shots K and queries
+  # Q per class; batch_size then counts episodes. ways=0: ordinary batches.
+  c.episodes = ml_collections.ConfigDict(dict(ways=0, shots=1, queries=15))
   return c
 
 
@@ -114,3 +119,7 @@ def _check_values(c: ml_collections.ConfigDict) -> None:
     if not isinstance(c.get(key), bool):
       raise ConfigError(f'data.{key} must be True or False, got {c.get(key)!r}; set {_flag(key)}')
   parse_normalize(c.get('normalize'))
+  fraction = c.get('folder_test_fraction')
+  if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
+    raise ConfigError(f'data.folder_test_fraction must be a number in (0, 1), got {fraction!r}; '
+                      f"set {_flag('folder_test_fraction')}")

@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 
 from jtl.data import config as config_lib
-from jtl.data import pipeline, source
+from jtl.data import episodes, pipeline, source
 from jtl.errors import ConfigError
 
 
@@ -80,8 +80,12 @@ def validate(data_config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
 def train_iterator(data_config: ml_collections.ConfigDict, *, global_batch_size: int, seed: int,
                    start_step: int = 0, process_index: int = 0,
                    process_count: int = 1) -> Iterator[Any]:
-  """`pipeline.train_iterator`, or with a mixture an iterator of `{task: batch}`."""
+  """`pipeline.train_iterator`, or with a mixture an iterator of `{task: batch}`, or with
+  `data.episodes.ways > 0` an iterator of N-way K-shot episode batches (`jtl.data.episodes`)."""
   kwargs = dict(start_step=start_step, process_index=process_index, process_count=process_count)
+  if episodes.enabled(data_config):  # [episodes] meta-learning batches
+    return episodes.train_iterator(data_config, global_batch_size=global_batch_size, seed=seed,
+                                   **kwargs)
   parts = members(data_config)
   if not parts:
     return pipeline.train_iterator(data_config, global_batch_size=global_batch_size, seed=seed,

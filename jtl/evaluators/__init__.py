@@ -11,6 +11,7 @@ modules imported below, each registered with `@register("name")`.
 from jtl.evaluators.base import EVALUATORS, Evaluator, build, collect, register, split_batches
 from jtl.evaluators import metrics  # noqa: F401  (registers "metrics")
 from jtl.evaluators import multitask  # noqa: F401  (registers "multitask": per task and Delta_m)
+from jtl.evaluators import representation  # noqa: F401  (knn, linear_probe, zero_shot, retrieval)
 from jtl.evaluators import episodic  # noqa: F401  (few-shot N-way K-shot episodes, 95% CI)
 
 __all__ = ["EVALUATORS", "Evaluator", "build", "collect", "register", "split_batches"]

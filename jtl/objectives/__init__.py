@@ -7,10 +7,18 @@ import ml_collections
 
 from jtl.errors import ConfigError
 from jtl.objectives.base import Objective, apply_model
+from jtl.objectives.clip import CLIP
+from jtl.objectives.contrastive import SimCLR, SupCon
+from jtl.objectives.distill import Distill
+from jtl.objectives.domain import CORAL, DANN, MMD
+from jtl.objectives.maml import MAML
 from jtl.objectives.multitask import Multitask
+from jtl.objectives.protonet import ProtoNet
 from jtl.objectives.supervised import Supervised
 
-OBJECTIVES = {"supervised": Supervised}
+OBJECTIVES = {"supervised": Supervised, "simclr": SimCLR, "supcon": SupCon, "clip": CLIP}
+OBJECTIVES.update({"distill": Distill, "dann": DANN, "coral": CORAL, "mmd": MMD})
+OBJECTIVES.update(protonet=ProtoNet, maml=MAML)  # meta-learning on episodes (jtl.data.episodes)
 OBJECTIVES.update(multitask=Multitask)  # tasks x sharing architectures x weightings
 
 
@@ -25,4 +33,8 @@ def build(config: ml_collections.ConfigDict) -> Objective:
   return OBJECTIVES[name].from_config(config)
 
 
-__all__ = ["Multitask", "OBJECTIVES", "Objective", "Supervised", "apply_model", "build"]
+__all__ = ["CLIP", "OBJECTIVES", "Objective", "SimCLR", "SupCon", "Supervised", "apply_model",
+           "build"]
+__all__ += ["CORAL", "DANN", "Distill", "MMD"]
+__all__ += ["MAML", "ProtoNet"]
+__all__ += ["Multitask"]
