@@ -94,18 +94,38 @@ def check_values(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"seed must be an integer, got {config.get('seed')!r}; set --config.seed")
   check_number(config.get("label_smoothing", 0.0), "label_smoothing", low=0.0, high=1.0,
                high_open=True)
+  check_positive_int(config.get("grad_accum_steps", 1), "grad_accum_steps")
+  if config.get("precision", "float32") not in PRECISIONS:
+    raise ConfigError(f"unknown precision {config.get('precision')!r}; use one of "
+                      f"{', '.join(PRECISIONS)} (--config.precision)")
   eval_cfg = config.get("eval") or {}
   check_positive_int(eval_cfg.get("batch_size"), "eval.batch_size", allow_none=True)
+
+
+PRECISIONS = ("float32", "bfloat16")
+
+
+def _apply_precision(config: ml_collections.ConfigDict) -> None:
+  """`precision=bfloat16` is the model's compute dtype (its params stay float32)."""
+  if config.get("precision", "float32") == "float32" or "model" not in config:
+    return
+  dtype = config.model.get("dtype")
+  if dtype not in (None, "float32", "bfloat16"):
+    raise ConfigError(f"precision=bfloat16 but model.dtype={dtype!r}; set one of them "
+                      "(--config.precision or --config.model.dtype)")
+  with config.model.unlocked():
+    config.model.dtype = "bfloat16"
 
 
 def prepare(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """A checked copy of `config` with local paths absolute; ConfigError on a bad value."""
   config = copy.deepcopy(config)
   _resolve_paths(config)
+  check_values(config)
+  _apply_precision(config)
   name = config.data.get("name") if "data" in config else None
   if isinstance(name, str) and name.startswith(FOLDER_PREFIX):
     config.data.name = FOLDER_PREFIX + resolve_path(name[len(FOLDER_PREFIX):])
-  check_values(config)
   return config
 
 

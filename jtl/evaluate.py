@@ -19,7 +19,7 @@ import jax
 import ml_collections
 from absl import logging
 from etils import epath
-from jtl import checkpoint, data, evaluators, keep
+from jtl import checkpoint, compile_cache, data, evaluators, keep
 from jtl import config as config_lib
 from jtl.errors import ConfigError
 from jtl.metric_writer import MetricWriter, read_jsonl
@@ -99,6 +99,7 @@ def evaluate_checkpoints(config: ml_collections.ConfigDict | None, workdir: str 
     if step is not None and step not in available:
       raise ConfigError(f"no checkpoint for step {step} in {workdir}; available: {available}")
   config = config_lib.prepare(effective_config(config, workdir))
+  compile_cache.enable(config.get("compilation_cache"))
   s, evaluator_list = setup_for_eval(config)
   writer = MetricWriter(workdir, "eval_metrics")
   done = {row["step"] for row in read_jsonl(writer.path)}

@@ -22,7 +22,8 @@ from absl import logging
 from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jtl import checkpoint, data, keep, loop, masks, objectives, optim, phases, sharding
+from jtl import (checkpoint, compile_cache, data, keep, loop, masks, objectives, optim, phases,
+                 sharding)
 from jtl import config as config_lib
 from jtl.errors import ConfigError
 from jtl.metric_writer import MetricWriter
@@ -65,6 +66,7 @@ def setup(config: ml_collections.ConfigDict, example_batch: Any,
           phase: phases.Phase | None = None) -> Setup:
   """Builds objective, mesh, masks, optimizer and abstract sharded state for one phase of the run
   (default: the first); raises ConfigError early, for every phase's rule tables."""
+  config = config_lib.prepare(config)  # (idempotent: train() has done it already)
   objective = objectives.build(config)
   mesh = sharding.make_mesh(config.mesh)
   batch_sharding = NamedSharding(mesh, sharding.batch_spec(mesh, config.mesh.batch_axes))
@@ -72,10 +74,12 @@ def setup(config: ml_collections.ConfigDict, example_batch: Any,
   if config.batch_size % divisor:
     raise ConfigError(f"batch_size={config.batch_size} does not split over the {divisor} devices of the "
                       f"batch axes; use a multiple of {divisor} (--config.batch_size)")
+  accum = config.get("grad_accum_steps", 1)
   for rows in {x.shape[0] * jax.process_count() for x in jax.tree.leaves(example_batch)}:
-    if rows % divisor:  # a part of a composite batch (e.g. one task's share of a data mixture)
-      raise ConfigError(f"a batch part of {rows} rows does not split over the {divisor} devices; "
-                        f"make every part a multiple of {divisor} (--config.batch_size)")
+    if rows % (divisor * accum):  # also a part of a composite batch (one task's share of a mixture)
+      raise ConfigError(f"a batch (part) of {rows} rows does not split into grad_accum_steps={accum} "
+                        f"micro-batches over the {divisor} devices; make it a multiple of "
+                        f"{divisor * accum} (--config.batch_size)")
   abstract_batch = global_shapes(example_batch, batch_sharding)
   rng = jax.random.key(config.seed)
   params, model_state = jax.eval_shape(objective.init, rng, abstract_batch)
@@ -102,16 +106,40 @@ def make_train_step(s: Setup) -> Callable[[TrainState, Any], tuple[TrainState, d
   """The jitted, donated, sharded step. Only the trainable subtree is differentiated and updated.
 
   With `skip_nonfinite_updates`, an update whose metrics or gradients are not all finite is refused
-  inside the step (state unchanged but for the step count; `skipped` = 1 in its metrics).
+  inside the step (state unchanged but for the step count; `skipped` = 1 in its metrics). With
+  `grad_accum_steps = k`, the gradients of k micro-batches are averaged in a `lax.scan`, so
+  activation memory is that of one micro-batch.
   """
   base_rng = jax.random.key(s.config.seed + 1)
   skip_nonfinite = bool(s.config.get("skip_nonfinite_updates"))
+  accum = int(s.config.get("grad_accum_steps", 1))
+
+  def gradients(trainable_params, frozen_params, model_state, batch, rng):
+    if accum == 1:
+      return s.objective.gradients(trainable_params, frozen_params, model_state, batch, rng,
+                                   trainable=s.trainable)
+    # k micro-batches, rows i, i + k, i + 2k, ...: each stays spread over every device.
+    micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1),
+                         batch)
+
+    def one(carry, inputs):
+      grads_sum, model_state = carry
+      micro_batch, index = inputs
+      grads, model_state, metrics = s.objective.gradients(
+          trainable_params, frozen_params, model_state, micro_batch, jax.random.fold_in(rng, index),
+          trainable=s.trainable)
+      return (jax.tree.map(jnp.add, grads_sum, grads), model_state), metrics
+    zeros = jax.tree.map(jnp.zeros_like, trainable_params)
+    (grads, model_state), metrics = jax.lax.scan(one, (zeros, model_state),
+                                                 (micro, jnp.arange(accum)))
+    return (jax.tree.map(lambda g: g / accum, grads), model_state,
+            jax.tree.map(lambda m: m.mean(axis=0), metrics))
 
   def train_step(state: TrainState, batch: Any) -> tuple[TrainState, dict]:
     rng = jax.random.fold_in(base_rng, state.step)
     trainable_params, frozen_params = masks.partition(state.params, s.trainable)
-    grads, model_state, metrics = s.objective.gradients(
-        trainable_params, frozen_params, state.model_state, batch, rng, trainable=s.trainable)
+    grads, model_state, metrics = gradients(trainable_params, frozen_params, state.model_state,
+                                            batch, rng)
     updates, opt_state = s.tx.update(grads, state.opt_state, trainable_params)
     trainable_params = optax.apply_updates(trainable_params, updates)
     metrics = {**metrics, "grad_norm": optax.global_norm(grads), "lr": s.schedule(state.step)}
@@ -243,6 +271,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Trai
   """
   config = config_lib.prepare(config)
   workdir = epath.Path(config_lib.resolve_path(os.fspath(workdir)))
+  compile_cache.enable(config.get("compilation_cache"))
   data.validate(config.data)
   _check_same_experiment(config, workdir)
   schedule = phases.schedule(config)

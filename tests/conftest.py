@@ -9,3 +9,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault(
     "TFDS_DATA_DIR",
     tempfile.mkdtemp(prefix=f"jtl_tfds_{os.environ.get('PYTEST_XDIST_WORKER', 'main')}_"))
+# One persistent compilation cache per test session, shared by its xdist workers and the processes
+# tests start: a step that several tests build compiles once. Fresh each session.
+os.environ.setdefault("JTL_COMPILATION_CACHE", os.path.join(
+    tempfile.gettempdir(), f"jtl_xla_cache_{os.environ.get('PYTEST_XDIST_TESTRUNUID', os.getpid())}"))
+
+from jtl import compile_cache  # noqa: E402  (after the environment above: it imports jax)
+
+compile_cache.enable()

@@ -42,6 +42,14 @@ def base_config() -> ml_collections.ConfigDict:
   # 0: stop at the first NaN/Inf loss or gradient. N > 0: refuse such updates, stop after N in a row.
   c.skip_nonfinite_updates = 0
   c.objective = "supervised"
+  # Compute precision: float32, or bfloat16 (bf16 compute; params, optimizer state and losses f32).
+  c.precision = "float32"
+  # k > 1: each step averages the gradients of k micro-batches of batch_size / k (same update as one
+  # batch, BatchNorm statistics aside; activation memory of one micro-batch).
+  c.grad_accum_steps = 1
+  # Persistent compilation cache directory; None: $JTL_COMPILATION_CACHE or ~/.cache/jtl/xla;
+  # "none": off. See jtl/compile_cache.py.
+  c.compilation_cache = config_dict.placeholder(str)
   c.label_smoothing = 0.0
   c.data = default_data_config()
   c.model = ml_collections.ConfigDict(dict(name="cnn_small", num_classes=10))

@@ -74,6 +74,7 @@ class ResNet(nn.Module):
     width: width of the stem and the first stage.
     stem: 'imagenet' (7x7/2 conv + 3x3/2 max-pool) or 'cifar' (3x3/1 conv, no pooling).
     zero_init_residual: zero-init the last BN scale of every block (torchvision default: False).
+    remat: rematerialise each block in the backward pass (less activation memory, more compute).
   """
   stage_sizes: Sequence[int]
   bottleneck: bool = False
@@ -81,10 +82,13 @@ class ResNet(nn.Module):
   stem: str = 'imagenet'
   zero_init_residual: bool = False
   dtype: Any = jnp.float32
+  remat: bool = False
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
     x = x.astype(self.dtype)
+    # Rematerialised blocks keep only their inputs for the backward pass (`train` is static).
+    block = nn.remat(ResidualBlock, static_argnums=(2,)) if self.remat else ResidualBlock
     if self.stem == 'imagenet':
       x = _conv(self.width, 7, 2, self.dtype, 'stem_conv')(x)
     else:
@@ -94,7 +98,7 @@ class ResNet(nn.Module):
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     for i, num_blocks in enumerate(self.stage_sizes, start=1):
       for j in range(num_blocks):
-        x = ResidualBlock(
+        x = block(
             features=self.width * 2 ** (i - 1), bottleneck=self.bottleneck,
             strides=2 if i > 1 and j == 0 else 1, zero_init_residual=self.zero_init_residual,
             dtype=self.dtype, name=f'stage{i}_block{j}')(x, train)
@@ -103,9 +107,9 @@ class ResNet(nn.Module):
 
 def _torchvision(stage_sizes: tuple[int, ...], bottleneck: bool):
   def factory(num_classes: int, zero_init_residual: bool = False, head_init: str = 'zeros',
-              dtype: Any = jnp.float32) -> Classifier:
+              dtype: Any = jnp.float32, remat: bool = False) -> Classifier:
     backbone = ResNet(stage_sizes=stage_sizes, bottleneck=bottleneck, width=64, stem='imagenet',
-                      zero_init_residual=zero_init_residual, dtype=dtype)
+                      zero_init_residual=zero_init_residual, dtype=dtype, remat=remat)
     return make_classifier(backbone, num_classes, head_init, dtype)
   factory.__doc__ = f'torchvision ResNet with stage sizes {stage_sizes}.'
   return factory
@@ -120,7 +124,8 @@ resnet101 = register('resnet101')(_torchvision((3, 4, 23, 3), bottleneck=True))
 @register('resnet_small')
 def resnet_small(num_classes: int, stage_sizes: Sequence[int] = (2, 2, 2), width: int = 16,
                  bottleneck: bool = False, zero_init_residual: bool = False,
-                 head_init: str = 'zeros', dtype: Any = jnp.float32) -> Classifier:
+                 head_init: str = 'zeros', dtype: Any = jnp.float32,
+                 remat: bool = False) -> Classifier:
   """CIFAR-style ResNet: 3x3 stem, no max-pool, stage widths width * (1, 2, 4, ...)."""
   check_positive_ints('stage_sizes', tuple(stage_sizes))
   check_positive_ints('width', width)
@@ -128,5 +133,5 @@ def resnet_small(num_classes: int, stage_sizes: Sequence[int] = (2, 2, 2), width
     raise ConfigError(f'bottleneck must be True or False, got {bottleneck!r} '
                       '(--config.model.bottleneck)')
   backbone = ResNet(stage_sizes=tuple(stage_sizes), bottleneck=bottleneck, width=width,
-                    stem='cifar', zero_init_residual=zero_init_residual, dtype=dtype)
+                    stem='cifar', zero_init_residual=zero_init_residual, dtype=dtype, remat=remat)
   return make_classifier(backbone, num_classes, head_init, dtype)

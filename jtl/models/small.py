@@ -45,14 +45,16 @@ class SmallCNN(nn.Module):
   """Stages `stage1..N` of ConvBNReLU, 2x2 max-pool between them while >= 2x2, global avg pool."""
   widths: Sequence[int] = (32, 64, 128)
   dtype: Any = jnp.float32
+  remat: bool = False  # rematerialise each stage in the backward pass
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
     x = x.astype(self.dtype)
+    stage = nn.remat(ConvBNReLU, static_argnums=(2,)) if self.remat else ConvBNReLU
     for i, width in enumerate(self.widths):
       if i > 0 and min(x.shape[1:3]) >= 2:
         x = nn.max_pool(x, (2, 2), strides=(2, 2))
-      x = ConvBNReLU(width, dtype=self.dtype, name=f'stage{i + 1}')(x, train)
+      x = stage(width, dtype=self.dtype, name=f'stage{i + 1}')(x, train)
     return jnp.mean(x, axis=(1, 2))
 
 
@@ -67,7 +69,8 @@ def mlp(num_classes: int, hidden: Sequence[int] = (256, 256), use_bn: bool = Fal
 
 @register('cnn_small')
 def cnn_small(num_classes: int, widths: Sequence[int] = (32, 64, 128), head_init: str = 'zeros',
-              dtype: Any = jnp.float32) -> Classifier:
+              dtype: Any = jnp.float32, remat: bool = False) -> Classifier:
   """Small CNN with BatchNorm for 8x8 to 32x32 images."""
   check_positive_ints('widths', tuple(widths))
-  return make_classifier(SmallCNN(widths=tuple(widths), dtype=dtype), num_classes, head_init, dtype)
+  return make_classifier(SmallCNN(widths=tuple(widths), dtype=dtype, remat=remat), num_classes,
+                         head_init, dtype)

@@ -70,6 +70,7 @@ class ViT(nn.Module):
   dropout: float = 0.0
   attention_dropout: float = 0.0
   dtype: Any = jnp.float32
+  remat: bool = False  # rematerialise each block in the backward pass
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
@@ -86,8 +87,9 @@ class ViT(nn.Module):
       x = jnp.concatenate([cls, x], axis=1)
     pos = self.param('pos_embed', nn.initializers.normal(stddev=0.02), (1,) + x.shape[1:])
     x = nn.Dropout(self.dropout, deterministic=not train)(x + pos.astype(self.dtype))
+    block = nn.remat(EncoderBlock, static_argnums=(2,)) if self.remat else EncoderBlock
     for i in range(self.depth):
-      x = EncoderBlock(self.num_heads, self.mlp_dim, self.dropout, self.attention_dropout,
+      x = block(self.num_heads, self.mlp_dim, self.dropout, self.attention_dropout,
                        self.dtype, name=f'block{i}')(x, train)
     x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name='norm')(x)
     return x[:, 0] if self.pool == 'cls' else jnp.mean(x, axis=1)
@@ -97,7 +99,7 @@ class ViT(nn.Module):
 def vit(num_classes: int, patch_size: int = 16, width: int = 192, depth: int = 12,
         num_heads: int = 3, mlp_dim: int = 768, pool: str = 'cls', dropout: float = 0.0,
         attention_dropout: float = 0.0, head_init: str = 'zeros',
-        dtype: Any = jnp.float32) -> Classifier:
+        dtype: Any = jnp.float32, remat: bool = False) -> Classifier:
   """ViT with every dimension configurable (defaults: Ti/16)."""
   for name, value in [('patch_size', patch_size), ('width', width), ('depth', depth),
                       ('num_heads', num_heads), ('mlp_dim', mlp_dim)]:
@@ -113,16 +115,16 @@ def vit(num_classes: int, patch_size: int = 16, width: int = 192, depth: int = 1
       raise ConfigError(f'{name} must be in [0, 1), got {rate!r} (--config.model.{name})')
   backbone = ViT(patch_size=patch_size, width=width, depth=depth, num_heads=num_heads,
                  mlp_dim=mlp_dim, pool=pool, dropout=dropout, attention_dropout=attention_dropout,
-                 dtype=dtype)
+                 dtype=dtype, remat=remat)
   return make_classifier(backbone, num_classes, head_init, dtype)
 
 
 def _preset(width: int, depth: int, num_heads: int, mlp_dim: int):
   def factory(num_classes: int, patch_size: int = 16, pool: str = 'cls', dropout: float = 0.0,
               attention_dropout: float = 0.0, head_init: str = 'zeros',
-              dtype: Any = jnp.float32) -> Classifier:
+              dtype: Any = jnp.float32, remat: bool = False) -> Classifier:
     return vit(num_classes, patch_size, width, depth, num_heads, mlp_dim, pool, dropout,
-               attention_dropout, head_init, dtype)
+               attention_dropout, head_init, dtype, remat)
   factory.__doc__ = f'ViT with width {width}, depth {depth}, {num_heads} heads, MLP {mlp_dim}.'
   return factory
 

@@ -1,0 +1,106 @@
+"""Mixed precision, gradient accumulation, rematerialisation, compilation cache: correctness only."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jtl import compile_cache, data, train
+from jtl.errors import ConfigError
+from jtl.sharding import to_global
+from tests.helpers import digits_config
+
+
+def steps(config, n=3, batch_size=None):
+  """Params and per-step losses of n steps on the first batches of the config's data."""
+  batches = data.train_iterator(config.data, global_batch_size=batch_size or config.batch_size,
+                                seed=0)
+  batch = next(batches)
+  s = train.setup(config, batch)
+  state = train.initial_state(s, *train.fresh_variables(s))
+  step = train.make_train_step(s)
+  losses = []
+  for _ in range(n):
+    state, metrics = step(state, to_global(batch, s.batch_sharding))
+    losses.append(float(metrics["loss"]))
+  return s, jax.device_get(state), losses
+
+
+def test_bfloat16_computes_in_bf16_and_keeps_f32_params_and_optimizer_state_close_to_f32():
+  f32 = digits_config(mesh__axes=(("data", 1),))
+  bf16 = digits_config(mesh__axes=(("data", 1),), precision="bfloat16")
+  _, state32, losses32 = steps(f32)
+  s, state16, losses16 = steps(bf16)
+  assert s.objective.model.backbone.dtype == jnp.bfloat16
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves((state16.params, state16.opt_state))
+             if jnp.issubdtype(x.dtype, jnp.floating))
+  # Stated tolerance: bf16 has an 8-bit mantissa (relative rounding ~4e-3); over 3 steps the losses
+  # agree to 2% and the parameters to 3e-2 absolute.
+  np.testing.assert_allclose(losses16, losses32, rtol=2e-2)
+  for a, b in zip(jax.tree.leaves(state16.params), jax.tree.leaves(state32.params)):
+    np.testing.assert_allclose(a, b, atol=3e-2)
+  with pytest.raises(ConfigError, match="precision"):
+    steps(digits_config(precision="float16"))
+
+
+def test_gradient_accumulation_equals_one_large_batch_without_batchnorm():
+  def config(accum):
+    c = digits_config(mesh__axes=(("data", 8),), grad_accum_steps=accum, batch_size=64)
+    c.model = type(c.model)(dict(name="mlp", num_classes=5, hidden=(32,)))
+    return c
+  _, one, losses_one = steps(config(1))
+  _, four, losses_four = steps(config(4))
+  np.testing.assert_allclose(losses_four, losses_one, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(four.params), jax.tree.leaves(one.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  with pytest.raises(ConfigError, match="grad_accum_steps=3"):
+    steps(config(3))
+
+
+def temp_bytes(config):
+  batches = data.train_iterator(config.data, global_batch_size=config.batch_size, seed=0)
+  s = train.setup(config, next(batches))
+  compiled = train.make_train_step(s).lower(s.abstract_state, s.abstract_batch).compile()
+  return compiled.memory_analysis().temp_size_in_bytes
+
+
+def test_gradient_accumulation_keeps_activation_memory_of_one_micro_batch():
+  small = temp_bytes(digits_config(mesh__axes=(("data", 1),), batch_size=64, model__widths=(32, 64)))
+  large = temp_bytes(digits_config(mesh__axes=(("data", 1),), batch_size=256, model__widths=(32, 64)))
+  accumulated = temp_bytes(digits_config(mesh__axes=(("data", 1),), batch_size=256,
+                                         grad_accum_steps=4, model__widths=(32, 64)))
+  assert large > 2.5 * small
+  assert accumulated < 1.5 * small, (small, large, accumulated)
+
+
+@pytest.mark.parametrize("model", [dict(name="resnet_small", widths=None, stage_sizes=(1, 1), width=8),
+                                   dict(name="vit", widths=None, patch_size=2, width=16, depth=2,
+                                        num_heads=2, mlp_dim=32),
+                                   dict(name="cnn_small", widths=(8, 16))])
+def test_rematerialisation_gives_the_same_training(model):
+  overrides = {f"model__{k}": v for k, v in model.items()}
+  _, plain, plain_losses = steps(digits_config(mesh__axes=(("data", 1),), **overrides), n=2)
+  _, remat, remat_losses = steps(digits_config(mesh__axes=(("data", 1),), model__remat=True,
+                                               **overrides), n=2)
+  np.testing.assert_allclose(remat_losses, plain_losses, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves((remat.params, remat.model_state)),
+                  jax.tree.leaves((plain.params, plain.model_state))):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_compilation_cache_is_written_then_reused(tmp_path):
+  cache = compile_cache.enable(str(tmp_path / "xla"))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # this one compiles fast
+  try:
+    def f(x):
+      return jnp.sin(x) @ jnp.cos(x).T + jnp.tanh(x).sum()
+    x = jnp.ones((64, 64))
+    jax.jit(f).lower(x).compile()
+    entries = set((tmp_path / "xla").iterdir())
+    assert entries
+    jax.clear_caches()  # forget the in-memory executable: the next compile must come from disk
+    jax.jit(f).lower(x).compile()
+    assert set((tmp_path / "xla").iterdir()) == entries
+  finally:
+    compile_cache.enable()  # back to the session's cache (and its threshold)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+  assert cache == str(tmp_path / "xla")
