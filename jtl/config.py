@@ -67,6 +67,21 @@ def check_positive_int(value: Any, key: str, *, allow_none: bool = False, minimu
     raise ConfigError(f"{key} must be {bound}{extra}, got {value!r}; set --config.{key}")
 
 
+def section_options(config: ml_collections.ConfigDict, section: str,
+                    defaults: ml_collections.ConfigDict) -> dict[str, Any]:
+  """`config.<section>` over its `defaults`, as a dict; an unknown key is a ConfigError with a
+  did-you-mean and the valid keys (an objective's own options section, e.g. `config.maml`)."""
+  options = dict(defaults.items())
+  for key, value in (config.get(section) or {}).items():
+    if key not in options:
+      close = difflib.get_close_matches(key, list(options), n=1)
+      hint = f" (did you mean {close[0]!r}?)" if close else ""
+      raise ConfigError(f"unknown option --config.{section}.{key}{hint}; valid options: "
+                        f"{', '.join(options)}")
+    options[key] = value
+  return options
+
+
 def check_number(value: Any, key: str, *, low: float | None = None, high: float | None = None,
                  low_open: bool = False, high_open: bool = False, allow_none: bool = False) -> None:
   """ConfigError unless `value` is a number in the given (closed unless `*_open`) range."""

@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import os
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -120,7 +119,7 @@ def evaluate_checkpoints(config: ml_collections.ConfigDict | None, workdir: str 
         except FileNotFoundError:  # deleted by the trainer's keep policy before we got to it
           logging.warning("checkpoint %d vanished before it was evaluated; skipped", t)
           continue
-        except Exception as e:  # a damaged checkpoint? (orbax raises many types)
+        except Exception:  # a damaged checkpoint? (orbax raises many types)
           why = keep.verify(workdir, t)
           if why is None:
             raise

@@ -34,13 +34,13 @@ import ml_collections
 import numpy as np
 
 from jtl import augment, models, sharding
+from jtl import config as config_lib
 from jtl import data as data_lib
 from jtl import text as tokenizer
 from jtl.errors import ConfigError
 from jtl.losses import contrastive as contrastive_losses
 from jtl.models.text import TextTransformer, build_text_tower
 from jtl.objectives.base import Metrics, Objective, PyTree, apply_model
-from jtl.objectives.contrastive import check_int, section_options
 
 LOSSES = ("softmax", "sigmoid")
 
@@ -123,7 +123,7 @@ class CLIP(Objective):
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> "CLIP":
     """Validates `config.clip` (and `config.augment` if used) and builds the objective."""
-    o = section_options(config, "clip", default_config())
+    o = config_lib.section_options(config, "clip", default_config())
     if o["loss"] not in LOSSES:
       raise ConfigError(f"unknown clip.loss {o['loss']!r}; choose 'softmax' (CLIP) or 'sigmoid' "
                         "(SigLIP) (--config.clip.loss)")
@@ -139,7 +139,7 @@ class CLIP(Objective):
         raise ConfigError(f"clip.{key} must be a finite number, got {value!r}")
     for key in ("train_templates", "held_out_templates"):
       for t in tuple(o[key] or ()):
-        check_int(t, f"clip.{key}", low=0)
+        config_lib.check_positive_int(t, f"clip.{key}", minimum=0)
     text_tower = build_text_tower(
         embed_dim=o["embed_dim"], max_len=o["max_len"], width=o["text_width"],
         depth=o["text_depth"], heads=o["text_heads"], mlp_ratio=o["text_mlp_ratio"],

@@ -21,7 +21,6 @@ Conventions:
 """
 from __future__ import annotations
 
-import difflib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -31,6 +30,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from jtl import augment, losses, models
+from jtl import config as config_lib
 from jtl.errors import ConfigError
 from jtl.losses import contrastive as contrastive_losses
 from jtl.objectives.base import Metrics, Objective, PyTree, apply_model
@@ -48,35 +48,6 @@ def default_config() -> ml_collections.ConfigDict:
       online_probe=True,  # a linear probe on stop_gradient(features), trained with the labels
       probe_classes=None,  # classes of the online probe; None: config.model.num_classes
   ))
-
-
-def section_options(config: ml_collections.ConfigDict, section: str,
-                    defaults: ml_collections.ConfigDict) -> dict[str, Any]:
-  """`config.<section>` over its defaults, as a dict; an unknown key is a ConfigError."""
-  given = config.get(section) or {}
-  options = dict(defaults.items())
-  for key, value in given.items():
-    if key not in options:
-      close = difflib.get_close_matches(key, list(options), n=1)
-      hint = f" (did you mean {close[0]!r}?)" if close else ""
-      raise ConfigError(f"unknown option --config.{section}.{key}{hint}; valid options: "
-                        f"{', '.join(options)}")
-    options[key] = value
-  return options
-
-
-def check_number(value: Any, key: str, low: float = 0.0) -> None:
-  """ConfigError unless `value` is a real number > `low`."""
-  if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > low:
-    raise ConfigError(f"{key}={value!r} must be a number > {low}; set --config.{key}")
-
-
-def check_int(value: Any, key: str, low: int = 1, allow_none: bool = False) -> None:
-  """ConfigError unless `value` is an int >= `low` (or None when allowed)."""
-  if value is None and allow_none:
-    return
-  if isinstance(value, bool) or not isinstance(value, int) or value < low:
-    raise ConfigError(f"{key}={value!r} must be an integer >= {low}; set --config.{key}")
 
 
 class ProjectionHead(nn.Module):
@@ -139,23 +110,25 @@ class Contrastive(Objective):
   def from_config(cls, config: ml_collections.ConfigDict) -> "Contrastive":
     """Validates `config.contrastive` and `config.augment` and builds the objective."""
     supervised = cls.SUPERVISED
-    o = section_options(config, "contrastive", default_config())
-    check_number(o["temperature"], "contrastive.temperature")
-    check_int(o["num_views"], "contrastive.num_views", low=1 if supervised else 2)
+    o = config_lib.section_options(config, "contrastive", default_config())
+    config_lib.check_number(o["temperature"], "contrastive.temperature", low=0.0, low_open=True)
+    config_lib.check_positive_int(o["num_views"], "contrastive.num_views",
+                                  minimum=1 if supervised else 2)
     dims = tuple(o["projection_dims"] or ())
     for width in dims:
-      check_int(width, "contrastive.projection_dims")
+      config_lib.check_positive_int(width, "contrastive.projection_dims")
     if o["supcon_form"] not in SUPCON_FORMS:
       raise ConfigError(f"contrastive.supcon_form={o['supcon_form']!r} must be one of "
                         f"{SUPCON_FORMS} (eq. 2 / eq. 3 of Khosla et al.)")
     if not isinstance(o["online_probe"], bool):
       raise ConfigError(f"contrastive.online_probe must be True or False, got "
                         f"{o['online_probe']!r}")
-    check_int(o["probe_classes"], "contrastive.probe_classes", allow_none=True)
+    config_lib.check_positive_int(o["probe_classes"], "contrastive.probe_classes", allow_none=True)
     probe_classes = 0
     if o["online_probe"]:
       probe_classes = o["probe_classes"] or config.model.get("num_classes") or 0
-      check_int(probe_classes, "model.num_classes (or contrastive.probe_classes, for the probe)")
+      config_lib.check_positive_int(probe_classes,
+                                    "model.num_classes (or contrastive.probe_classes, for the probe)")
     augment_config = config.get("augment") or {}
     augment.validate(augment_config)
     backbone = models.build(config.model, num_classes=0).backbone

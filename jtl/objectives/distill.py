@@ -52,7 +52,6 @@ from jtl import config as config_lib
 from jtl.errors import ConfigError
 from jtl.losses import distill as distill_losses
 from jtl.objectives.base import Metrics, Objective, PyTree, apply_model
-from jtl.objectives.contrastive import section_options
 
 TEACHER_RULE = ("params/teacher/.*", False)
 
@@ -92,7 +91,7 @@ class Distill(Objective):
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> "Distill":
     """Validates `config.distill` and the mask, reads the teacher's run config; loads no weights."""
-    o = section_options(config, "distill", default_config())
+    o = config_lib.section_options(config, "distill", default_config())
     config_lib.check_number(o["alpha"], "distill.alpha", low=0.0, high=1.0)
     config_lib.check_number(o["temperature"], "distill.temperature", low=0.0, low_open=True)
     config_lib.check_positive_int(o["teacher_step"], "distill.teacher_step", allow_none=True,

@@ -47,7 +47,6 @@ from jtl import config as config_lib
 from jtl.errors import ConfigError
 from jtl.losses import domain as domain_losses
 from jtl.objectives.base import Metrics, Objective, PyTree, apply_model
-from jtl.objectives.contrastive import check_int, section_options
 
 METHODS = ("dann", "coral", "mmd")
 DOMAINS = ("source", "target")
@@ -108,11 +107,11 @@ class DomainAdaptation(Objective):
   def from_config(cls, config: ml_collections.ConfigDict, method: str = "dann"
                   ) -> "DomainAdaptation":
     """Validates `config.domain` and the mixture's members; builds the objective for `method`."""
-    o = section_options(config, "domain", default_config())
+    o = config_lib.section_options(config, "domain", default_config())
     config_lib.check_number(o["weight"], "domain.weight", low=0.0)
     config_lib.check_number(o["gamma"], "domain.gamma", low=0.0, low_open=True)
     for width in tuple(o["hidden"] or ()):
-      check_int(width, "domain.hidden")
+      config_lib.check_positive_int(width, "domain.hidden")
     if o["mmd_estimator"] not in domain_losses.MMD_ESTIMATORS:
       raise ConfigError(f"unknown domain.mmd_estimator {o['mmd_estimator']!r}; choose one of "
                         f"{domain_losses.MMD_ESTIMATORS} (--config.domain.mmd_estimator)")

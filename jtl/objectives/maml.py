@@ -38,7 +38,6 @@ Conventions:
 """
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -49,7 +48,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from jtl import losses, masks, models
-from jtl.config import check_number, check_positive_int
+from jtl.config import check_number, check_positive_int, section_options as config_section
 from jtl.data import episodes as episodes_lib
 from jtl.errors import ConfigError
 from jtl.objectives.base import Metrics, Objective, PyTree, apply_model
@@ -88,14 +87,7 @@ def adapt(support_loss: Callable[[PyTree, jax.Array], jax.Array], fast: PyTree, 
 
 def section_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """`config.maml` over `default_config()`, checked; unknown keys get a did-you-mean."""
-  options = dict(default_config().items())
-  for key, value in (config.get("maml") or {}).items():
-    if key not in options:
-      close = difflib.get_close_matches(key, list(options), n=1)
-      hint = f" (did you mean {close[0]!r}?)" if close else ""
-      raise ConfigError(f"unknown option --config.maml.{key}{hint}; valid options: "
-                        f"{', '.join(options)}")
-    options[key] = value
+  options = config_section(config, "maml", default_config())
   check_positive_int(options["inner_steps"], "maml.inner_steps", minimum=0)
   check_positive_int(options["eval_inner_steps"], "maml.eval_inner_steps", minimum=0,
                      allow_none=True)
