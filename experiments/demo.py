@@ -1,10 +1,20 @@
-"""The main job (`make demo`): pretrain on digits 0–4, transfer to few-shot digits 5–9 three ways.
+"""The main job (`make demo`): pretrain, then transfer to few-shot handwritten digits 5–9 three ways,
+against two classifiers on raw pixels.
 
-  python -m experiments.demo --workdir=workdirs/demo [--shots=10]
+  python -m experiments.demo --workdir=workdirs/demo [--shots=1] [--source=mixed|handwritten]
 
 Runs, each through the real CLI (`experiments.train`, then `experiments.evaluate` on its checkpoints):
-pretrain → scratch / linear_probe / finetune on K shots per target class. Prints a table (mode,
-trainable parameters, target test accuracy) and writes WORKDIR/plots/transfer_digits.png.
+pretrain → scratch / linear_probe / finetune on K shots per target class. Then fits the raw-pixel
+baselines (`jtl/baselines.py`: logistic regression and 1-nearest-neighbour) on the same K labelled
+examples per class and scores them on the same test split. Prints a table (run, trainable and frozen
+parameters, target test accuracy, test examples) and writes WORKDIR/plots/transfer_digits.png.
+
+Sources (`--source`):
+  mixed        (default) handwritten digits 0–4 plus printed digits 0–9 rendered from fonts
+               (`pretrain_mixed_digits.py`): sim-to-real, the target classes are seen only in print.
+               finetune = transfer_digits.py's DEMO_RECIPE (backbone at 0.3x the learning rate).
+  handwritten  handwritten digits 0–4 only (`pretrain_digits.py`), plain full fine-tuning: the target
+               classes are new, and transfer only matches the raw-pixel baselines.
 """
 import json
 import subprocess
@@ -14,17 +24,24 @@ import time
 from absl import app, flags
 from etils import epath
 
-from jtl import plots
+from experiments.configs import transfer_digits
+from jtl import baselines, data, plots
 from jtl.config import resolve_path
 from jtl.metric_writer import read_jsonl
 
 flags.DEFINE_string("workdir", "workdirs/demo", "Parent folder of the four runs.")
 flags.DEFINE_integer("shots", 1, "Labelled target examples per class.")
+flags.DEFINE_enum("source", "mixed", ["mixed", "handwritten"], "Pretraining data (see the docstring).")
 flags.DEFINE_bool("fresh", True, "Delete earlier runs in --workdir first (False: resume them).")
 FLAGS = flags.FLAGS
 
 CONFIGS = "experiments/configs"
-MODES = ("scratch", "linear_probe", "finetune")
+SOURCES = {  # --source -> (pretraining config, its metric on digits 0-4, description, finetune args)
+    "mixed": ("pretrain_mixed_digits.py", "test/handwritten/accuracy",
+              "handwritten digits 0-4 + printed digits 0-9", transfer_digits.DEMO_RECIPE),
+    "handwritten": ("pretrain_digits.py", "test/accuracy", "handwritten digits 0-4", "mode=finetune"),
+}
+MODES = {"scratch": "mode=scratch", "linear_probe": "mode=linear_probe"}
 
 
 def run(module: str, config: str, workdir: epath.Path) -> None:
@@ -33,17 +50,26 @@ def run(module: str, config: str, workdir: epath.Path) -> None:
   subprocess.run(cmd, check=True, stderr=subprocess.DEVNULL if module.endswith("evaluate") else None)
 
 
+def pixel_rows(shots: int) -> list[tuple[str, float, int]]:
+  """(name, test accuracy, test examples) of each raw-pixel baseline on the transfer runs' data."""
+  data_config = transfer_digits.get_config(f"mode=scratch,shots={shots}").data
+  accuracy = baselines.pixel_baselines(data_config)
+  n = data.num_examples(data_config, data_config.eval_split)
+  return [(name, accuracy[name], n) for name in baselines.NAMES]
+
+
 def main(argv):
   del argv
   root = epath.Path(resolve_path(FLAGS.workdir))
   if FLAGS.fresh and root.exists():
     root.rmtree()
   start = time.time()
+  pretrain_config, pretrain_metric, source_name, finetune_args = SOURCES[FLAGS.source]
   pretrain = root / "pretrain_digits"
-  jobs = [("pretrain", f"{CONFIGS}/pretrain_digits.py", pretrain)]
-  for mode in MODES:
-    jobs.append((mode, f"{CONFIGS}/transfer_digits.py:mode={mode},shots={FLAGS.shots},"
-                       f"pretrain={pretrain}", root / mode))
+  jobs = [("pretrain", f"{CONFIGS}/{pretrain_config}", pretrain)]
+  for name, args in {**MODES, "finetune": finetune_args}.items():
+    jobs.append((name, f"{CONFIGS}/transfer_digits.py:{args},shots={FLAGS.shots},pretrain={pretrain}",
+                 root / name))
   for _, config, workdir in jobs:
     run("experiments.train", config, workdir)
     run("experiments.evaluate", config, workdir)
@@ -52,15 +78,18 @@ def main(argv):
   for name, _, workdir in jobs:
     evals = read_jsonl(workdir / "eval_metrics.jsonl")
     counts = json.loads((workdir / "params.json").read_text())
-    rows.append((name, counts["trainable"], counts["frozen"], evals[-1]["test/accuracy"],
-                 evals[-1]["test/num_examples"]))
+    metric = pretrain_metric if name == "pretrain" else "test/accuracy"
+    rows.append((name, f"{counts['trainable']:,}", f"{counts['frozen']:,}", evals[-1][metric],
+                 evals[-1][metric.replace("accuracy", "num_examples")]))
     if name != "pretrain":
       series[name] = [(r["step"], r["test/accuracy"]) for r in evals]
-  print(f"\nfew-shot transfer on digits 5-9 ({FLAGS.shots} labelled examples per class); "
-        "pretrain = source task digits 0-4")
-  print(f"{'run':<14}{'trainable':>11}{'frozen':>9}{'test acc':>10}{'examples':>10}")
+  rows[1:1] = [(name, "-", "-", acc, n) for name, acc, n in pixel_rows(FLAGS.shots)]
+  print(f"\nfew-shot transfer on handwritten digits 5-9 ({FLAGS.shots} labelled examples per class); "
+        f"pretrain = {source_name} (its row: test accuracy on handwritten 0-4); pixels_* = "
+        "classifiers on raw pixels")
+  print(f"{'run':<15}{'trainable':>11}{'frozen':>9}{'test acc':>10}{'examples':>10}")
   for name, trainable, frozen, acc, n in rows:
-    print(f"{name:<14}{trainable:>11,}{frozen:>9,}{acc:>10.3f}{n:>10}")
+    print(f"{name:<15}{trainable:>11}{frozen:>9}{acc:>10.3f}{n:>10}")
   plot = plots.curves(series, title=f"digits 5-9, {FLAGS.shots} shots/class",
                       ylabel="test accuracy", path=root / "plots" / "transfer_digits.png")
   print(f"\nplot: {plot}\ntotal time: {time.time() - start:.0f}s")

@@ -2,15 +2,18 @@
 
   python -m experiments.transfer_table --workdir=/tmp/jtl/table [--shots=1,2,5] [--seeds=0,1,2]
 
-Pretrains once (digits 0–4), then trains each mode of transfer_digits.py on digits 5–9 in-process and
-prints a Markdown table of mean (min–max) test accuracy. The README's transfer table comes from it.
+Pretrains twice: on handwritten digits 0–4 (`pretrain_digits.py`) and on handwritten 0–4 plus printed
+0–9 (`pretrain_mixed_digits.py`, the demo's source). Then, on digits 5–9, it scores the raw-pixel
+baselines (`jtl/baselines.py`, on the same labelled examples and test split) and trains each
+variant of transfer_digits.py in-process, and prints a Markdown table of mean (min–max) test accuracy.
+The README's transfer table comes from it.
 """
 import numpy as np
 from absl import app, flags, logging
 from etils import epath
 
-from experiments.configs import pretrain_digits, transfer_digits
-from jtl import evaluate, train
+from experiments.configs import pretrain_digits, pretrain_mixed_digits, transfer_digits
+from jtl import baselines, evaluate, train
 from jtl.metric_writer import read_jsonl
 
 flags.DEFINE_string("workdir", "/tmp/jtl/transfer_table", "Where the runs go (reused if present).")
@@ -18,40 +21,69 @@ flags.DEFINE_list("shots", ["1", "2", "5"], "Labelled examples per class.")
 flags.DEFINE_list("seeds", ["0", "1", "2"], "shots_seed values (which examples are labelled).")
 FLAGS = flags.FLAGS
 
-VARIANTS = {  # name -> transfer_digits.py arguments
-    "scratch": "mode=scratch",
-    "linear_probe": "mode=linear_probe",
-    "finetune (default)": "mode=finetune",
-    "finetune, backbone lr x0.1": "mode=finetune,backbone_lr=0.1",
-    "finetune, top stage re-initialised": "mode=finetune,reinit_stages=1",
+SOURCES = {  # name -> (pretraining config, the eval metric that scores it)
+    "handwritten": (pretrain_digits, "test/accuracy"),
+    "mixed": (pretrain_mixed_digits, "test/handwritten/accuracy"),
+}
+VARIANTS = {  # name -> (source, transfer_digits.py arguments); source None: no pretraining
+    "scratch": (None, "mode=scratch"),
+    "linear_probe": ("handwritten", "mode=linear_probe"),
+    "finetune (old default)": ("handwritten", "mode=finetune"),
+    "finetune, backbone lr x0.1": ("handwritten", "mode=finetune,backbone_lr=0.1"),
+    "finetune, backbone lr x0.3": ("handwritten", "mode=finetune,backbone_lr=0.3"),
+    "finetune, top stage re-initialised": ("handwritten", "mode=finetune,reinit_stages=1"),
+    "mixed source: linear_probe": ("mixed", "mode=linear_probe"),
+    "mixed source: finetune": ("mixed", "mode=finetune"),
+    "mixed source: finetune, backbone lr x0.3 (demo)": ("mixed", transfer_digits.DEMO_RECIPE),
 }
 
 
-def accuracy(config, workdir: epath.Path) -> float:
+def accuracy(config, workdir: epath.Path, key: str = "test/accuracy") -> float:
   config.mesh.axes = (("data", 1),)
   train.train(config, str(workdir))
   evaluate.evaluate_checkpoints(config, str(workdir))
-  return read_jsonl(workdir / "eval_metrics.jsonl")[-1]["test/accuracy"]
+  return read_jsonl(workdir / "eval_metrics.jsonl")[-1][key]
+
+
+def cell(accs: list[float]) -> str:
+  return f"{np.mean(accs):.3f} ({min(accs):.2f}–{max(accs):.2f})"
 
 
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   root = epath.Path(FLAGS.workdir)
-  pretrain = root / "pretrain"
-  print(f"pretrain (digits 0-4) test accuracy: {accuracy(pretrain_digits.get_config(), pretrain):.3f}")
   shots = [int(k) for k in FLAGS.shots]
+  seeds = [int(s) for s in FLAGS.seeds]
+  pretrained = {}
+  for name, (module, key) in SOURCES.items():
+    pretrained[name] = root / f"pretrain_{name}"
+    print(f"pretrain {name}: digits 0-4 test accuracy "
+          f"{accuracy(module.get_config(), pretrained[name], key):.3f}", flush=True)
+
+  def target_config(args: str, k: int, seed: int, source: str | None):
+    pretrain = pretrained[source] if source else "none"
+    config = transfer_digits.get_config(f"{args},shots={k},pretrain={pretrain}")
+    config.data.shots_seed = seed
+    return config
+
   print("\n| target 5-9, test accuracy | " + " | ".join(f"{k} shot{'s' * (k > 1)}" for k in shots) + " |")
   print("|---|" + "---|" * len(shots))
-  for name, args in VARIANTS.items():
+  pixels = {name: [] for name in baselines.NAMES}
+  for k in shots:
+    per_seed = [baselines.pixel_baselines(target_config("mode=scratch", k, s, None).data)
+                for s in seeds]
+    for name in baselines.NAMES:
+      pixels[name].append(cell([r[name] for r in per_seed]))
+  for name, cells in pixels.items():
+    print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
+  for name, (source, args) in VARIANTS.items():
     cells = []
     for k in shots:
-      accs = []
-      for seed in FLAGS.seeds:
-        config = transfer_digits.get_config(f"{args},shots={k},pretrain={pretrain}")
-        config.data.shots_seed = int(seed)
-        accs.append(accuracy(config, root / f"{args.replace(',', '_')}_k{k}_s{seed}"))
-      cells.append(f"{np.mean(accs):.3f} ({min(accs):.2f}–{max(accs):.2f})")
+      accs = [accuracy(target_config(args, k, s, source),
+                       root / f"{source or 'none'}_{args.replace(',', '_')}_k{k}_s{s}")
+              for s in seeds]
+      cells.append(cell(accs))
     print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
 
 
