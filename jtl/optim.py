@@ -77,7 +77,8 @@ def make_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> Callable[
   """Learning-rate schedule: linear warmup, then constant, cosine or step decay."""
   warmup = int(cfg.get("warmup_steps", 0))
   if warmup >= total_steps and cfg.schedule != "constant":
-    raise ConfigError(f"optim.warmup_steps={warmup} must be < total_steps={total_steps}; lower it")
+    raise ConfigError(f"optim.warmup_steps={warmup} must be < total_steps={total_steps}; lower it "
+                      "(--config.optim.warmup_steps, e.g. 0 for a short run)")
   decay_steps = max(total_steps - warmup, 1)
   if cfg.schedule == "constant":
     main = optax.constant_schedule(cfg.lr)
