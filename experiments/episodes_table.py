@@ -21,7 +21,8 @@ import time
 from absl import app, flags, logging
 from etils import epath
 
-from experiments.configs import maml_digits, pretrain_digits, protonet_digits
+from experiments.configs import (maml_digits, pretrain_digits, protonet_digits, simclr_digits,
+                                 supcon_digits)
 from jtl import evaluate, train
 from jtl.config import resolve_path
 from jtl.metric_writer import read_jsonl
@@ -38,6 +39,8 @@ RUNS = {  # row name -> (config module, config argument)
     "maml (second order)": (maml_digits, "order=2"),
     "fomaml (first order)": (maml_digits, "order=1"),
     "anil (head adapts)": (maml_digits, "inner=head"),
+    "simclr (contrastive)": (simclr_digits, None),
+    "supcon (contrastive)": (supcon_digits, None),
 }
 
 
