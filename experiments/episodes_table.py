@@ -10,7 +10,9 @@ checkpoint. The rows:
                          prototypes on its frozen backbone features;
   protonet               `protonet_digits.py`, nearest prototypes on its encoder;
   maml / fomaml / anil   `maml_digits.py` with order=2, order=1 and inner=head, each adapting on
-                         the test episode's support set as in training.
+                         the test episode's support set as in training;
+  simclr / supcon        `simclr_digits.py`, `supcon_digits.py`: nearest prototypes on the frozen
+                         features of a contrastive encoder.
 Each run trains in-process through `jtl.train.train` on one device, in WORKDIR/<run>. The table
 reports training seconds too (wall clock on this machine, compilation included).
 """
