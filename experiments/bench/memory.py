@@ -1,11 +1,12 @@
 """Benchmark: memory and time of mixed precision, gradient accumulation and rematerialisation; the
 compilation cache's cold vs warm first step.
 
-  python -m experiments.bench.memory [--model=resnet_small] [--image_size=32] [--batch_size=128]
+  python -m experiments.bench.memory [--model=resnet_small] [--image_size=16] [--batch_size=64]
 
 Per variant of the real jtl train step (one CPU device): the compiled step's temporary memory (XLA's
 memory analysis: activations and workspace) and step time (interleaved rounds, medians), relative to
-the float32 baseline. Then the first step of a fresh process (compile included) with an empty
+the float32 baseline (on CPU the accumulation variant is slow: XLA:CPU runs convolutions inside its
+loop ~20x slower; see the README). Then the first step of a fresh process (compile included) with an empty
 compilation cache and again with the cache it left. The last line is one JSON object of ratios.
 """
 from __future__ import annotations
@@ -26,8 +27,8 @@ from jtl import data, train
 from jtl.sharding import to_global
 
 flags.DEFINE_string("model", "resnet_small", "Registry model.")
-flags.DEFINE_integer("image_size", 32, "Digits resized to this side.")
-flags.DEFINE_integer("batch_size", 128, "Global batch size (the accumulation variant uses 4x).")
+flags.DEFINE_integer("image_size", 16, "Digits resized to this side.")
+flags.DEFINE_integer("batch_size", 64, "Global batch size (the accumulation variant uses 4x).")
 flags.DEFINE_integer("rounds", 3, "Interleaved timing rounds.")
 flags.DEFINE_integer("steps", 5, "Steps per round.")
 flags.DEFINE_bool("child", False, "Internal: time one first step in this process.")
