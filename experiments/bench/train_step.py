@@ -8,6 +8,8 @@ so machine load cancels out:
   frozen_vs_full_step_time  linear-probe step / full fine-tune step
   frozen_vs_full_flops      compiled FLOPs, linear probe / full
   pipeline_vs_synthetic     steps/s fed by the real TFDS pipeline / fed by one in-memory batch
+  full_roofline_fraction    the full step's achieved FLOP/s / this device's matmul peak
+  probe_roofline_fraction   the same for the linear-probe step (experiments/bench/roofline.py)
 The last line printed is one JSON object with these figures.
 """
 from __future__ import annotations
@@ -21,6 +23,7 @@ import numpy as np
 import optax
 from absl import app, flags
 
+from experiments.bench import roofline
 from experiments.configs import pretrain_digits
 from jtl import data, losses, sharding, train
 
@@ -135,6 +138,9 @@ def main(argv):
       "frozen_vs_full_flops": flops["probe"] / flops["full"],
       "pipeline_vs_synthetic": float(np.median(real_rates) / np.median(synth_rates)),
   }
+  peak = roofline.matmul_peak()
+  for name, key in (("full", "jtl step (full)"), ("probe", "jtl step (linear probe)")):
+    figures[f"{name}_roofline_fraction"] = roofline.fraction(flops[name], times[key], peak)
   print(f"model={FLAGS.model} batch={FLAGS.batch_size} image={first['image'].shape[1:]} "
         f"devices={jax.device_count()} "
         f"({jax.devices()[0].platform}), medians of {FLAGS.rounds} interleaved rounds")
@@ -145,6 +151,9 @@ def main(argv):
   print(f"{'compiled GFLOPs probe':<28}{flops['probe'] / 1e9:>10.3f}")
   print(f"{'steps/s real pipeline':<28}{np.median(real_rates):>10.1f}")
   print(f"{'steps/s in-memory batch':<28}{np.median(synth_rates):>10.1f}")
+  print(f"{'matmul peak GFLOP/s':<28}{peak / 1e9:>10.1f}")
+  print(f"{'full: fraction of peak':<28}{figures['full_roofline_fraction']:>10.3f}")
+  print(f"{'probe: fraction of peak':<28}{figures['probe_roofline_fraction']:>10.3f}")
   print(json.dumps({k: round(v, 4) for k, v in figures.items()}))
 
 
