@@ -1,11 +1,16 @@
-"""Small, fast configs for trainer tests (the embedded digits, a few steps)."""
+"""Small, fast configs for trainer tests (the embedded digits, a few steps), and a few steps of the
+real trainer on them."""
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
+import jax
 import ml_collections
 
 from experiments.configs import pretrain_digits, transfer_digits
+from jtl import data, train
+from jtl.sharding import to_global
 
 
 def digits_config(transfer_mode: str | None = None, **overrides: Any) -> ml_collections.ConfigDict:
@@ -25,3 +30,32 @@ def digits_config(transfer_mode: str | None = None, **overrides: Any) -> ml_coll
   config.optim.warmup_steps = 2
   config.update_from_flattened_dict({k.replace("__", "."): v for k, v in overrides.items()})
   return config
+
+
+def fixed_batch(config):
+  return next(data.train_iterator(config.data, global_batch_size=config.batch_size, seed=123))
+
+
+def steps_on(config, variables, num_steps=3):
+  """`num_steps` trainer steps from `variables` (host arrays) on the config's mesh; returns the
+  final (params, model_state, loss) on the host."""
+  batches = data.train_iterator(config.data, global_batch_size=config.batch_size, seed=config.seed)
+  first = next(batches)
+  s = train.setup(config, first)
+  if variables is None:
+    variables = jax.device_get(train.fresh_variables(s))
+  state = train.initial_state(s, *variables)
+  step = train.make_train_step(s)
+  for batch in itertools.islice(itertools.chain([first], batches), num_steps):
+    state, metrics = step(state, to_global(batch, s.batch_sharding))
+  return variables, jax.device_get((state.params, state.model_state, metrics["loss"]))
+
+
+def loss_before_and_after(config, final_state):
+  """The training loss (same batch, same rng) at the fresh init and at `final_state`."""
+  s = train.setup(config, fixed_batch(config))
+  batch = jax.device_put(fixed_batch(config))
+  loss = jax.jit(lambda p, ms: s.objective.loss(p, ms, batch, jax.random.key(7),
+                                            trainable=s.trainable)[0])
+  fresh = train.fresh_variables(s)
+  return fresh, float(loss(*fresh)), float(loss(final_state.params, final_state.model_state))

@@ -2,7 +2,6 @@
 plain, captions drawn from the training templates, padding invariance, tokenizer conventions."""
 from __future__ import annotations
 
-import itertools
 import math
 
 import jax
@@ -10,16 +9,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jtl import augment, data, evaluate, masks, train
+from jtl import augment, evaluate, masks, train
 from jtl import text as tokenizer
 from jtl.data import pipeline
 from jtl.errors import ConfigError
 from jtl.models.text import TextTransformer
 from jtl.objectives import build as build_objective
 from jtl.objectives import clip
-from jtl.sharding import to_global
 from tests import test_representation_evaluators as references
-from tests.helpers import digits_config
+from tests.helpers import digits_config, loss_before_and_after, steps_on
 
 STEPS = 6
 
@@ -47,35 +45,6 @@ def clip_config(loss="softmax", **overrides):
                           augment_images=False))
   config.augment = augment.default_config()
   return config
-
-
-def fixed_batch(config):
-  return next(data.train_iterator(config.data, global_batch_size=config.batch_size, seed=123))
-
-
-def steps_on(config, variables, num_steps=3):
-  """`num_steps` trainer steps from `variables` (host arrays) on the config's mesh; returns the
-  final (params, model_state, loss) on the host."""
-  batches = data.train_iterator(config.data, global_batch_size=config.batch_size, seed=config.seed)
-  first = next(batches)
-  s = train.setup(config, first)
-  if variables is None:
-    variables = jax.device_get(train.fresh_variables(s))
-  state = train.initial_state(s, *variables)
-  step = train.make_train_step(s)
-  for batch in itertools.islice(itertools.chain([first], batches), num_steps):
-    state, metrics = step(state, to_global(batch, s.batch_sharding))
-  return variables, jax.device_get((state.params, state.model_state, metrics["loss"]))
-
-
-def loss_before_and_after(config, final_state):
-  """The training loss (same batch, same rng) at the fresh init and at `final_state`."""
-  s = train.setup(config, fixed_batch(config))
-  batch = jax.device_put(fixed_batch(config))
-  loss = jax.jit(lambda p, ms: s.objective.loss(p, ms, batch, jax.random.key(7),
-                                            trainable=s.trainable)[0])
-  fresh = train.fresh_variables(s)
-  return fresh, float(loss(*fresh)), float(loss(final_state.params, final_state.model_state))
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,6 @@
 """SimCLR and SupCon: training, 8 devices == 1, exact resume, transfer init, loss references."""
 from __future__ import annotations
 
-import itertools
 
 import jax
 import jax.numpy as jnp
@@ -9,14 +8,13 @@ import ml_collections
 import numpy as np
 import pytest
 
-from jtl import augment, checkpoint, data, evaluate, masks, train
+from jtl import augment, checkpoint, evaluate, masks, train
 from jtl.data import pipeline
 from jtl.errors import ConfigError
 from jtl.objectives import build as build_objective
 from jtl.objectives import contrastive
-from jtl.sharding import to_global
 from tests import test_representation_evaluators as references
-from tests.helpers import digits_config
+from tests.helpers import digits_config, fixed_batch, loss_before_and_after, steps_on
 
 STEPS = 6
 
@@ -43,35 +41,6 @@ def contrastive_config(objective="simclr", **overrides):
   return config
 
 
-def fixed_batch(config):
-  return next(data.train_iterator(config.data, global_batch_size=config.batch_size, seed=123))
-
-
-def steps_on(config, variables, num_steps=3):
-  """`num_steps` trainer steps from `variables` (host arrays) on the config's mesh; returns the
-  final (params, model_state, loss) on the host."""
-  batches = data.train_iterator(config.data, global_batch_size=config.batch_size, seed=config.seed)
-  first = next(batches)
-  s = train.setup(config, first)
-  if variables is None:
-    variables = jax.device_get(train.fresh_variables(s))
-  state = train.initial_state(s, *variables)
-  step = train.make_train_step(s)
-  for batch in itertools.islice(itertools.chain([first], batches), num_steps):
-    state, metrics = step(state, to_global(batch, s.batch_sharding))
-  return variables, jax.device_get((state.params, state.model_state, metrics["loss"]))
-
-
-def loss_before_and_after(config, final_state):
-  """The training loss (same batch, same rng) at the fresh init and at `final_state`."""
-  s = train.setup(config, fixed_batch(config))
-  batch = jax.device_put(fixed_batch(config))
-  loss = jax.jit(lambda p, ms: s.objective.loss(p, ms, batch, jax.random.key(7),
-                                            trainable=s.trainable)[0])
-  fresh = train.fresh_variables(s)
-  return float(loss(*fresh)), float(loss(final_state.params, final_state.model_state))
-
-
 @pytest.fixture(scope="module")
 def simclr_run(tmp_path_factory):
   """SimCLR trained STEPS steps on 8 devices: (config, workdir, final state)."""
@@ -82,7 +51,7 @@ def simclr_run(tmp_path_factory):
 
 def test_simclr_loss_decreases_and_params_are_laid_out_like_a_classifier(simclr_run):
   config, _, state = simclr_run
-  before, after = loss_before_and_after(config, state)
+  _, before, after = loss_before_and_after(config, state)
   assert after < before - 0.05, (before, after)
   paths = masks.leaf_paths(state.params, "params")
   assert "params/backbone/stage1/conv/kernel" in paths
@@ -177,7 +146,7 @@ def test_knn_and_probe_from_the_checkpoint_equal_numpy_references(simclr_run):
 def test_supcon_trains(tmp_path):
   config = contrastive_config("supcon")  # the online probe stays: SimCLR's init program, cached
   state = train.train(config, str(tmp_path))
-  before, after = loss_before_and_after(config, state)
+  _, before, after = loss_before_and_after(config, state)
   assert after < before - 0.05, (before, after)
 
 
