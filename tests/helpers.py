@@ -7,6 +7,7 @@ from typing import Any
 
 import jax
 import ml_collections
+import pytest
 
 from experiments.configs import pretrain_digits, transfer_digits
 from jtl import data, train
@@ -59,3 +60,15 @@ def loss_before_and_after(config, final_state):
                                             trainable=s.trainable)[0])
   fresh = train.fresh_variables(s)
   return fresh, float(loss(*fresh)), float(loss(final_state.params, final_state.model_state))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compile_fast():
+  """XLA's `jax_disable_most_optimizations` for the module that imports it: these programs run a few steps
+  on tiny shapes, so on 2 cores optimising them costs far more than running them. Both sides of
+  every comparison compile alike; repeated programs (a resumed run's step, one init under two
+  losses) come from the session's persistent compilation cache (tests/conftest.py)."""
+  previous = jax.config.values["jax_disable_most_optimizations"]
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", previous)

@@ -17,21 +17,10 @@ from jtl.models.text import TextTransformer
 from jtl.objectives import build as build_objective
 from jtl.objectives import clip
 from tests import test_representation_evaluators as references
+from tests.helpers import compile_fast  # noqa: F401  (autouse: this module compiles fast)
 from tests.helpers import digits_config, loss_before_and_after, steps_on
 
 STEPS = 6
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compile_fast():
-  """XLA's `jax_disable_most_optimizations` for this module only: these programs run a few steps
-  on tiny shapes, so on 2 cores optimising them costs far more than running them. Both sides of
-  every comparison compile alike; repeated programs (a resumed run's step, one init under two
-  losses) come from the session's persistent compilation cache (tests/conftest.py)."""
-  previous = jax.config.values["jax_disable_most_optimizations"]
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", previous)
 
 
 def clip_config(loss="softmax", **overrides):

@@ -13,6 +13,7 @@ from jtl import evaluators
 from jtl import text as tokenizer
 from jtl.errors import ConfigError
 from jtl.evaluators import representation as rep
+from tests.helpers import compile_fast  # noqa: F401  (autouse: this module compiles fast)
 from tests.helpers import digits_config
 
 
@@ -23,16 +24,6 @@ def clusters(seed, n_per_class, num_classes=5, dim=12, spread=0.1):
   labels = np.repeat(np.arange(num_classes), n_per_class)
   feats = centres[labels] + spread * rng.randn(len(labels), dim)
   return feats.astype(np.float32), labels.astype(np.int32)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compile_fast():
-  """XLA's `jax_disable_most_optimizations` for this module only: the probes run once on tiny
-  arrays, so on 2 cores optimising their programs costs more than running them."""
-  previous = jax.config.values["jax_disable_most_optimizations"]
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", previous)
 
 
 # ---- plain numpy references ----------------------------------------------------------------------
