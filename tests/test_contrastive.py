@@ -15,7 +15,8 @@ from jtl.objectives import build as build_objective
 from jtl.objectives import contrastive
 from tests import test_representation_evaluators as references
 from tests.helpers import compile_fast  # noqa: F401  (autouse: this module compiles fast)
-from tests.helpers import digits_config, fixed_batch, loss_before_and_after, steps_on
+from tests.helpers import (assert_mesh_equals_one_device, digits_config, fixed_batch,
+                           loss_before_and_after)
 
 STEPS = 6
 
@@ -53,12 +54,7 @@ def test_simclr_eight_devices_equal_one_device(simclr_run):
   """Three trainer steps from the same variables on 8 devices and on 1 (loss, params and BatchNorm
   statistics within 1e-5). The 8-device programs are the fixture run's, from the cache."""
   config, _, _ = simclr_run
-  one_device = config.copy_and_resolve_references()
-  one_device.mesh.axes = (("data", 1),)
-  variables, eight = steps_on(config, None)
-  _, one = steps_on(one_device, variables)
-  for a, b in zip(jax.tree.leaves(eight), jax.tree.leaves(one)):
-    np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+  assert_mesh_equals_one_device(config)
 
 
 def test_simclr_resume_is_exact(simclr_run, tmp_path, monkeypatch):
