@@ -14,7 +14,7 @@ Conventions
 - T is static; every method returns [1.] for T = 1 (one task: the plain gradient).
 - Weights are constants for differentiation (stop_gradient on G), as in every reference implementation.
 - Where a method solves with G, G is symmetrised, divided by its mean diagonal s (the weights do not
-  depend on the gradients' scale) and regularised by `_REG` I (a tiny multiple of the trace), so zero
+  depend on the gradients' scale) and regularised by `gram_solvers.REG` I (a tiny multiple of the trace), so zero
   or duplicate gradients give finite weights.
 - Matmuls run at full float32 precision (never TF32 or bfloat16 passes); the Gram matrix given to
   them should be computed the same way (`precision="highest"`).
@@ -42,11 +42,9 @@ import jax
 import jax.numpy as jnp
 
 from jtl.errors import ConfigError
+from jtl.multitask import gram_solvers as gs
 
 Metrics = dict[str, jax.Array]
-
-_REG = 1e-6  # relative to a unit mean diagonal: above float32 rounding, far below any real signal
-
 
 def _is_int(v: Any, low: int) -> bool:
   return isinstance(v, int) and not isinstance(v, bool) and v >= low
@@ -85,92 +83,6 @@ def _check_options(method: str, options: dict[str, Any]) -> None:
                         f"{requirement}")
 
 
-def _as_gram(gram: jax.Array) -> jax.Array:
-  gram = jax.lax.stop_gradient(jnp.asarray(gram))
-  if gram.ndim != 2 or gram.shape[0] != gram.shape[1]:
-    raise ValueError(f"gram must be a square [T, T] matrix, got shape {gram.shape}")
-  gram = gram.astype(jnp.promote_types(gram.dtype, jnp.float32))
-  return 0.5 * (gram + gram.T)
-
-
-def _normalized(gram: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """(G / s + _REG I, s), s the mean diagonal; all-zero gradients give the identity (any w will do)."""
-  n = gram.shape[0]
-  scale = jnp.trace(gram) / n
-  ok = scale > jnp.finfo(gram.dtype).tiny
-  eye = jnp.eye(n, dtype=gram.dtype)
-  return jnp.where(ok, gram / jnp.where(ok, scale, 1.0), eye) + _REG * eye, jnp.where(ok, scale, 1.0)
-
-
-def _iterations(max_iterations: int | None, n: int) -> int:
-  # Lawson-Hanson takes about one step per positive entry (measured: at most 1.25 T on random problems).
-  return 4 * n + 10 if max_iterations is None else max_iterations
-
-
-def _nnls(a: jax.Array, b: jax.Array, max_iterations: int,
-          passive: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """argmin_{u >= 0} u^T A u / 2 - b^T u for positive definite A: (u, passive set, iterations).
-
-  Lawson & Hanson's active-set NNLS (Solving Least Squares Problems, 1974, ch. 23) on the normal
-  equations, so it needs only A = J J^T. It is exact once the active set is right. A multiplier counts
-  as positive only above the float rounding of b - A u, so noise never enters the active set. `passive`
-  warm-starts from a guessed support: u = 0 and an infeasible guess shrinks until it is feasible.
-  """
-  n = b.shape[0]
-  noise = 10 * n * jnp.finfo(a.dtype).eps
-
-  def body(state):
-    u, passive, it, _ = state
-    block = passive[:, None] & passive[None, :]
-    matrix = jnp.where(block, a, 0.0) + jnp.diag(jnp.where(passive, 0.0, 1.0))
-    s = jnp.where(passive, jnp.linalg.solve(matrix, jnp.where(passive, b, 0.0)), 0.0)
-    feasible = jnp.all(~passive | (s > 0))
-    # Feasible: accept s and free the index whose multiplier most clearly wants to grow.
-    violation = jnp.where(passive, -jnp.inf,
-                          b - a @ s - noise * (jnp.abs(b) + jnp.abs(a) @ jnp.abs(s)))
-    j = jnp.argmax(violation)
-    grow = violation[j] > 0
-    # Infeasible: move from u towards s until the first passive coordinate hits zero; release it.
-    blocking = passive & (s <= 0)
-    gap = jnp.where(blocking, u - s, 1.0)
-    ratio = jnp.where(blocking, u / jnp.where(gap > 0, gap, 1.0), jnp.inf)
-    step = jnp.min(ratio)
-    u_step = u + jnp.where(jnp.isfinite(step), step, 0.0) * (s - u)
-    release = blocking & ((ratio <= step) | (u_step <= 0))
-    new_u = jnp.where(feasible, s, jnp.where(release, 0.0, jnp.maximum(u_step, 0.0)))
-    new_passive = jnp.where(feasible, passive | (grow & (jnp.arange(n) == j)), passive & ~release)
-    return new_u, new_passive, it + 1, feasible & ~grow
-
-  passive = jnp.zeros(n, bool) if passive is None else passive
-  state = (jnp.zeros_like(b), passive, jnp.zeros((), jnp.int32), jnp.zeros((), bool))
-  u, passive, iterations, _ = jax.lax.while_loop(
-      lambda s: ~s[3] & (s[2] < max_iterations), body, state)
-  return u, passive, iterations
-
-
-def _min_norm_weights(unit: jax.Array, max_iterations: int,
-                      passive: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """argmin_{w in simplex} w^T G w for a normalised, regularised G: (w, support, iterations).
-
-  One NNLS: min_{u >= 0} |J^T u|^2 + (1 - 1^T u)^2 is solved by u* = w* / (1 + |g_w*|^2), because for
-  u = s w its minimum over s is |g_w|^2 / (1 + |g_w|^2), increasing in |g_w|^2; so w* = u* / 1^T u*.
-  """
-  n = unit.shape[0]
-  u, passive, iterations = _nnls(unit + 1.0, jnp.ones(n, unit.dtype), max_iterations, passive)
-  total = jnp.sum(u)
-  return jnp.where(total > 0, u / jnp.where(total > 0, total, 1.0), 1.0 / n), passive, iterations
-
-
-def _full_precision(fn: Callable[..., Any]) -> Callable[..., Any]:
-  """Traces `fn` with float32 matmuls: JAX's default may use TF32 (GPU) or bfloat16 (TPU) passes, far
-  too coarse for the cancellations in these small solves."""
-  @functools.wraps(fn)
-  def wrapped(*args, **kwargs):
-    with jax.default_matmul_precision("highest"):
-      return fn(*args, **kwargs)
-  return wrapped
-
-
 def _one_task(gram: jax.Array) -> tuple[jax.Array, Metrics]:
   return jnp.ones((1,), gram.dtype), {}
 
@@ -183,9 +95,9 @@ def pcgrad_orders(key: jax.Array, num_tasks: int) -> jax.Array:
   return jnp.argsort(draws, axis=1)[:, :num_tasks - 1]
 
 
-@_full_precision
+@gs.full_precision
 def _pcgrad(gram: jax.Array, key: jax.Array) -> tuple[jax.Array, Metrics]:
-  gram = _as_gram(gram)
+  gram = gs.as_gram(gram)
   n = gram.shape[0]
   if n == 1:
     return _one_task(gram)
@@ -213,19 +125,19 @@ def pcgrad(gram: jax.Array, key: jax.Array) -> jax.Array:
   return _pcgrad(gram, key)[0]
 
 
-@_full_precision
+@gs.full_precision
 def _mgda(gram: jax.Array, max_iterations: int | None = None) -> tuple[jax.Array, Metrics]:
   _check_options("mgda", {"max_iterations": max_iterations})
-  gram = _as_gram(gram)
+  gram = gs.as_gram(gram)
   n = gram.shape[0]
   if n == 1:
     return _one_task(gram)
-  unit, _ = _normalized(gram)
+  unit, _ = gs.normalized(gram)
   if n == 2:  # the closed form of the two-point problem (Sener & Koltun 2018, Alg. 1)
     w1 = jnp.clip((unit[1, 1] - unit[0, 1]) / (unit[0, 0] + unit[1, 1] - 2 * unit[0, 1]), 0.0, 1.0)
     w, iterations = jnp.stack([w1, 1.0 - w1]), jnp.zeros((), jnp.int32)
   else:
-    w, _, iterations = _min_norm_weights(unit, _iterations(max_iterations, n))
+    w, _, iterations = gs.min_norm_weights(unit, gs.iterations(max_iterations, n))
   return w, {"min_norm": jnp.sqrt(jnp.maximum(w @ gram @ w, 0.0)),
              "solver_iterations": iterations.astype(jnp.float32)}
 
@@ -237,12 +149,12 @@ def mgda(gram: jax.Array, max_iterations: int | None = None) -> jax.Array:
   return _mgda(gram, max_iterations)[0]
 
 
-@_full_precision
+@gs.full_precision
 def _cagrad(gram: jax.Array, c: float = 0.5, rescale: int = 1, bisection_steps: int = 32,
             max_iterations: int | None = None) -> tuple[jax.Array, Metrics]:
   _check_options("cagrad", {"c": c, "rescale": rescale, "bisection_steps": bisection_steps,
                             "max_iterations": max_iterations})
-  gram = _as_gram(gram)
+  gram = gs.as_gram(gram)
   n = gram.shape[0]
   if n == 1:
     return _one_task(gram)
@@ -250,7 +162,7 @@ def _cagrad(gram: jax.Array, c: float = 0.5, rescale: int = 1, bisection_steps: 
   mean = jnp.full((n,), 1.0 / n, gram.dtype)
   if c == 0:
     return mean / denominator, {}
-  unit, scale = _normalized(gram)
+  unit, scale = gs.normalized(gram)
   g_dot_g0 = unit @ mean
   g0_sq = jnp.maximum(mean @ g_dot_g0, 0.0)
   radius = c * jnp.sqrt(g0_sq)  # sqrt(phi) = c |g0|
@@ -270,9 +182,9 @@ def _cagrad(gram: jax.Array, c: float = 0.5, rescale: int = 1, bisection_steps: 
     t = jnp.where(k == 0, hi, 0.5 * (lo + hi))
     shift = t / safe_radius
     shifted = unit + shift * (g_dot_g0[:, None] + g_dot_g0[None, :]) + shift ** 2 * g0_sq
-    shifted = shifted / (jnp.trace(shifted) / n) + _REG * jnp.eye(n, dtype=unit.dtype)
+    shifted = shifted / (jnp.trace(shifted) / n) + gs.REG * jnp.eye(n, dtype=unit.dtype)
     # Warm start from the last support: it barely moves between bisection steps.
-    w_t, passive, _ = _min_norm_weights(shifted, _iterations(max_iterations, n), passive)
+    w_t, passive, _ = gs.min_norm_weights(shifted, gs.iterations(max_iterations, n), passive)
     above = (k == 0) | (t >= norm_of(w_t))
     return (jnp.where(above, lo, t), jnp.where(above, t, hi), jnp.where(above, w_t, w_hi), passive)
 
@@ -297,17 +209,17 @@ def cagrad(gram: jax.Array, c: float = 0.5, rescale: int = 1, bisection_steps: i
   return _cagrad(gram, c, rescale, bisection_steps, max_iterations)[0]
 
 
-@_full_precision
+@gs.full_precision
 def _imtl(gram: jax.Array) -> tuple[jax.Array, Metrics]:
-  gram = _as_gram(gram)
+  gram = gs.as_gram(gram)
   n = gram.shape[0]
   if n == 1:
     return _one_task(gram)
-  unit, scale = _normalized(gram)
-  norms = jnp.sqrt(jnp.maximum(jnp.diag(unit) - _REG, 0.0))
+  unit, scale = gs.normalized(gram)
+  norms = jnp.sqrt(jnp.maximum(jnp.diag(unit) - gs.REG, 0.0))
   # d . u_t = (G alpha)_t / |g_t| is the same for all t  <=>  G alpha = c |g|. The paper's closed form
   # alpha_{2:T} = g_1 U^T (D U^T)^{-1} is this solution normalised to sum alpha = 1. A zero gradient
-  # gets alpha_t = 0: its row of the regularised system reads _REG alpha_t = 0.
+  # gets alpha_t = 0: its row of the regularised system reads gs.REG alpha_t = 0.
   x = jnp.linalg.solve(unit, norms)
   tiny = jnp.finfo(gram.dtype).tiny
   alpha = x / jnp.where(jnp.abs(jnp.sum(x)) > tiny, jnp.sum(x), tiny)
@@ -325,15 +237,15 @@ def imtl_g(gram: jax.Array) -> jax.Array:
   return _imtl(gram)[0]
 
 
-@_full_precision
+@gs.full_precision
 def _nash(gram: jax.Array, max_iterations: int = 50,
           tolerance: float = 1e-5) -> tuple[jax.Array, Metrics]:
   _check_options("nash", {"max_iterations": max_iterations, "tolerance": tolerance})
-  gram = _as_gram(gram)
+  gram = gs.as_gram(gram)
   n = gram.shape[0]
   if n == 1:
     return _one_task(gram)
-  unit, scale = _normalized(gram)
+  unit, scale = gs.normalized(gram)
 
   def residual(alpha):
     return alpha * (unit @ alpha) - 1.0
@@ -374,18 +286,18 @@ def nash_mtl(gram: jax.Array, max_iterations: int = 50, tolerance: float = 1e-5)
   return _nash(gram, max_iterations, tolerance)[0]
 
 
-@_full_precision
+@gs.full_precision
 def _dual_cone_projections(gram: jax.Array,
                            max_iterations: int | None = None) -> tuple[jax.Array, Metrics]:
   _check_options("upgrad", {"max_iterations": max_iterations})
-  gram = _as_gram(gram)
+  gram = gs.as_gram(gram)
   n = gram.shape[0]
-  unit, _ = _normalized(gram)
+  unit, _ = gs.normalized(gram)
 
   # v_i = e_i + u_i with u_i = argmin_{u >= 0} (e_i + u)^T G (e_i + u): an NNLS with b = -G e_i. If g_i
   # conflicts with no other gradient, b <= 0 and u_i = 0 exactly: g_i is its own projection.
   def project(i):
-    u, _, iterations = _nnls(unit, -unit[:, i], _iterations(max_iterations, n))
+    u, _, iterations = gs.nnls(unit, -unit[:, i], gs.iterations(max_iterations, n))
     return u, iterations
 
   u, iterations = jax.vmap(project)(jnp.arange(n))
@@ -404,7 +316,7 @@ def dual_cone_projections(gram: jax.Array, max_iterations: int | None = None) ->
 def _upgrad(gram: jax.Array, max_iterations: int | None = None) -> tuple[jax.Array, Metrics]:
   if jnp.shape(gram)[0] == 1:
     _check_options("upgrad", {"max_iterations": max_iterations})
-    return _one_task(_as_gram(gram))
+    return _one_task(gs.as_gram(gram))
   v, metrics = _dual_cone_projections(gram, max_iterations)
   return jnp.mean(v, axis=0), metrics
 
@@ -421,7 +333,7 @@ def _uniform(method: str, fn: Callable[..., tuple[jax.Array, Metrics]]):
                 **options: Any) -> tuple[jax.Array, Metrics]:
     _check_options(method, options)
     weights, metrics = fn(gram, key) if method == "pcgrad" else fn(gram, **options)
-    conflicts = jnp.sum(jnp.triu(_as_gram(gram) < 0, k=1)).astype(jnp.float32)
+    conflicts = jnp.sum(jnp.triu(gs.as_gram(gram) < 0, k=1)).astype(jnp.float32)
     return weights, {"conflicting_pairs": conflicts, **metrics}
   aggregate.__name__ = aggregate.__qualname__ = method
   aggregate.__doc__ = f"{method}: `(gram [T, T], key, **options) -> (weights [T], scalar metrics)`."
@@ -442,7 +354,7 @@ def make_aggregator(name: str, **options: Any) -> Callable[..., tuple[jax.Array,
   return functools.partial(AGGREGATORS[name], **options)
 
 
-@_full_precision
+@gs.full_precision
 def combine(weights: jax.Array, grads: Any) -> Any:
   """sum_t w_t g_t over the leading [T] axis of an array, or of every leaf of a pytree of them."""
   def one(g):
