@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jtl.errors import ConfigError
+from jtl.models import cpu_ops
 from jtl.models.classifier import Classifier, check_positive_ints, make_classifier
 from jtl.models.layers import BatchNorm, conv_kernel_init
 from jtl.models.registry import register
@@ -24,7 +25,8 @@ from jtl.models.registry import register
 def _conv(features: int, kernel: int, strides: int, dtype: Any, name: str) -> nn.Conv:
   # Symmetric padding kernel // 2, as PyTorch; 'SAME' would pad strided convs asymmetrically.
   return nn.Conv(features, (kernel, kernel), strides=(strides, strides), padding=kernel // 2,
-                 use_bias=False, kernel_init=conv_kernel_init, dtype=dtype, name=name)
+                 use_bias=False, kernel_init=conv_kernel_init, dtype=dtype, name=name,
+                 conv_general_dilated=cpu_ops.conv_general_dilated)
 
 
 class ResidualBlock(nn.Module):
@@ -95,7 +97,7 @@ class ResNet(nn.Module):
       x = _conv(self.width, 3, 1, self.dtype, 'stem_conv')(x)
     x = nn.relu(BatchNorm(dtype=self.dtype, name='stem_bn')(x, train))
     if self.stem == 'imagenet':
-      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+      x = cpu_ops.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     for i, num_blocks in enumerate(self.stage_sizes, start=1):
       for j in range(num_blocks):
         x = block(

@@ -7,6 +7,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from jtl.models import cpu_ops
 from jtl.models.classifier import Classifier, check_positive_ints, make_classifier
 from jtl.models.layers import BatchNorm, conv_kernel_init
 from jtl.models.registry import register
@@ -37,7 +38,8 @@ class ConvBNReLU(nn.Module):
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
     x = nn.Conv(self.features, (3, 3), padding=1, use_bias=False, kernel_init=conv_kernel_init,
-                dtype=self.dtype, name='conv')(x)
+                dtype=self.dtype, conv_general_dilated=cpu_ops.conv_general_dilated,
+                name='conv')(x)
     return nn.relu(BatchNorm(dtype=self.dtype, name='bn')(x, train))
 
 
@@ -53,7 +55,7 @@ class SmallCNN(nn.Module):
     stage = nn.remat(ConvBNReLU, static_argnums=(2,)) if self.remat else ConvBNReLU
     for i, width in enumerate(self.widths):
       if i > 0 and min(x.shape[1:3]) >= 2:
-        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        x = cpu_ops.max_pool(x, (2, 2), strides=(2, 2))
       x = stage(width, dtype=self.dtype, name=f'stage{i + 1}')(x, train)
     return jnp.mean(x, axis=(1, 2))
 

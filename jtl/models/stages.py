@@ -30,7 +30,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jtl.errors import ConfigError
-from jtl.models import registry, resnet, small
+from jtl.models import cpu_ops, registry, resnet, small
 from jtl.models.layers import BatchNorm
 
 STAGED_MODELS = ("mlp", "cnn_small", "resnet_small", "resnet18", "resnet34", "resnet50", "resnet101")
@@ -109,7 +109,7 @@ class StagedCNN(StagedBackbone):
   def stage(self, x: jnp.ndarray, train: bool, k: int) -> jnp.ndarray:
     x = x.astype(self.dtype)
     if k > 1 and min(x.shape[1:3]) >= 2:
-      x = nn.max_pool(x, (2, 2), strides=(2, 2))
+      x = cpu_ops.max_pool(x, (2, 2), strides=(2, 2))
     return small.ConvBNReLU(self.widths[k - 1], dtype=self.dtype, name=f"stage{k}")(x, train)
 
 
@@ -139,7 +139,7 @@ class StagedResNet(StagedBackbone):
       x = resnet._conv(self.width, kernel, strides, self.dtype, "stem_conv")(x)  # the registry's conv
       x = nn.relu(BatchNorm(dtype=self.dtype, name="stem_bn")(x, train))
       if self.stem == "imagenet":
-        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        x = cpu_ops.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     for j in range(self.stage_sizes[k - 1]):
       x = resnet.ResidualBlock(
           features=self.width * 2 ** (k - 1), bottleneck=self.bottleneck,

@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jtl.errors import ConfigError
+from jtl.models import cpu_ops
 from jtl.models.classifier import Classifier, check_positive_ints, make_classifier
 from jtl.models.registry import register
 
@@ -79,6 +80,7 @@ class ViT(nn.Module):
       raise ConfigError(f'image size {x.shape[1]}x{x.shape[2]} is not divisible by patch_size {p}; '
                         'pick a patch_size that divides it (--config.model.patch_size)')
     x = nn.Conv(self.width, (p, p), strides=(p, p), padding='VALID', dtype=self.dtype,
+                conv_general_dilated=cpu_ops.conv_general_dilated,
                 name='patch_embed')(x.astype(self.dtype))
     x = x.reshape(x.shape[0], -1, self.width)
     if self.pool == 'cls':

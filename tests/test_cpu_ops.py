@@ -1,0 +1,134 @@
+"""jtl.models.cpu_ops: the matmul convolution and slices max-pool equal XLA's ops (values and
+gradients), are routed only where documented, and leave a whole model's outputs unchanged."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from jax import lax
+
+from jtl import config as config_lib
+from jtl.errors import ConfigError
+from jtl.models import cpu_ops, resnet
+
+NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+@pytest.fixture(autouse=True)
+def _restore_setting():
+  yield
+  cpu_ops.set_enabled(True)
+
+
+def _random(shape, seed):
+  return jnp.asarray(np.random.default_rng(seed).normal(size=shape), jnp.float32)
+
+
+def _values_and_grads(f, *args, seed=99):
+  out, vjp = jax.vjp(f, *args)
+  return (out,) + vjp(_random(out.shape, seed))
+
+
+# (input NHWC, kernel hw, strides, padding): 1x1 and 2x2 maps where most taps read padding, a tap
+# that reads only padding, strides, asymmetric and string paddings, non-square everything.
+CONV_CASES = [
+    ((2, 1, 1, 5), (3, 3), (1, 1), [(1, 1), (1, 1)]),
+    ((2, 2, 2, 5), (3, 3), (1, 1), "SAME"),
+    ((2, 2, 2, 5), (3, 3), (2, 2), [(1, 1), (1, 1)]),
+    ((3, 4, 4, 6), (3, 3), (2, 2), [(1, 1), (1, 1)]),
+    ((2, 3, 5, 4), (3, 1), (1, 2), "SAME"),
+    ((2, 4, 4, 3), (4, 4), (4, 4), "VALID"),
+    ((2, 2, 2, 5), (5, 5), (1, 1), [(2, 2), (2, 2)]),
+    ((2, 3, 3, 2), (3, 3), (1, 1), [(0, 2), (1, 0)]),
+    ((2, 1, 3, 4), (3, 3), (1, 1), [(3, 3), (1, 1)]),
+    ((2, 8, 8, 3), (1, 1), (2, 2), "VALID"),
+]
+
+
+@pytest.mark.parametrize("shape,k_hw,strides,padding", CONV_CASES)
+def test_conv_as_matmul_equals_xla_conv(shape, k_hw, strides, padding):
+  x, kernel = _random(shape, 0), _random(k_hw + (shape[-1], 7), 1)
+  ref = _values_and_grads(
+      lambda x, k: lax.conv_general_dilated(x, k, strides, padding, dimension_numbers=NHWC), x, kernel)
+  got = _values_and_grads(lambda x, k: cpu_ops.conv_as_matmul(x, k, strides, padding), x, kernel)
+  for r, g in zip(ref, got):
+    assert r.shape == g.shape
+    np.testing.assert_allclose(g, r, atol=2e-5, rtol=1e-5)
+
+
+def _primitives(f, *args):
+  return {eqn.primitive.name for eqn in jax.make_jaxpr(f)(*args).eqns}
+
+
+def test_only_small_maps_become_matmuls():
+  kernel = _random((3, 3, 4, 8), 0)
+
+  def conv(x):
+    return cpu_ops.conv_general_dilated(x, kernel, (1, 1), [(1, 1), (1, 1)],
+                                        dimension_numbers=NHWC)
+  small, large = _random((2, 4, 4, 4), 1), _random((2, 5, 5, 4), 2)  # 16 and 25 output pixels
+  assert "conv_general_dilated" not in _primitives(conv, small)
+  assert "conv_general_dilated" in _primitives(conv, large)
+  grouped = lambda x: cpu_ops.conv_general_dilated(  # noqa: E731
+      x, _random((3, 3, 2, 8), 3), (1, 1), "SAME", dimension_numbers=NHWC, feature_group_count=2)
+  dilated = lambda x: cpu_ops.conv_general_dilated(  # noqa: E731
+      x, kernel, (1, 1), "SAME", rhs_dilation=(2, 2), dimension_numbers=NHWC)
+  assert "conv_general_dilated" in _primitives(grouped, small)
+  assert "conv_general_dilated" in _primitives(dilated, small)
+  cpu_ops.set_enabled(False)  # (read when traced: a new function, not a cached trace)
+  assert "conv_general_dilated" in _primitives(lambda x: conv(x), small)  # noqa: PLW0108
+
+
+@pytest.mark.parametrize("shape,window,strides,padding", [
+    ((2, 8, 8, 3), (2, 2), (2, 2), "VALID"),
+    ((2, 7, 5, 3), (2, 2), (2, 2), "VALID"),
+    ((2, 8, 8, 3), (3, 3), (2, 2), ((1, 1), (1, 1))),
+    ((2, 6, 9, 2), (3, 2), (1, 2), "SAME"),
+])
+def test_max_pool_as_slices_equals_nn_max_pool(shape, window, strides, padding):
+  x = _random(shape, 0)  # continuous values: no ties, where the two gradients may differ
+  ref = _values_and_grads(lambda x: nn.max_pool(x, window, strides=strides, padding=padding), x)
+  got = _values_and_grads(lambda x: cpu_ops.max_pool_as_slices(x, window, strides, padding), x)
+  for r, g in zip(ref, got):
+    np.testing.assert_array_equal(g, r)
+  assert "select_and_scatter_add" not in _primitives(
+      jax.grad(lambda x: cpu_ops.max_pool(x, window, strides, padding).sum()), x)
+
+
+def test_resnet_with_fast_paths_equals_xla_ops():
+  # ImageNet stem on 32x32: 8x8 after the stem's pool, then 4x4, 2x2 and 1x1 maps (matmul route).
+  model = resnet.ResNet(stage_sizes=(1, 1, 1, 1), width=8, stem="imagenet")
+  x = _random((8, 32, 32, 3), 0)
+  variables = model.init(jax.random.key(0), x, train=False)
+
+  def loss(params, x):
+    out, updates = model.apply({**variables, "params": params}, x, train=True,
+                               mutable=["batch_stats"])
+    return jnp.sum(out * jnp.arange(out.shape[-1])), updates
+
+  def run():
+    (value, updates), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(
+        variables["params"], x)
+    return value, updates, grads
+  fast = run()
+  cpu_ops.set_enabled(False)
+  reference = run()
+  # Float32 rounding (summation order differs), relative to each array's scale: gradients that
+  # cancel to near zero differ more than that relative to themselves.
+  for a, b in zip(jax.tree.leaves(fast), jax.tree.leaves(reference)):
+    assert np.max(np.abs(a - b)) <= 2e-5 * np.max(np.abs(b)), np.max(np.abs(a - b))
+  primitives = _primitives(jax.grad(lambda p: loss(p, x)[0]), variables["params"])
+  assert "select_and_scatter_add" in primitives  # XLA's own max-pool gradient, fast paths off
+
+
+def test_setting_is_checked():
+  config = config_lib.prepare(_minimal_config(cpu_fast_paths=False))
+  assert config.cpu_fast_paths is False
+  with pytest.raises(ConfigError, match="--config.cpu_fast_paths"):
+    config_lib.prepare(_minimal_config(cpu_fast_paths="yes"))
+
+
+def _minimal_config(**overrides):
+  from experiments.configs.common import base_config  # noqa: PLC0415
+  return ml_collections.ConfigDict({**base_config().to_dict(), **overrides})
