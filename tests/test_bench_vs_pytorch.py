@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from experiments.bench import vs_pytorch
+from experiments.bench import torch_models, vs_pytorch
 
 # Runs the benchmark's main with torch hidden (an import of it fails) and the given arguments.
 HIDDEN_TORCH_MAIN = """
@@ -55,6 +55,7 @@ def test_bad_arguments_stop_before_torch_is_needed():
 def test_jtl_side_runs_the_real_step():
   side = vs_pytorch.JtlSide("mlp", vs_pytorch.make_batch(8, 8))
   side.compile()
+  assert side.flops > 2 * 8 * side.num_params  # XLA's count: more than the forward matmuls
   metrics = side.run(2)
   assert int(side.state.step) == 2 and np.isfinite(float(metrics["loss"]))
   assert side.num_params == 3 * 8 * 8 * 256 + 256 + 256 * 256 + 256 + 256 * 10 + 10
@@ -86,7 +87,7 @@ def test_torch_mirror_has_jtl_parameter_count(name):
   batch = vs_pytorch.make_batch(2, 32)
   s = train.setup(vs_pytorch.jtl_config(name, 2), batch)
   jtl_count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(s.abstract_state.params))
-  torch_side = vs_pytorch.TorchSide(torch, name, batch)
+  torch_side = torch_models.TorchSide(torch, name, batch)
   assert torch_side.num_params == jtl_count
 
 
@@ -95,7 +96,7 @@ def test_torch_step_and_same_function(name):
   torch = pytest.importorskip("torch")
   batch = vs_pytorch.make_batch(4, 8)
   jtl_side = vs_pytorch.JtlSide(name, batch)
-  torch_side = vs_pytorch.TorchSide(torch, name, batch)
+  torch_side = torch_models.TorchSide(torch, name, batch)
   assert vs_pytorch.max_logit_difference(torch, name, jtl_side, torch_side) < 1e-4
   metrics = torch_side.run(2)
   assert np.isfinite(float(metrics["loss"])) and torch_side.sched.last_epoch == 2

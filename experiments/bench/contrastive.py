@@ -8,13 +8,19 @@ value-and-gradient (w.r.t. both embeddings and the learnable scalars; median of 
 and the compiled per-device temporary memory (`.compile().memory_analysis().temp_size_in_bytes`).
 The plain losses build the [B_local, B] logits per device (XLA all-gathers one side); the chunked
 SigLIP keeps one [B_local, B_local] block at a time, so its memory should tend to ~1/n of the plain
-one for n devices. The last line is one JSON object of ratios measured in this process:
+one for n devices. Roofline: the compiled GFLOPs per call (XLA counts per device; the fake devices
+share the machine's cores, so the count is summed over devices), GFLOP/s and their fraction of the
+float32 matmul peak measured after the timed rounds (experiments/bench/roofline.py). The chunked
+loss is charged plain SigLIP's FLOPs (the same pairwise logits; XLA would count its ring's scan
+body once). The last line is one JSON object of figures measured in this process:
   siglip_chunked_vs_plain_temp_bytes   chunked / plain SigLIP temp memory at the largest B
   siglip_chunked_vs_plain_time         chunked / plain SigLIP time at the largest B
   siglip_plain_temp_growth_per_2x_batch  plain temp memory at the largest B / at the one before it
                                        (the default sizes double: ~4 means quadratic)
   siglip_chunked_temp_growth_per_2x_batch  the same for the chunked loss
   clip_vs_siglip_time                  CLIP (softmax) / SigLIP (sigmoid) plain time, largest B
+  <loss>_roofline_fraction             achieved FLOP/s / matmul peak, each loss at the largest B
+  matmul_peak_gflops                   that peak, in GFLOP/s
 """
 from __future__ import annotations
 
@@ -34,6 +40,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
 
+from experiments.bench import roofline  # noqa: E402
 from jtl.losses import contrastive as cl  # noqa: E402
 
 flags.DEFINE_list("batch_sizes", ["512", "1024", "2048", "4096"], "Global batch sizes.")
@@ -89,7 +96,8 @@ def main(argv):
   mesh = Mesh(np.asarray(devices), ("data",))
   batch_sizes = [int(b) for b in FLAGS.batch_sizes]
   fns = loss_fns(mesh)
-  results = {}  # (name, batch) -> {"ms": ..., "temp_mb": ...}
+  results = {}  # (name, batch) -> {"ms": ..., "temp_bytes": ..., "flops": ...}
+  cpu_devices = len(devices) if devices[0].platform == "cpu" else 1  # they share the cores
   for batch in batch_sizes:
     executables = {name: compiled(fn, mesh, batch, FLAGS.dim) for name, fn in fns.items()}
     args = inputs(mesh, batch, FLAGS.dim)
@@ -97,16 +105,21 @@ def main(argv):
     for _ in range(FLAGS.rounds):  # interleaved, so machine load hits every variant alike
       for name, executable in executables.items():
         times[name].append(time_call(executable, args, FLAGS.iters))
+    plain_siglip = roofline.compiled_flops(executables["siglip"])  # chunked's too (docstring)
     for name, executable in executables.items():
       temp = executable.memory_analysis().temp_size_in_bytes
-      results[(name, batch)] = {"ms": 1e3 * float(np.median(times[name])), "temp_bytes": temp}
+      flops = plain_siglip if name == "siglip_chunked" else roofline.compiled_flops(executable)
+      results[(name, batch)] = {"ms": 1e3 * float(np.median(times[name])), "temp_bytes": temp,
+                                "flops": flops * cpu_devices}
+  peak = roofline.matmul_peak()
 
   print(f"{len(devices)} {devices[0].platform} devices, embeddings [B, {FLAGS.dim}] sharded on "
         "'data'; value and gradient; time = median of interleaved rounds; temp = per-device "
-        "compiled temporary memory")
-  print(f"{'loss':<16}{'B':>7}{'ms':>10}{'temp MiB':>11}")
+        f"compiled temporary memory; matmul peak GFLOP/s {peak / 1e9:.1f}")
+  print(f"{'loss':<16}{'B':>7}{'ms':>10}{'temp MiB':>11}{roofline.HEADER}")
   for (name, batch), r in sorted(results.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-    print(f"{name:<16}{batch:>7}{r['ms']:>10.2f}{r['temp_bytes'] / 2**20:>11.2f}")
+    print(f"{name:<16}{batch:>7}{r['ms']:>10.2f}{r['temp_bytes'] / 2**20:>11.2f}"
+          f"{roofline.columns(r['flops'], r['ms'] / 1e3, peak)}")
   big, half = batch_sizes[-1], batch_sizes[-2] if len(batch_sizes) > 1 else batch_sizes[-1]
   ratio = lambda a, b, key: round(results[a][key] / max(results[b][key], 1e-12), 4)  # noqa: E731
   figures = {
@@ -119,6 +132,11 @@ def main(argv):
                                                        ("siglip_chunked", half), "temp_bytes"),
       "clip_vs_siglip_time": ratio(("clip", big), ("siglip", big), "ms"),
   }
+  for name in fns:
+    r = results[(name, big)]
+    fraction = roofline.fraction(r["flops"], r["ms"] / 1e3, peak)
+    figures[f"{name}_roofline_fraction"] = round(fraction, 4)
+  figures["matmul_peak_gflops"] = round(peak / 1e9, 1)
   print(json.dumps(figures))
 
 

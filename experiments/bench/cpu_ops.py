@@ -149,7 +149,7 @@ def main(argv: Sequence[str]) -> None:
     out = jax.eval_shape(xla, *args)
     args = (*args, jnp.asarray(rng.normal(size=out.shape), out.dtype))
     fx, fa = _fwd_bwd(xla), _fwd_bwd(alt)
-    flops = fa.lower(*args).compile().cost_analysis()["flops"] if count_flops else 0
+    flops = roofline.compiled_flops(fa, *args) if count_flops else 0
     diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(fx(*args), fa(*args)))
     ms = _median_ms({"xla": fx, "alt": fa}, args, FLAGS.rounds, FLAGS.round_s)
     rows.append((name, ms["xla"], ms["alt"], flops, route, diff))

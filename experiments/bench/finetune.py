@@ -9,13 +9,16 @@ device), the real jtl train step (`jtl.train.make_train_step`) of the method's c
   opt bytes       optimizer-state bytes (AdamW moments of the trainable leaves only)
   step / full     step time over full fine-tuning's, medians of interleaved rounds
   flops / full    compiled FLOPs (XLA cost analysis) over full fine-tuning's
+  GFLOP/step      those FLOPs; `GFLOP/s` per second, `of peak` as a fraction of the float32 matmul
+                  peak measured after the timed rounds (experiments/bench/roofline.py)
 For the phased methods (lpft, unfreeze) time and FLOPs are the mean over the run's steps (each phase
 weighted by its share of the steps), trainable and bytes their peak (the last phase trains all).
 Benefit: target test accuracy on the demo's transfer task (digits 5-9, `--shots` labelled examples per
 class, the mean over `shots_seed` in `--seeds`, min-max in brackets), each method trained with its own
 config for 200 steps from one pretraining (digits 0-4, 400 steps, run once into WORKDIR/pretrain and
 reused). The last line is one JSON object: `<method>_vs_full_step_time`, `<method>_vs_full_flops`,
-`<method>_opt_state_bytes_vs_full`, `<method>_trainable_vs_full` and `<method>_accuracy`.
+`<method>_opt_state_bytes_vs_full`, `<method>_trainable_vs_full`, `<method>_roofline_fraction`,
+`<method>_accuracy` and `matmul_peak_gflops`.
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ import numpy as np
 from absl import app, flags, logging
 from etils import epath
 
+from experiments.bench import roofline
 from experiments.configs import finetune_digits, pretrain_digits
 from jtl import data, evaluate, masks, phases, train
 from jtl.metric_writer import read_jsonl
@@ -60,7 +64,7 @@ class PhaseStep:
     self.trainable = masks.count(trainable)[0]
     self.opt_bytes = masks.count(s.abstract_state.opt_state)[1]
     self.step = train.make_train_step(s)
-    self.flops = self.step.lower(s.abstract_state, s.abstract_batch).compile().cost_analysis()["flops"]
+    self.flops = roofline.compiled_flops(self.step, s.abstract_state, s.abstract_batch)
     self.state = train.initial_state(s, *train.fresh_variables(s))
     self.batch = to_global(batch, s.batch_sharding)
     self.state, metrics = self.step(self.state, self.batch)  # warm
@@ -124,25 +128,30 @@ def main(argv):
   example.data.augment = False
   batch = next(data.train_iterator(example.data, global_batch_size=FLAGS.batch_size, seed=0))
   cost = costs(batch)
+  peak = roofline.matmul_peak()
   full = cost["full"]
   print(f"\ncnn_small on 8x8 digits, batch {FLAGS.batch_size}, {jax.devices()[0].platform}, medians "
         f"of {FLAGS.rounds} interleaved rounds; accuracy: digits 5-9, {FLAGS.shots} shot(s), mean "
-        f"(min-max) over shots_seed {','.join(FLAGS.seeds)}")
+        f"(min-max) over shots_seed {','.join(FLAGS.seeds)}; matmul peak GFLOP/s "
+        f"{peak / 1e9:.1f}")
   print(f"{'method':<13}{'trainable':>11}{'opt bytes':>11}{'ms/step':>9}{'step/full':>10}"
-        f"{'flops/full':>11}  {'target test acc':<20}")
+        f"{'flops/full':>11}{roofline.HEADER}  {'target test acc':<20}")
   figures = {}
   for method in METHODS:
     c, a = cost[method], accs[method]
     print(f"{method:<13}{c['trainable']:>11,}{c['opt_bytes']:>11,}{c['seconds'] * 1e3:>9.2f}"
-          f"{c['seconds'] / full['seconds']:>10.3f}{c['flops'] / full['flops']:>11.3f}  "
+          f"{c['seconds'] / full['seconds']:>10.3f}{c['flops'] / full['flops']:>11.3f}"
+          f"{roofline.columns(c['flops'], c['seconds'], peak)}  "
           + (f"{np.mean(a):.3f} ({min(a):.2f}-{max(a):.2f})" if FLAGS.accuracy else "-"))
     if method != "full":
       figures[f"{method}_vs_full_step_time"] = c["seconds"] / full["seconds"]
       figures[f"{method}_vs_full_flops"] = c["flops"] / full["flops"]
       figures[f"{method}_opt_state_bytes_vs_full"] = c["opt_bytes"] / full["opt_bytes"]
       figures[f"{method}_trainable_vs_full"] = c["trainable"] / full["trainable"]
+    figures[f"{method}_roofline_fraction"] = roofline.fraction(c["flops"], c["seconds"], peak)
     if FLAGS.accuracy:
       figures[f"{method}_accuracy"] = float(np.mean(a))
+  figures["matmul_peak_gflops"] = peak / 1e9
   print(json.dumps({k: round(v, 4) for k, v in figures.items()}))
 
 

@@ -6,8 +6,13 @@ compilation cache's cold vs warm first step.
 Per variant of the real jtl train step (one CPU device): the compiled step's temporary memory (XLA's
 memory analysis: activations and workspace) and step time (interleaved rounds, medians), relative to
 the float32 baseline (on CPU the accumulation variant is slow: XLA:CPU runs convolutions inside its
-loop ~20x slower; see the README). Then the first step of a fresh process (compile included) with an empty
-compilation cache and again with the cache it left. The last line is one JSON object of ratios.
+loop ~20x slower; see the README), and its roofline: compiled GFLOPs per step (XLA counts a loop
+body once, so the accumulation step is charged those of one plain step on its 4x batch), GFLOP/s and
+their fraction of the float32 matmul peak measured after the timed rounds
+(experiments/bench/roofline.py; bfloat16 is held to the same float32 peak). Then the first step of a
+fresh process (compile included) with an empty compilation cache and again with the cache it left.
+The last line is one JSON object: `<variant>_temp_memory_vs_f32`, `<variant>_step_time_vs_f32`,
+`<variant>_roofline_fraction`, `first_step_warm_vs_cold` and `matmul_peak_gflops`.
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
+from experiments.bench import roofline
 from experiments.configs import pretrain_digits
 from jtl import data, train
 from jtl.sharding import to_global
@@ -59,6 +65,7 @@ class Variant:
     self.step = train.make_train_step(s)
     compiled = self.step.lower(s.abstract_state, s.abstract_batch).compile()
     self.temp_bytes = compiled.memory_analysis().temp_size_in_bytes
+    self.flops = roofline.compiled_flops(compiled)
     self.state = train.initial_state(s, *train.fresh_variables(s))
     self.batch = to_global(batch, s.batch_sharding)
     self.state, metrics = self.step(self.state, self.batch)
@@ -70,6 +77,12 @@ class Variant:
       self.state, metrics = self.step(self.state, self.batch)
     jax.block_until_ready(metrics)
     return (time.perf_counter() - start) / steps
+
+
+def step_flops(config) -> float:
+  batch = next(data.train_iterator(config.data, global_batch_size=config.batch_size, seed=0))
+  s = train.setup(config, batch)
+  return roofline.compiled_flops(train.make_train_step(s), s.abstract_state, s.abstract_batch)
 
 
 def first_step_seconds(cache_dir: str) -> float:
@@ -104,28 +117,34 @@ def main(argv):
       "accumulate 4 x batch": Variant(make_config(batch_size=4 * FLAGS.batch_size,
                                                   grad_accum_steps=4)),
   }
+  # XLA counts the accumulation loop's body once: charge the same arithmetic without the loop.
+  variants["accumulate 4 x batch"].flops = step_flops(make_config(batch_size=4 * FLAGS.batch_size))
   times = {name: [] for name in variants}
   for _ in range(FLAGS.rounds):
     for name, variant in variants.items():
       times[name].append(variant.trial(FLAGS.steps))
+  peak = roofline.matmul_peak()
   base_time = np.median(times["float32"])
   base_mem = variants["float32"].temp_bytes
   print(f"{FLAGS.model} at {FLAGS.image_size}x{FLAGS.image_size}, batch {FLAGS.batch_size}, one CPU "
-        "device")
-  print(f"{'variant':<22}{'temp MiB':>10}{'vs f32':>8}{'ms/step':>10}{'vs f32':>8}")
+        f"device; matmul peak GFLOP/s {peak / 1e9:.1f}")
+  print(f"{'variant':<22}{'temp MiB':>10}{'vs f32':>8}{'ms/step':>10}{'vs f32':>8}"
+        f"{roofline.HEADER}")
   figures = {}
   for name, variant in variants.items():
     t = np.median(times[name])
     print(f"{name:<22}{variant.temp_bytes / 2**20:>10.1f}{variant.temp_bytes / base_mem:>8.2f}"
-          f"{1e3 * t:>10.1f}{t / base_time:>8.2f}")
+          f"{1e3 * t:>10.1f}{t / base_time:>8.2f}{roofline.columns(variant.flops, t, peak)}")
     key = name.split()[0]
     figures[f"{key}_temp_memory_vs_f32"] = round(variant.temp_bytes / base_mem, 3)
     figures[f"{key}_step_time_vs_f32"] = round(float(t / base_time), 3)
+    figures[f"{key}_roofline_fraction"] = round(roofline.fraction(variant.flops, t, peak), 4)
   with tempfile.TemporaryDirectory() as cache:
     cold = first_step_seconds(cache)
     warm = first_step_seconds(cache)
   print(f"first step of a fresh process: cold cache {cold:.1f} s, warm cache {warm:.1f} s")
   figures["first_step_warm_vs_cold"] = round(warm / cold, 3)
+  figures["matmul_peak_gflops"] = round(peak / 1e9, 1)
   print(json.dumps(figures))
 
 

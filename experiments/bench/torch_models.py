@@ -1,14 +1,21 @@
-"""PyTorch mirrors of jtl's MLP, cnn_small, ResNet-18 and ViT-tiny, layer for layer, for
-`experiments.bench.vs_pytorch` (parameter counts and logits are checked against jtl there).
+"""The PyTorch side of `experiments.bench.vs_pytorch`: mirrors of jtl's MLP, cnn_small, ResNet-18 and
+ViT-tiny, layer for layer (parameter counts and logits are checked against jtl there), their train
+step (`TorchSide`), and their weights as jtl variables (`jtl_variables_from_torch`).
 
 torch is passed in, not imported here, so that this module imports without the `bench` extra.
 """
 from __future__ import annotations
 
+import os
+import tempfile
+import time
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+
 NUM_CLASSES = 10
+LR, WEIGHT_DECAY, TOTAL_STEPS = 1e-3, 1e-4, 10_000  # AdamW and cosine schedule, both sides
 
 
 def torch_models(torch) -> dict[str, Callable[..., Any]]:
@@ -146,3 +153,101 @@ def torch_models(torch) -> dict[str, Callable[..., Any]]:
       "resnet18": lambda image_size, vit_patch: ResNet18(),
       "vit": lambda image_size, vit_patch: ViT(image_size, vit_patch),
   }
+
+
+def decayed(name: str, param) -> bool:
+  """jtl decays `kernel` leaves only: conv/linear weights, not biases, norms, tokens, pos_embed."""
+  return param.ndim >= 2 and not name.endswith(("cls_token", "pos_embed"))
+
+
+class TorchSide:
+  """The same step in PyTorch: forward, CE loss, backward, accuracy, grad norm, AdamW, schedule."""
+
+  def __init__(self, torch, name: str, batch_np: dict[str, np.ndarray], vit_patch: int = 4,
+               compiled: bool = False):
+    self.torch = torch
+    torch.manual_seed(0)
+    image_size = batch_np["image"].shape[1]
+    self.model = torch_models(torch)[name](image_size, vit_patch)
+    self.model.train()
+    self.forward = torch.compile(self.model) if compiled else self.model
+    self.images = torch.from_numpy(np.ascontiguousarray(batch_np["image"].transpose(0, 3, 1, 2)))
+    self.labels = torch.from_numpy(batch_np["label"].astype(np.int64))
+    named = list(self.model.named_parameters())
+    self.params = [p for _, p in named]
+    groups = [{"params": [p for n, p in named if decayed(n, p)], "weight_decay": WEIGHT_DECAY},
+              {"params": [p for n, p in named if not decayed(n, p)], "weight_decay": 0.0}]
+    try:  # the fused (single-kernel) AdamW runs on CPU since torch 2.4
+      self.opt = torch.optim.AdamW(groups, lr=LR, betas=(0.9, 0.999), eps=1e-8, fused=True)
+      self.fused = True
+    except (RuntimeError, TypeError, ValueError):
+      self.opt = torch.optim.AdamW(groups, lr=LR, betas=(0.9, 0.999), eps=1e-8)
+      self.fused = False
+    self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=TOTAL_STEPS)
+    self.num_params = sum(p.numel() for p in self.params)
+
+  def one_step(self) -> dict:
+    torch = self.torch
+    self.opt.zero_grad(set_to_none=True)
+    logits = self.forward(self.images)
+    loss = torch.nn.functional.cross_entropy(logits, self.labels)
+    loss.backward()
+    accuracy = (logits.detach().argmax(-1) == self.labels).float().mean()
+    grad_norm = torch.linalg.vector_norm(
+        torch.stack([torch.linalg.vector_norm(p.grad) for p in self.params]))
+    self.opt.step()
+    self.sched.step()
+    return {"loss": loss.detach(), "accuracy": accuracy, "grad_norm": grad_norm}
+
+  def compile(self) -> float:
+    """Runs the first step (torch.compile compiles here); returns its seconds."""
+    start = time.perf_counter()
+    self.one_step()
+    return time.perf_counter() - start
+
+  def run(self, n: int) -> dict:
+    metrics = None
+    for _ in range(n):
+      metrics = self.one_step()
+    return metrics  # CPU eager and compiled kernels are synchronous
+
+  def logits(self) -> np.ndarray:
+    self.model.eval()
+    with self.torch.no_grad():
+      out = self.model(self.images).numpy()
+    self.model.train()
+    return out
+
+
+def jtl_variables_from_torch(torch, name: str, module, abstract_variables: dict) -> dict:
+  """The torch module's weights as jtl variables (params + batch_stats)."""
+  from jtl import pretrained  # noqa: PLC0415
+  state = {k: v.detach().numpy() for k, v in module.state_dict().items()}
+  if name in ("resnet18", "vit"):  # torchvision / timm names: jtl's own loader maps them
+    with tempfile.TemporaryDirectory() as tmp:
+      path = os.path.join(tmp, f"{name}.pth")
+      torch.save(module.state_dict(), path)
+      loaded, report = pretrained.load_pretrained(path, abstract_variables=abstract_variables)
+    if report["missing"] or report["mismatched"]:
+      raise RuntimeError(f"{name}: torch -> jtl mapping incomplete: {report}")
+    return {"params": loaded["params"], **loaded["model_state"]}
+  params: dict[str, Any] = {"backbone": {}, "head": {"kernel": state["head.weight"].T,
+                                                       "bias": state["head.bias"]}}
+  stats: dict[str, Any] = {"backbone": {}}
+  if name == "mlp":
+    for i in range(len(module.dense)):
+      w = state[f"dense.{i}.weight"]
+      if i == 0:  # torch flattens (C, H, W), jtl (H, W, C)
+        c = 3
+        side = int(round((w.shape[1] // c) ** 0.5))
+        w = w.reshape(-1, c, side, side).transpose(0, 2, 3, 1).reshape(w.shape[0], -1)
+      params["backbone"][f"dense{i}"] = {"kernel": w.T, "bias": state[f"dense.{i}.bias"]}
+    return {"params": params}
+  for i in range(len(module.stages)):  # cnn
+    p = f"stages.{i}."
+    params["backbone"][f"stage{i + 1}"] = {
+        "conv": {"kernel": state[p + "conv.weight"].transpose(2, 3, 1, 0)},
+        "bn": {"scale": state[p + "bn.weight"], "bias": state[p + "bn.bias"]}}
+    stats["backbone"][f"stage{i + 1}"] = {"bn": {"mean": state[p + "bn.running_mean"],
+                                                 "var": state[p + "bn.running_var"]}}
+  return {"params": params, "batch_stats": stats}

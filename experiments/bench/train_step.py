@@ -10,6 +10,7 @@ so machine load cancels out:
   pipeline_vs_synthetic     steps/s fed by the real TFDS pipeline / fed by one in-memory batch
   full_roofline_fraction    the full step's achieved FLOP/s / this device's matmul peak
   probe_roofline_fraction   the same for the linear-probe step (experiments/bench/roofline.py)
+  matmul_peak_gflops        that peak, in GFLOP/s (measured after the timed rounds)
 The last line printed is one JSON object with these figures.
 """
 from __future__ import annotations
@@ -110,8 +111,9 @@ def main(argv):
   }
   times = interleaved(variants, FLAGS.rounds, FLAGS.steps)
 
-  flops = {name: train.make_train_step(s).lower(s.abstract_state, s.abstract_batch).compile()
-           .cost_analysis()["flops"] for name, s in (("full", full), ("probe", probe))}
+  flops = {name: roofline.compiled_flops(train.make_train_step(s), s.abstract_state,
+                                         s.abstract_batch)
+           for name, s in (("full", full), ("probe", probe))}
 
   # Input pipeline: the same jitted step, fed by the real pipeline vs one batch already on device.
   def loop(batch_source, state, n):
@@ -141,6 +143,7 @@ def main(argv):
   peak = roofline.matmul_peak()
   for name, key in (("full", "jtl step (full)"), ("probe", "jtl step (linear probe)")):
     figures[f"{name}_roofline_fraction"] = roofline.fraction(flops[name], times[key], peak)
+  figures["matmul_peak_gflops"] = peak / 1e9
   print(f"model={FLAGS.model} batch={FLAGS.batch_size} image={first['image'].shape[1:]} "
         f"devices={jax.device_count()} "
         f"({jax.devices()[0].platform}), medians of {FLAGS.rounds} interleaved rounds")

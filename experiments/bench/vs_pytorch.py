@@ -24,16 +24,20 @@ PyTorch's OpenMP threads stall each other on a loaded machine, so by default eac
 side runs with whichever of 1 thread and torch's default is faster at the time (`--torch_threads`
 forces a count); see docs/performance.md.
 
+Roofline: jtl's compiled GFLOPs per step (XLA's cost analysis of `JtlSide.step`) and each side's
+achieved FLOP/s with that same count (same model, same batch) as a fraction of the float32 matmul
+peak measured after the timed rounds (experiments/bench/roofline.py).
+
 The last line printed is one JSON object: `<model>_vs_torch` = jtl steps/s / torch eager steps/s
-(> 1: jtl faster), `<model>_vs_torch_compile` likewise against torch.compile, parameter counts and
-the logit differences.
+(> 1: jtl faster), `<model>_vs_torch_compile` likewise against torch.compile, parameter counts, the
+logit differences, `<model>_gflops_per_step`, `<model>_roofline_fraction` (per side) and
+`matmul_peak_gflops`.
 """
 from __future__ import annotations
 
 import json
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -41,11 +45,11 @@ from typing import Any
 import numpy as np
 from absl import app, flags
 
-from experiments.bench.torch_models import NUM_CLASSES, torch_models
+from experiments.bench.torch_models import (LR, NUM_CLASSES, TOTAL_STEPS, WEIGHT_DECAY, TorchSide,
+                                            jtl_variables_from_torch)
 
 MODELS = ("mlp", "cnn", "resnet18", "vit")
 JTL_NAMES = {"mlp": "mlp", "cnn": "cnn_small", "resnet18": "resnet18", "vit": "vit_tiny"}
-LR, WEIGHT_DECAY, TOTAL_STEPS = 1e-3, 1e-4, 10_000
 INSTALL_HINT = "pip install -e .[bench]"
 DEFAULT_TORCH_THREADS = 1  # torch's own default, read in main()
 
@@ -134,9 +138,13 @@ class JtlSide:
     self.num_params = int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
 
   def compile(self) -> float:
+    """Compiles the step; sets `flops` (XLA's count per step) and returns the compile seconds."""
+    from experiments.bench.roofline import compiled_flops  # noqa: PLC0415
     start = time.perf_counter()
     self.step = self.step.lower(self.state, self.batch).compile()
-    return time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    self.flops = compiled_flops(self.step)
+    return seconds
 
   def run(self, n: int) -> dict:
     metrics = None
@@ -148,106 +156,6 @@ class JtlSide:
   def logits(self, variables: dict, images: np.ndarray) -> np.ndarray:
     model = self.setup.objective.model
     return np.asarray(model.apply(variables, images, train=False))
-
-
-# --------------------------------------------------------------------------------- PyTorch side
-
-def decayed(name: str, param) -> bool:
-  """jtl decays `kernel` leaves only: conv/linear weights, not biases, norms, tokens, pos_embed."""
-  return param.ndim >= 2 and not name.endswith(("cls_token", "pos_embed"))
-
-
-class TorchSide:
-  """The same step in PyTorch: forward, CE loss, backward, accuracy, grad norm, AdamW, schedule."""
-
-  def __init__(self, torch, name: str, batch_np: dict[str, np.ndarray], vit_patch: int = 4,
-               compiled: bool = False):
-    self.torch = torch
-    torch.manual_seed(0)
-    image_size = batch_np["image"].shape[1]
-    self.model = torch_models(torch)[name](image_size, vit_patch)
-    self.model.train()
-    self.forward = torch.compile(self.model) if compiled else self.model
-    self.images = torch.from_numpy(np.ascontiguousarray(batch_np["image"].transpose(0, 3, 1, 2)))
-    self.labels = torch.from_numpy(batch_np["label"].astype(np.int64))
-    named = list(self.model.named_parameters())
-    self.params = [p for _, p in named]
-    groups = [{"params": [p for n, p in named if decayed(n, p)], "weight_decay": WEIGHT_DECAY},
-              {"params": [p for n, p in named if not decayed(n, p)], "weight_decay": 0.0}]
-    try:  # the fused (single-kernel) AdamW runs on CPU since torch 2.4
-      self.opt = torch.optim.AdamW(groups, lr=LR, betas=(0.9, 0.999), eps=1e-8, fused=True)
-      self.fused = True
-    except (RuntimeError, TypeError, ValueError):
-      self.opt = torch.optim.AdamW(groups, lr=LR, betas=(0.9, 0.999), eps=1e-8)
-      self.fused = False
-    self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=TOTAL_STEPS)
-    self.num_params = sum(p.numel() for p in self.params)
-
-  def one_step(self) -> dict:
-    torch = self.torch
-    self.opt.zero_grad(set_to_none=True)
-    logits = self.forward(self.images)
-    loss = torch.nn.functional.cross_entropy(logits, self.labels)
-    loss.backward()
-    accuracy = (logits.detach().argmax(-1) == self.labels).float().mean()
-    grad_norm = torch.linalg.vector_norm(
-        torch.stack([torch.linalg.vector_norm(p.grad) for p in self.params]))
-    self.opt.step()
-    self.sched.step()
-    return {"loss": loss.detach(), "accuracy": accuracy, "grad_norm": grad_norm}
-
-  def compile(self) -> float:
-    """Runs the first step (torch.compile compiles here); returns its seconds."""
-    start = time.perf_counter()
-    self.one_step()
-    return time.perf_counter() - start
-
-  def run(self, n: int) -> dict:
-    metrics = None
-    for _ in range(n):
-      metrics = self.one_step()
-    return metrics  # CPU eager and compiled kernels are synchronous
-
-  def logits(self) -> np.ndarray:
-    self.model.eval()
-    with self.torch.no_grad():
-      out = self.model(self.images).numpy()
-    self.model.train()
-    return out
-
-
-def jtl_variables_from_torch(torch, name: str, module, abstract_variables: dict) -> dict:
-  """The torch module's weights as jtl variables (params + batch_stats)."""
-  from jtl import pretrained  # noqa: PLC0415
-  state = {k: v.detach().numpy() for k, v in module.state_dict().items()}
-  if name in ("resnet18", "vit"):  # torchvision / timm names: jtl's own loader maps them
-    with tempfile.TemporaryDirectory() as tmp:
-      path = os.path.join(tmp, f"{name}.pth")
-      torch.save(module.state_dict(), path)
-      loaded, report = pretrained.load_pretrained(path, abstract_variables=abstract_variables)
-    if report["missing"] or report["mismatched"]:
-      raise RuntimeError(f"{name}: torch -> jtl mapping incomplete: {report}")
-    return {"params": loaded["params"], **loaded["model_state"]}
-  params: dict[str, Any] = {"backbone": {}, "head": {"kernel": state["head.weight"].T,
-                                                       "bias": state["head.bias"]}}
-  stats: dict[str, Any] = {"backbone": {}}
-  if name == "mlp":
-    for i in range(len(module.dense)):
-      w = state[f"dense.{i}.weight"]
-      if i == 0:  # torch flattens (C, H, W), jtl (H, W, C)
-        c = 3
-        side = int(round((w.shape[1] // c) ** 0.5))
-        w = w.reshape(-1, c, side, side).transpose(0, 2, 3, 1).reshape(w.shape[0], -1)
-      params["backbone"][f"dense{i}"] = {"kernel": w.T, "bias": state[f"dense.{i}.bias"]}
-    return {"params": params}
-  for i in range(len(module.stages)):  # cnn
-    p = f"stages.{i}."
-    params["backbone"][f"stage{i + 1}"] = {
-        "conv": {"kernel": state[p + "conv.weight"].transpose(2, 3, 1, 0)},
-        "bn": {"scale": state[p + "bn.weight"], "bias": state[p + "bn.bias"]}}
-    stats["backbone"][f"stage{i + 1}"] = {"bn": {"mean": state[p + "bn.running_mean"],
-                                                 "var": state[p + "bn.running_var"]}}
-  return {"params": params, "batch_stats": stats}
 
 
 def max_logit_difference(torch, name: str, jtl_side: JtlSide, torch_side: TorchSide) -> float:
@@ -327,6 +235,7 @@ def bench_model(torch, name: str) -> dict[str, Any]:
     side.run(FLAGS.warmup)
   row["steps_per_s"], row["steps_per_round"] = interleaved(variants, FLAGS.rounds, FLAGS.steps,
                                                           FLAGS.round_s)
+  row["jtl_flops"] = jtl_side.flops
   return row
 
 
@@ -348,20 +257,23 @@ def main(argv: Sequence[str]) -> None:
   DEFAULT_TORCH_THREADS = torch.get_num_threads()
   import jax  # noqa: PLC0415
 
+  from experiments.bench import roofline  # noqa: PLC0415
   rows = {}
   for name in models:
     rows[name] = bench_model(torch, name)
     print(f"# {name}: done ({rows[name]['steps_per_s']})", file=sys.stderr, flush=True)
+  peak = roofline.matmul_peak()
 
   load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
   print(f"jtl (jax {jax.__version__}, {jax.devices()[0].platform}) vs torch {torch.__version__} "
         f"(default threads: {DEFAULT_TORCH_THREADS}), batch {FLAGS.batch}, {FLAGS.image_size}x"
         f"{FLAGS.image_size}x3 float32, AdamW; medians of {FLAGS.rounds} interleaved rounds "
         f"({FLAGS.steps or f'~{FLAGS.round_s:g} s'} per variant); load average {load:.1f} on "
-        f"{os.cpu_count()} CPUs")
+        f"{os.cpu_count()} CPUs; matmul peak GFLOP/s {peak / 1e9:.1f}")
   header = (f"{'model':<10}{'params':>12}{'jtl st/s':>10}{'torch st/s':>12}{'threads':>8}"
             f"{'compile st/s':>14}"
-            f"{'jtl/torch':>11}{'jtl/compile':>13}{'max|dlogit|':>13}")
+            f"{'jtl/torch':>11}{'jtl/compile':>13}{'max|dlogit|':>13}"
+            f"{'GFLOP/step':>11}{'jtl/peak':>9}{'torch/peak':>11}")
   print(header)
   figures: dict[str, Any] = {}
   for name, row in rows.items():
@@ -377,9 +289,11 @@ def main(argv: Sequence[str]) -> None:
     compiled_text = f"{compiled:.2f}" if compiled else "n/a"
     vs_compiled = f"{rate['jtl'] / compiled:.2f}" if compiled else "n/a"
     diff_text = f"{diff:.1e}" if diff is not None else "-"
+    peak_fraction = {k: row["jtl_flops"] * v / peak for k, v in rate.items()}  # jtl's FLOPs for all
     print(f"{name:<10}{params:>12}{rate['jtl']:>10.2f}{rate['torch']:>12.2f}"
           f"{row['torch_threads']:>8}{compiled_text:>14}"
-          f"{ratio:>11.2f}{vs_compiled:>13}{diff_text:>13}")
+          f"{ratio:>11.2f}{vs_compiled:>13}{diff_text:>13}{row['jtl_flops'] / 1e9:>11.3f}"
+          f"{peak_fraction['jtl']:>9.3f}{peak_fraction['torch']:>11.3f}")
     if "torch_compile_error" in row:
       print(f"  torch.compile skipped for {name}: {row['torch_compile_error']}")
     figures[f"{name}_params_match"] = row["jtl_params"] == row["torch_params"]
@@ -391,7 +305,10 @@ def main(argv: Sequence[str]) -> None:
       figures[f"{name}_compile_s"]["torch_compile"] = round(row["torch_compile_s"], 1)
     figures[f"{name}_steps_per_s"] = {k: round(v, 3) for k, v in rate.items()}
     figures[f"{name}_torch_threads"] = row["torch_threads"]
+    figures[f"{name}_gflops_per_step"] = round(row["jtl_flops"] / 1e9, 4)
+    figures[f"{name}_roofline_fraction"] = {k: round(v, 4) for k, v in peak_fraction.items()}
   figures.update(batch=FLAGS.batch, rounds=FLAGS.rounds, load_average=round(load, 2),
+                 matmul_peak_gflops=round(peak / 1e9, 1),
                  torch_default_threads=DEFAULT_TORCH_THREADS, jax=jax.__version__,
                  torch=torch.__version__)
   print(json.dumps(figures))

@@ -16,7 +16,13 @@ after those steps (||u - u_default|| / ||u_default||; Adam normalises each gradi
 RMS, so rounding noise in near-zero gradients shows up here much magnified), and whether NaN still
 propagates through max/isnan (fast-math may drop it, which would break `skip_nonfinite_updates`).
 
-Last line: a JSON object {setting: speed-up, <setting>_rel_update_diff, <setting>_nan_ok, ...}.
+Roofline (`of peak`): each setting's achieved FLOP/s, counted with the default worker's compiled
+FLOPs per step (the same model and batch: every setting is charged the same arithmetic, whatever
+its rewrites), as a fraction of the float32 matmul peak the default worker measures after all the
+timed rounds (experiments/bench/roofline.py).
+
+Last line: a JSON object {setting: speed-up, <setting>_rel_update_diff, <setting>_nan_ok,
+<setting>_roofline_fraction, ..., gflops_per_step, matmul_peak_gflops}.
 """
 from __future__ import annotations
 
@@ -62,9 +68,11 @@ FLAGS = flags.FLAGS
 
 
 def worker() -> None:
-  """Compiles and checks under this process's XLA_FLAGS, then times `run N` commands from stdin."""
+  """Compiles and checks under this process's XLA_FLAGS, then answers `run N` (times N steps) and
+  `peak` (measures the matmul peak) commands from stdin."""
   import jax  # noqa: PLC0415
   import jax.numpy as jnp  # noqa: PLC0415
+  from experiments.bench.roofline import matmul_peak  # noqa: PLC0415
   from experiments.bench.vs_pytorch import JtlSide, make_batch  # noqa: PLC0415
 
   def flat(tree):
@@ -84,9 +92,12 @@ def worker() -> None:
   side.run(2)  # warm
   start = time.perf_counter()
   side.run(1)
-  print(json.dumps({"compile_s": compile_s, "nan_ok": nan_ok,
+  print(json.dumps({"compile_s": compile_s, "nan_ok": nan_ok, "flops": side.flops,
                     "step_s": time.perf_counter() - start}), flush=True)
   for line in sys.stdin:
+    if line.startswith("peak"):
+      print(matmul_peak(), flush=True)
+      continue
     if not line.startswith("run "):
       break
     start = time.perf_counter()
@@ -117,11 +128,15 @@ class Worker:
     with np.load(self.out) as f:
       self.update, self.losses, self.grad_norms = f["update"], f["losses"], f["grad_norms"]
 
+  def ask(self, command: str) -> float:
+    """`run N`: seconds for N steps; `peak`: the matmul peak FLOP/s, measured now in the worker."""
+    self.proc.stdin.write(f"{command}\n")
+    self.proc.stdin.flush()
+    return float(self.proc.stdout.readline())
+
   def time(self, steps: int) -> float:
     """Seconds per step over `steps` steps."""
-    self.proc.stdin.write(f"run {steps}\n")
-    self.proc.stdin.flush()
-    return float(self.proc.stdout.readline()) / steps
+    return self.ask(f"run {steps}") / steps
 
   def close(self) -> None:
     self.proc.stdin.write("quit\n")
@@ -165,13 +180,16 @@ def main(argv) -> None:
           "loss_diff": float(np.abs(other.losses - default.losses).max()),
           "grad_norm_rel_diff": float(np.abs(other.grad_norms / default.grad_norms - 1).max())}
       print(f"# {name}: {rows[name]}", file=sys.stderr, flush=True)
+    peak, flops = default.ask("peak"), default.info["flops"]  # after all the timed rounds
     default.close()
   load = os.getloadavg()[0]
   print(f"XLA:CPU settings, jtl train step: model={FLAGS.model} batch={FLAGS.batch} "
         f"{FLAGS.image_size}x{FLAGS.image_size}x3 float32; {FLAGS.rounds} alternating rounds of "
-        f"{steps} steps against a default process; load average {load:.1f}")
-  print(f"{'setting':<24}{'ms/step':>9}{'default':>9}{'speed-up':>10}{'compile s':>11}"
-        f"{'max|dloss|':>12}{'rel dgnorm':>12}{'rel dupdate':>13}{'NaN ok':>8}  flags")
+        f"{steps} steps against a default process; load average {load:.1f}; "
+        f"{flops / 1e9:.3f} GFLOP/step (the default's count); matmul peak GFLOP/s {peak / 1e9:.1f}")
+  print(f"{'setting':<24}{'ms/step':>9}{'default':>9}{'speed-up':>10}{'of peak':>8}"
+        f"{'compile s':>11}{'max|dloss|':>12}{'rel dgnorm':>12}{'rel dupdate':>13}{'NaN ok':>8}"
+        "  flags")
   figures: dict = {}
   for name, row in rows.items():
     flag_text = SETTINGS[name] or "(a second default process: the noise floor)"
@@ -179,15 +197,18 @@ def main(argv) -> None:
       print(f"{name:<24}{'failed':>9}  {flag_text}  ({row['error']})")
       figures[name] = None
       continue
+    fraction = flops / (row["ms"] / 1e3) / peak  # roofline.fraction, without importing jax here
     print(f"{name:<24}{row['ms']:>9.1f}{row['default_ms']:>9.1f}{row['speedup']:>10.2f}"
-          f"{row['compile_s']:>11.1f}{row['loss_diff']:>12.1e}{row['grad_norm_rel_diff']:>12.1e}"
-          f"{row['rel_update_diff']:>13.1e}"
+          f"{fraction:>8.3f}{row['compile_s']:>11.1f}{row['loss_diff']:>12.1e}"
+          f"{row['grad_norm_rel_diff']:>12.1e}{row['rel_update_diff']:>13.1e}"
           f"{str(row['nan_ok']):>8}  {flag_text}")
     figures[name] = round(row["speedup"], 3)
     figures[f"{name}_rel_update_diff"] = float(f"{row['rel_update_diff']:.2e}")
     figures[f"{name}_grad_norm_rel_diff"] = float(f"{row['grad_norm_rel_diff']:.2e}")
     figures[f"{name}_nan_ok"] = row["nan_ok"]
-  figures.update(model=FLAGS.model, batch=FLAGS.batch, load_average=round(load, 2))
+    figures[f"{name}_roofline_fraction"] = round(fraction, 4)
+  figures.update(model=FLAGS.model, batch=FLAGS.batch, load_average=round(load, 2),
+                 gflops_per_step=round(flops / 1e9, 4), matmul_peak_gflops=round(peak / 1e9, 1))
   print(json.dumps(figures))
 
 
