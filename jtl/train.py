@@ -127,9 +127,10 @@ def make_train_step(s: Setup) -> Callable[[TrainState, Any], tuple[TrainState, d
     def one(carry, inputs):
       grads_sum, model_state = carry
       micro_batch, index = inputs
-      grads, model_state, metrics = s.objective.gradients(
-          trainable_params, frozen_params, model_state, micro_batch, jax.random.fold_in(rng, index),
-          trainable=s.trainable)
+      with cpu_ops.loop_body():  # (on CPU: convolutions in a loop as matmuls, cpu_ops.py)
+        grads, model_state, metrics = s.objective.gradients(
+            trainable_params, frozen_params, model_state, micro_batch,
+            jax.random.fold_in(rng, index), trainable=s.trainable)
       return (jax.tree.map(jnp.add, grads_sum, grads), model_state), metrics
     zeros = jax.tree.map(jnp.zeros_like, trainable_params)
     (grads, model_state), metrics = jax.lax.scan(one, (zeros, model_state),

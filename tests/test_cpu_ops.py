@@ -76,6 +76,8 @@ def test_only_small_maps_become_matmuls():
       x, kernel, (1, 1), "SAME", rhs_dilation=(2, 2), dimension_numbers=NHWC)
   assert "conv_general_dilated" in _primitives(grouped, small)
   assert "conv_general_dilated" in _primitives(dilated, small)
+  with cpu_ops.loop_body():  # in a loop body every map size is a matmul
+    assert "conv_general_dilated" not in _primitives(lambda x: conv(x), large)  # noqa: PLW0108
   cpu_ops.set_enabled(False)  # (read when traced: a new function, not a cached trace)
   assert "conv_general_dilated" in _primitives(lambda x: conv(x), small)  # noqa: PLW0108
 

@@ -5,8 +5,9 @@ compilation cache's cold vs warm first step.
 
 Per variant of the real jtl train step (one CPU device): the compiled step's temporary memory (XLA's
 memory analysis: activations and workspace) and step time (interleaved rounds, medians), relative to
-the float32 baseline (on CPU the accumulation variant is slow: XLA:CPU runs convolutions inside its
-loop ~20x slower; see the README), and its roofline: compiled GFLOPs per step (XLA counts a loop
+the float32 baseline (the accumulation variant does 4x the work of the others; on CPU its
+convolutions run as matmuls, since XLA:CPU's convolutions are ~25x slower inside a loop: see
+jtl/models/cpu_ops.py), and its roofline: compiled GFLOPs per step (XLA counts a loop
 body once, so the accumulation step is charged those of one plain step on its 4x batch), GFLOP/s and
 their fraction of the float32 matmul peak measured after the timed rounds
 (experiments/bench/roofline.py; bfloat16 is held to the same float32 peak). Then the first step of a
