@@ -12,10 +12,8 @@ Measured on this project's 2-core CPU (`python -m experiments.bench.cpu_ops`):
     k*k times the (tiny) input. From 8x8 maps on, XLA's kernels are as fast or faster and are kept.
   - **Max-pool backward.** `nn.max_pool`'s gradient is XLA's select-and-scatter, 6.4 ms for a 2x2
     pool of a 32x32x32 map at B=32 (fwd+bwd) against 0.34 ms for the same pool written as the
-    elementwise maximum of its k*k strided slices, whose gradient is elementwise selects. On exact
-    ties the slices form splits the gradient between the tied inputs (a valid subgradient) where
-    select-and-scatter gives all of it to the first; after a ReLU the only likely ties are zeros,
-    whose gradient the ReLU drops anyway.
+    elementwise maximum of its k*k strided slices, with a gradient of elementwise selects that gives
+    each window's cotangent to its first maximal input, as select-and-scatter (and PyTorch) does.
 
 Inside a loop body (`loop_body()`, which the trainer enters for gradient accumulation) every
 convolution is a matmul: XLA:CPU's convolutions run far slower inside loops.
@@ -30,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -151,14 +150,52 @@ def conv_general_dilated(lhs: jnp.ndarray, rhs: jnp.ndarray, window_strides: Seq
 
 def max_pool_as_slices(x: jnp.ndarray, window: Sequence[int], strides: Sequence[int],
                        padding: str | Pads = "VALID") -> jnp.ndarray:
-  """2-D max pooling (NHWC) as the elementwise maximum of the window's strided slices."""
-  pads = _pads(padding, x.shape[1:3], window, strides)
+  """2-D max pooling (NHWC) as the elementwise maximum of the window's strided slices. Its gradient
+  goes, per window, to the first input (row-major) equal to the maximum, as XLA's and PyTorch's."""
+  pads = tuple(map(tuple, _pads(padding, x.shape[1:3], window, strides)))
+  return _pool(x, tuple(window), tuple(strides), pads)
+
+
+def _pool_taps(x, window, strides, pads):
   out_hw = [_out_size(n, k, s, p) for n, k, s, p in zip(x.shape[1:3], window, strides, pads)]
   xp = jnp.pad(x, ((0, 0), *pads, (0, 0)), constant_values=-jnp.inf)
-  out = None
-  for _, _, t in _taps(xp, window, strides, out_hw):
-    out = t if out is None else jnp.maximum(out, t)
+  return xp, out_hw, [(i, j, t) for i, j, t in _taps(xp, window, strides, out_hw)]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _pool(x, window, strides, pads):
+  _, _, taps = _pool_taps(x, window, strides, pads)
+  out = taps[0][2]
+  for _, _, t in taps[1:]:
+    out = jnp.maximum(out, t)
   return out
+
+
+def _pool_fwd(x, window, strides, pads):
+  out = _pool(x, window, strides, pads)
+  return out, (x, out)
+
+
+def _pool_bwd(window, strides, pads, residuals, g):
+  """Each window's cotangent to its first maximal tap: elementwise selects, then each tap's share
+  put back at its strided positions (the transpose of the slice: an interior-padded pad)."""
+  x, out = residuals
+  xp, (ho, wo), taps = _pool_taps(x, window, strides, pads)
+  taken = jnp.zeros(out.shape, bool)
+  grad = jnp.zeros(xp.shape, g.dtype)
+  zero = jnp.zeros((), g.dtype)
+  (sh, sw), (_, hp, wp, _) = strides, xp.shape
+  for i, j, t in taps:
+    hit = (t == out) & ~taken
+    taken = taken | hit
+    share = jnp.where(hit, g, zero)
+    grad = grad + lax.pad(share, zero, ((0, 0, 0), (i, hp - i - (ho - 1) * sh - 1, sh - 1),
+                                        (j, wp - j - (wo - 1) * sw - 1, sw - 1), (0, 0, 0)))
+  (ph, _), (pw, _) = pads
+  return (grad[:, ph:ph + x.shape[1], pw:pw + x.shape[2]],)
+
+
+_pool.defvjp(_pool_fwd, _pool_bwd)
 
 
 def max_pool(x: jnp.ndarray, window: Sequence[int], strides: Sequence[int],
