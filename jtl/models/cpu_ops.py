@@ -9,7 +9,8 @@ Measured on this project's 2-core CPU (`python -m experiments.bench.cpu_ops`):
     (strided slices of the padded input; taps that only read padding are skipped, so a 3x3 conv on a
     1x1 map is one matmul with the centre tap) are concatenated along channels and multiplied by the
     reshaped kernel. Autodiff gives the backward as two matmuls and a pad-and-add. The im2col copy is
-    k*k times the (tiny) input. From 8x8 maps on, XLA's kernels are as fast or faster and are kept.
+    k*k times the (tiny) input. From 8x8 maps on XLA's kernels are kept: in whole train steps
+    they are faster (there the im2col copy, kept for the backward pass, no longer fits in cache).
   - **Max-pool backward.** `nn.max_pool`'s gradient is XLA's select-and-scatter, 6.4 ms for a 2x2
     pool of a 32x32x32 map at B=32 (fwd+bwd) against 0.34 ms for the same pool written as the
     elementwise maximum of its k*k strided slices, with a gradient of elementwise selects that gives
