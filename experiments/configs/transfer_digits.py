@@ -18,7 +18,7 @@ the wrong classes: a frozen-feature linear probe is worse than scratch here, whi
 beats scratch in the one-shot regime, but only matches a classifier on raw pixels (`jtl/baselines.py`).
 Pretraining on more source data, `pretrain_mixed_digits.py` (handwritten 0-4 plus printed, i.e.
 synthetic, 0-9), then fine-tuning with the backbone at 0.3x the learning rate (`DEMO_RECIPE`, the
-demo's default) beats the raw-pixel baselines at one shot: +6.8 points on the reported draws
+demo's default) beats the raw-pixel baselines at one shot: +5.9 points on the reported draws
 (shots_seed 0-2), +11 on the draws it was chosen on (3-6).
 `python -m experiments.transfer_table` measures every variant; the README has its table.
 """
