@@ -117,16 +117,38 @@ def transfer_init(params: Any, model_state: Any, init_from: ml_collections.Confi
   matches a `dont_load` regex). Anything else — a shape mismatch, or a leaf missing from the source —
   is a ConfigError naming the paths. Source leaves the model lacks are reported as unexpected and
   ignored.
+
+  `remap` loads a leaf from another source path, before `dont_load` is consulted: rows
+  `(target regex, source path template[, indices])`, first match wins; the template may use the
+  regex's groups (`\\1`), and `indices` picks entries along the last axis (a head's output units):
+  e.g. `("params/head/(kernel|bias)", r"params/heads/printed/\\1", (5, 6, 7, 8, 9))` starts a
+  5-way head from classes 5–9 of a 10-way source head.
   """
   origin, source, file_report = _transfer_source(params, model_state, init_from)
   dont_load = [re.compile(p) for p in init_from.get("dont_load", ())]
+  remap = _remap_rules(init_from.get("remap", ()))
   report = {"loaded": [], "reinitialised": [], "missing": [], "mismatched": [], "unexpected": []}
-  merged = {}
+  merged, used, taken, bad_remaps = {}, set(), set(), []
+  flat_sources = {name: dict(zip(masks.leaf_paths(source[name], name), jax.tree.leaves(source[name])))
+                  for name in ("params", "model_state")}
+  all_sources = {**flat_sources["params"], **flat_sources["model_state"]}
   for name, fresh in (("params", params), ("model_state", model_state)):
-    src = dict(zip(masks.leaf_paths(source[name], name), jax.tree.leaves(source[name])))
+    src = flat_sources[name]
     leaves = []
     for path, leaf in zip(masks.leaf_paths(fresh, name), jax.tree.leaves(fresh)):
-      if any(r.fullmatch(path) for r in dont_load):
+      rule = next(((i, r) for i, r in enumerate(remap) if r[0].fullmatch(path)), None)
+      if rule is not None:
+        used.add(rule[0])
+        value, source_path, why = _remapped(path, rule[1], all_sources)
+        taken.add(source_path)
+        if why:
+          bad_remaps.append(f"{path} ← {why}")
+        elif tuple(value.shape) != tuple(leaf.shape):
+          report["mismatched"].append(f"{path} {tuple(value.shape)}→{tuple(leaf.shape)}")
+        else:
+          report["loaded"].append(path)
+          leaves.append(np.asarray(value, dtype=leaf.dtype))
+      elif any(r.fullmatch(path) for r in dont_load):
         report["reinitialised"].append(path)
         leaves.append(leaf)
       elif path not in src:
@@ -137,8 +159,11 @@ def transfer_init(params: Any, model_state: Any, init_from: ml_collections.Confi
         report["loaded"].append(path)
         leaves.append(np.asarray(src[path], dtype=leaf.dtype))  # a dont_load leaf stays as given
     fresh_paths = set(masks.leaf_paths(fresh, name))
-    report["unexpected"] += [p for p in src if p not in fresh_paths]
+    report["unexpected"] += [p for p in src if p not in fresh_paths and p not in taken]
     merged[name] = leaves
+  if bad_remaps:
+    raise ConfigError(f"cannot load {origin}: init_from.remap: {', '.join(bad_remaps)}; fix "
+                      "--config.init_from.remap")
   problems = []
   if report["mismatched"]:
     problems.append("shape mismatch: " + ", ".join(report["mismatched"]))
@@ -149,10 +174,14 @@ def transfer_init(params: Any, model_state: Any, init_from: ml_collections.Confi
         "mismatched") else ""
     raise ConfigError(f"cannot load {origin}: {'; '.join(problems)}{why}; add these paths to "
                       "init_from.dont_load to re-initialise them")
+  all_paths = masks.leaf_paths(params, "params") + masks.leaf_paths(model_state, "model_state")
   for pattern in dont_load:
-    all_paths = masks.leaf_paths(params, "params") + masks.leaf_paths(model_state, "model_state")
     if not any(pattern.fullmatch(p) for p in all_paths):
       raise ConfigError(f"init_from.dont_load pattern {pattern.pattern!r} matches no parameter; "
+                        f"fix it (paths look like {all_paths[-1]!r})")
+  for i, (pattern, _) in enumerate(remap):
+    if i not in used:
+      raise ConfigError(f"init_from.remap pattern {pattern.pattern!r} matches no parameter; "
                         f"fix it (paths look like {all_paths[-1]!r})")
   text = (f"transfer init from {origin}: loaded {len(report['loaded'])}, "
           f"re-initialised {len(report['reinitialised'])} {report['reinitialised']}, "
@@ -160,6 +189,38 @@ def transfer_init(params: Any, model_state: Any, init_from: ml_collections.Confi
   logging.info(text)
   return (jax.tree.unflatten(jax.tree.structure(params), merged["params"]),
           jax.tree.unflatten(jax.tree.structure(model_state), merged["model_state"]), text)
+
+
+def _remap_rules(rows: Any) -> list[tuple[re.Pattern, tuple[str, Any]]]:
+  """`init_from.remap` rows as (compiled target regex, (source template, indices or None))."""
+  rules = []
+  for row in rows or ():
+    if isinstance(row, str) or len(row) not in (2, 3):
+      raise ConfigError(f"init_from.remap row {row!r} is not (target regex, source path[, indices]); "
+                        "fix --config.init_from.remap")
+    indices = tuple(row[2]) if len(row) == 3 and row[2] is not None else None
+    if indices is not None and not all(isinstance(i, int) for i in indices):
+      raise ConfigError(f"init_from.remap indices {row[2]!r} must be integers (positions along the "
+                        "last axis of the source leaf)")
+    rules.append((re.compile(row[0]), (row[1], indices)))
+  return rules
+
+
+def _remapped(path: str, rule: tuple[re.Pattern, tuple[str, Any]], sources: dict[str, Any]
+              ) -> tuple[Any, str, str | None]:
+  """(the value for `path` under one remap rule, its source path, None if it can be loaded, else why
+  not)."""
+  pattern, (template, indices) = rule
+  source_path = pattern.fullmatch(path).expand(template)
+  if source_path not in sources:
+    return None, source_path, f"{source_path} (not in the source)"
+  value = np.asarray(sources[source_path])
+  if indices is not None:
+    if value.ndim == 0 or not all(-value.shape[-1] <= i < value.shape[-1] for i in indices):
+      return None, source_path, (f"{source_path}{list(indices)} (indices outside its last axis "
+                                 f"{value.shape})")
+    value = np.take(value, indices, axis=-1)
+  return value, source_path, None
 
 
 def fill_holes(loaded: tuple[Any, Any], fresh: tuple[Any, Any], shardings: Any) -> tuple[Any, Any]:

@@ -300,6 +300,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Trai
   writer.drop_after(start_step)  # steps a killed run logged past its last checkpoint run again
   keeper = keep.Keeper(mgr, workdir, config.get("keep_checkpoints", 3),
                        verify_newest=config.get("checkpoint_verify", True))
+  if start_step == 0 and config.get("checkpoint_initial", False):
+    keeper.save(0, state)  # the starting point, for evaluation (e.g. a transferred model, untrained)
   device_batches = sharding.prefetch_to_mesh(batches_from(start_step), s.batch_sharding)
   try:
     for phase in schedule:

@@ -38,6 +38,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.log_every = 50
   c.checkpoint_every = 250
   c.keep_checkpoints = 3  # the newest good ones (None: all); see jtl/keep.py
+  c.checkpoint_initial = False  # also save step 0 (the init, e.g. a transferred model), to evaluate it
   c.checkpoint_verify = True  # read the newest checkpoint back before deleting older ones
   # 0: stop at the first NaN/Inf loss or gradient. N > 0: refuse such updates, stop after N in a row.
   c.skip_nonfinite_updates = 0
@@ -72,9 +73,12 @@ def base_config() -> ml_collections.ConfigDict:
   # Transfer init from another run's checkpoint; workdir None = train from the fresh init.
   # Or from a weights file (`path`: .pt/.pth, .safetensors, .npz; torchvision, timm, big_vision or jtl
   # names; `format`: auto | torch | safetensors | npz). See jtl/pretrained.
+  # `remap`: rows (target regex, source path template[, indices along the last axis]) load a leaf from
+  # another path of the source, before dont_load applies: e.g. a 5-way head from 5 rows of a 10-way one
+  # (`jtl.checkpoint.transfer_init`).
   c.init_from = ml_collections.ConfigDict(dict(
       workdir=config_dict.placeholder(str), step=config_dict.placeholder(int),
-      path=config_dict.placeholder(str), format="auto", dont_load=("params/head/.*",)))
+      path=config_dict.placeholder(str), format="auto", dont_load=("params/head/.*",), remap=()))
   # LoRA adapters (jtl/lora.py): `rules` pick the Dense/Conv/attention kernels (matched against
   # params/.../kernel), `rank` 0 = off, update scale alpha/rank (alpha/sqrt(rank) with `rslora`).
   # Train them with trainable="lora"; loading a checkpoint without adapters needs

@@ -32,7 +32,18 @@ One example (digit k, font f, generator `rng`):
    continuous radius (ties broken at random); a thickened stroke may pass the box edge by a pixel.
 5. 4x4 block counts -> 8x8 in 0..16 -> round(x * 255 / 16) as uint8, exactly as `sklearn_digits`.
 
-Splits: `train` 2,000 and `test` 500, each balanced (example i has label i % 10 and font
+Two builder configs (`printed_digits` is `printed_digits/plain`):
+  plain    the above (v1.0.0's data): train 2,000.
+  elastic  handwriting-like variety (`printed_digits/elastic`, the demo's pretraining): before step 2,
+           an elastic distortion of the blurred glyph (Simard et al. 2003: a displacement field of
+           uniform(-1, 1) noise per axis, Gaussian-smoothed with sigma 12 canvas px, times alpha 300, so
+           about 4 px RMS, 6% of the glyph's height), with the bounding box of step 3 taken from the
+           distorted glyph (>= 50%); rotation U(-15, 15), shear U(-0.2, 0.2) -> U(-0.3, 0.3); train
+           10,000. About 3.5 ms an example (35 s to prepare). A pixel classifier trained on its
+           digits 5-9 gets 0.760 on handwritten 5-9 (test split), against 0.626 from plain's;
+           `domain_report(ELASTIC)`.
+
+Splits: `train` 2,000 (elastic: 10,000) and `test` 500, each balanced (example i has label i % 10 and font
 FONTS[(i // 10) % 21]); both use all 21 fonts (fonts are shared: the test split is in-domain), with
 independent jitter streams (seed 0, stream 0 for train, 1 for test).
 
@@ -48,6 +59,7 @@ bump the VERSION when those change the output.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from typing import Any, Iterator
@@ -64,14 +76,12 @@ FONTS = (
     "STIXGeneralItalic.ttf", "STIXGeneralBolIta.ttf", "cmr10.ttf", "cmb10.ttf", "cmss10.ttf",
     "cmti10.ttf", "cmtt10.ttf",
 )
-SPLIT_SIZES = {"train": 2000, "test": 500}
+SPLIT_SIZES = {"train": 2000, "test": 500}  # plain's; elastic has ElasticConfig.train_size
 
 _SEED = 0  # Fixed forever: changing it (or any constant below) changes the data: bump VERSION.
 _GLYPH_PX = 64  # Font size of the render.
 _CANVAS = 128  # Side of the render canvas: room for the glyph and its blur.
 _BLUR_SIGMA = 2.0  # In canvas pixels (about 1.4 px of the 32x32 box).
-_MAX_ROTATION_DEG = 10.0
-_MAX_SHEAR = 0.2
 _MAX_LOG_ASPECT = 0.15
 _BOX = 32  # The optdigits bitmap side.
 _MAX_WIDTH = 20.0  # Widest glyph in the box, from the measured handwritten column extent.
@@ -127,11 +137,46 @@ def _glyph(font_file: str, digit: int) -> tuple[Image.Image, np.ndarray]:
   return Image.fromarray(blurred), centres  # float32 -> mode "F".
 
 
-def render_example(font_file: str, digit: int, rng: np.random.Generator) -> np.ndarray:
+@dataclasses.dataclass(eq=False)
+class Variant(tfds.core.BuilderConfig):
+  """How an example is jittered (see the module docstring), and how many train examples there are."""
+  max_rotation_deg: float = 10.0
+  max_shear: float = 0.2
+  elastic_alpha: float = 0.0  # 0: no elastic distortion
+  elastic_sigma: float = 12.0  # canvas px
+  train_size: int = 2000
+
+  def split_sizes(self) -> dict[str, int]:
+    return {**SPLIT_SIZES, "train": self.train_size}
+
+
+PLAIN = Variant(name="plain", description="Fonts, affine jitter, optdigits preprocessing.")
+ELASTIC = Variant(name="elastic", description="As plain, plus elastic distortion, wider rotation and "
+                  "shear, 10,000 train examples: closer to handwriting.",
+                  max_rotation_deg=15.0, max_shear=0.3, elastic_alpha=300.0, train_size=10000)
+
+
+def _elastic(glyph: Image.Image, variant: Variant, rng: np.random.Generator
+             ) -> tuple[Image.Image, np.ndarray]:
+  """The glyph under a random smooth displacement field, and the centres of its pixels >= 50%."""
+  from scipy import ndimage  # pylint: disable=g-import-not-at-top
+  image = np.asarray(glyph, np.float32)
+  dx, dy = (ndimage.gaussian_filter(rng.uniform(-1, 1, image.shape), variant.elastic_sigma)
+            * variant.elastic_alpha for _ in range(2))
+  rows, cols = np.meshgrid(np.arange(image.shape[0]), np.arange(image.shape[1]), indexing="ij")
+  moved = ndimage.map_coordinates(image, [rows + dy, cols + dx], order=1).astype(np.float32)
+  centres = np.argwhere(moved >= 127.5)[:, ::-1] + 0.5 - _CANVAS / 2
+  return Image.fromarray(moved), centres
+
+
+def render_example(font_file: str, digit: int, rng: np.random.Generator,
+                   variant: Variant = PLAIN) -> np.ndarray:
   """One printed digit as optdigits would have made it: 8x8 block counts, int64 in 0..16."""
   glyph, centres = _glyph(font_file, digit)
-  theta = np.deg2rad(rng.uniform(-_MAX_ROTATION_DEG, _MAX_ROTATION_DEG))
-  shear = rng.uniform(-_MAX_SHEAR, _MAX_SHEAR)
+  if variant.elastic_alpha:
+    glyph, centres = _elastic(glyph, variant, rng)
+  theta = np.deg2rad(rng.uniform(-variant.max_rotation_deg, variant.max_rotation_deg))
+  shear = rng.uniform(-variant.max_shear, variant.max_shear)
   aspect = np.exp(rng.uniform(-_MAX_LOG_ASPECT, _MAX_LOG_ASPECT))
   rotation = np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
   jitter = rotation @ np.array([[1.0, shear], [0.0, 1.0]]) @ np.diag([aspect, 1.0 / aspect])
@@ -169,16 +214,16 @@ def check_fonts() -> None:
                        "without real digit glyphs); install a matplotlib that ships them")
 
 
-def generate(split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def generate(split: str, variant: Variant = PLAIN) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """All of `split`: (images uint8 [N, 8, 8, 1] on the 17-level grid, labels int64 [N], fonts [N])."""
   if split not in SPLIT_SIZES:
     raise ValueError(f"unknown split {split!r}; use one of {list(SPLIT_SIZES)}")
   rng = np.random.default_rng((_SEED, list(SPLIT_SIZES).index(split)))  # One stream per split.
-  n = SPLIT_SIZES[split]
+  n = variant.split_sizes()[split]
   labels = np.arange(n, dtype=np.int64) % 10
   fonts = np.array([FONTS[(i // 10) % len(FONTS)] for i in range(n)])
   try:
-    counts = np.stack([render_example(f, int(d), rng) for f, d in zip(fonts, labels)])
+    counts = np.stack([render_example(f, int(d), rng, variant) for f, d in zip(fonts, labels)])
   finally:
     _glyph.cache_clear()  # ~13 MB of glyphs: not worth holding in a training process.
   images = np.round(counts * 255.0 / 16.0).astype(np.uint8)[..., None]
@@ -189,7 +234,9 @@ class PrintedDigits(tfds.core.GeneratorBasedBuilder):
   """Digits printed in 21 matplotlib fonts, preprocessed like optdigits into 8x8 block counts."""
 
   VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Initial release: 21 fonts, 2000/500 balanced train/test."}
+  RELEASE_NOTES = {"1.0.0": "Initial release: 21 fonts, 2000/500 balanced train/test; configs plain "
+                            "and elastic."}
+  BUILDER_CONFIGS = [PLAIN, ELASTIC]
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
@@ -210,21 +257,21 @@ class PrintedDigits(tfds.core.GeneratorBasedBuilder):
     return {split: self._generate_examples(split) for split in SPLIT_SIZES}
 
   def _generate_examples(self, split: str) -> Iterator[tuple[int, dict[str, Any]]]:
-    images, labels, fonts = generate(split)
+    images, labels, fonts = generate(split, self.builder_config)
     for i, (image, label, font) in enumerate(zip(images, labels, fonts)):
       # A PIL image is PNG-encoded by Pillow: ~4x cheaper than TFDS's per-example TF encoder.
       yield i, {"image": Image.fromarray(image[..., 0]), "label": int(label), "font": str(font)}
 
 
-def domain_report() -> None:
+def domain_report(variant: Variant = PLAIN) -> None:
   """Prints how far printed digits are from scikit-learn's (the numbers in the module docstring)."""
   from sklearn.linear_model import LogisticRegression  # pylint: disable=g-import-not-at-top
   from jtl.data import digits  # pylint: disable=g-import-not-at-top
-  (x_tr, y_tr, _), (x_te, y_te, _) = generate("train"), generate("test")
+  (x_tr, y_tr, _), (x_te, y_te, _) = generate("train", variant), generate("test", variant)
   hand, hand_y = digits._digits()  # pylint: disable=protected-access
   split = digits.split_indices()
   flat = lambda x: x.reshape(len(x), -1) / 255.0
-  print(f"mean ink: printed {x_tr.mean() / 255:.3f}, handwritten {hand.mean() / 255:.3f}")
+  print(f"[{variant.name}] mean ink: printed {x_tr.mean() / 255:.3f}, handwritten {hand.mean() / 255:.3f}")
   gap = np.abs(x_tr.mean(0) - hand.mean(0)).mean() / 255
   print(f"mean |mean printed image - mean handwritten image|: {gap:.3f}")
   printed = LogisticRegression(max_iter=5000).fit(flat(x_tr), y_tr)
@@ -232,7 +279,10 @@ def domain_report() -> None:
   print(f"printed -> all handwritten: {printed.score(flat(hand), hand_y):.3f}")
   test = split["test"]
   print(f"printed -> handwritten test split: {printed.score(flat(hand[test]), hand_y[test]):.3f}")
+  high, high_test = y_tr >= 5, hand_y[test] >= 5
+  five_to_nine = LogisticRegression(max_iter=5000).fit(flat(x_tr[high]), y_tr[high])
+  print("printed 5-9 -> handwritten test split 5-9: "
+        f"{five_to_nine.score(flat(hand[test][high_test]), hand_y[test][high_test]):.3f}")
   tr = split["train"]
   handwritten = LogisticRegression(max_iter=5000).fit(flat(hand[tr]), hand_y[tr])
   print(f"handwritten train -> handwritten test: {handwritten.score(flat(hand[test]), hand_y[test]):.3f}")
-
