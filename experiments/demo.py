@@ -10,9 +10,10 @@ examples per class and scores them on the same test split. Prints a table (run, 
 parameters, target test accuracy, test examples) and writes WORKDIR/plots/transfer_digits.png.
 
 Sources (`--source`):
-  mixed        (default) handwritten digits 0–4 plus printed digits 0–9 rendered from fonts
-               (`pretrain_mixed_digits.py`): sim-to-real, the target classes are seen only in print.
-               finetune = transfer_digits.py's DEMO_RECIPE (backbone at 0.3x the learning rate).
+  mixed        (default) handwritten digits 0–4 plus printed digits 0–9 rendered from fonts and
+               distorted elastically (`pretrain_mixed_digits.py`): sim-to-real, the target classes
+               are seen only in print. finetune = transfer_digits.py's DEMO_RECIPE (the head starts
+               from the printed head's rows 5–9, BatchNorm frozen); zero_shot = its step 0.
   handwritten  handwritten digits 0–4 only (`pretrain_digits.py`), plain full fine-tuning: the target
                classes are new, and transfer only matches the raw-pixel baselines.
 """
@@ -38,10 +39,11 @@ FLAGS = flags.FLAGS
 CONFIGS = "experiments/configs"
 SOURCES = {  # --source -> (pretraining config, its metric on digits 0-4, description, finetune args)
     "mixed": ("pretrain_mixed_digits.py", "test/handwritten/accuracy",
-              "handwritten digits 0-4 + printed digits 0-9", transfer_digits.DEMO_RECIPE),
+              "handwritten digits 0-4 + elastic printed digits 0-9", transfer_digits.DEMO_RECIPE),
     "handwritten": ("pretrain_digits.py", "test/accuracy", "handwritten digits 0-4", "mode=finetune"),
 }
 MODES = {"scratch": "mode=scratch", "linear_probe": "mode=linear_probe"}
+ZERO_SHOT_NOTE = "; zero_shot = finetune at step 0 (the printed head's rows 5-9, no target step yet)"
 
 
 def run(module: str, config: str, workdir: epath.Path) -> None:
@@ -76,17 +78,20 @@ def main(argv):
 
   rows, series = [], {}
   for name, _, workdir in jobs:
-    evals = read_jsonl(workdir / "eval_metrics.jsonl")
+    evals = sorted(read_jsonl(workdir / "eval_metrics.jsonl"), key=lambda r: r["step"])
     counts = json.loads((workdir / "params.json").read_text())
     metric = pretrain_metric if name == "pretrain" else "test/accuracy"
     rows.append((name, f"{counts['trainable']:,}", f"{counts['frozen']:,}", evals[-1][metric],
                  evals[-1][metric.replace("accuracy", "num_examples")]))
     if name != "pretrain":
       series[name] = [(r["step"], r["test/accuracy"]) for r in evals]
+    if name == "finetune" and "head=printed" in finetune_args:  # its step 0: no target step yet
+      first = evals[0]
+      rows.append(("zero_shot", "-", "-", first["test/accuracy"], first["test/num_examples"]))
   rows[1:1] = [(name, "-", "-", acc, n) for name, acc, n in pixel_rows(FLAGS.shots)]
   print(f"\nfew-shot transfer on handwritten digits 5-9 ({FLAGS.shots} labelled examples per class); "
         f"pretrain = {source_name} (its row: test accuracy on handwritten 0-4); pixels_* = "
-        "classifiers on raw pixels")
+        "classifiers on raw pixels" + (ZERO_SHOT_NOTE if "head=printed" in finetune_args else ""))
   print(f"{'run':<15}{'trainable':>11}{'frozen':>9}{'test acc':>10}{'examples':>10}")
   for name, trainable, frozen, acc, n in rows:
     print(f"{name:<15}{trainable:>11}{frozen:>9}{acc:>10.3f}{n:>10}")

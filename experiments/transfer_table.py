@@ -34,15 +34,24 @@ VARIANTS = {  # name -> (source, transfer_digits.py arguments); source None: no 
     "finetune, top stage re-initialised": ("handwritten", "mode=finetune,reinit_stages=1"),
     "mixed source: linear_probe": ("mixed", "mode=linear_probe"),
     "mixed source: finetune": ("mixed", "mode=finetune"),
-    "mixed source: finetune, backbone lr x0.3 (demo)": ("mixed", transfer_digits.DEMO_RECIPE),
+    "mixed source: finetune, backbone lr x0.3 (old demo)": ("mixed", "mode=finetune,backbone_lr=0.3"),
+    "mixed source: linear_probe, printed head": ("mixed", "mode=linear_probe,head=printed"),
+    "mixed source: finetune, BN frozen": ("mixed", "mode=finetune,bn=frozen"),
+    "mixed source: finetune, printed head": ("mixed", "mode=finetune,head=printed"),
+    "mixed source: finetune, printed head, BN frozen (demo)": ("mixed", transfer_digits.DEMO_RECIPE),
 }
+# Step 0 of the demo's runs: the printed head's rows 5-9 on the pretrained backbone, no target step.
+ZERO_SHOT = "mixed source: zero-shot (printed head, step 0 of the demo's runs)"
 
 
-def accuracy(config, workdir: epath.Path, key: str = "test/accuracy") -> float:
+def accuracy(config, workdir: epath.Path, key: str = "test/accuracy", step: int | None = None
+             ) -> float:
+  """`key` at `step` (default: the last) of the run in `workdir`, trained and evaluated if need be."""
   config.mesh.axes = (("data", 1),)
   train.train(config, str(workdir))
   evaluate.evaluate_checkpoints(config, str(workdir))
-  return read_jsonl(workdir / "eval_metrics.jsonl")[-1][key]
+  rows = read_jsonl(workdir / "eval_metrics.jsonl")
+  return rows[-1][key] if step is None else next(r[key] for r in rows if r["step"] == step)
 
 
 def cell(accs: list[float]) -> str:
@@ -77,14 +86,14 @@ def main(argv):
       pixels[name].append(cell([r[name] for r in per_seed]))
   for name, cells in pixels.items():
     print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
+  def run_cells(source: str | None, args: str, step: int | None = None) -> list[str]:
+    return [cell([accuracy(target_config(args, k, s, source),
+                           root / f"{source or 'none'}_{args.replace(',', '_')}_k{k}_s{s}", step=step)
+                  for s in seeds]) for k in shots]
   for name, (source, args) in VARIANTS.items():
-    cells = []
-    for k in shots:
-      accs = [accuracy(target_config(args, k, s, source),
-                       root / f"{source or 'none'}_{args.replace(',', '_')}_k{k}_s{s}")
-              for s in seeds]
-      cells.append(cell(accs))
-    print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
+    print(f"| {name} | " + " | ".join(run_cells(source, args)) + " |", flush=True)
+  print(f"| {ZERO_SHOT} | " + " | ".join(run_cells("mixed", transfer_digits.DEMO_RECIPE, step=0))
+        + " |", flush=True)
 
 
 if __name__ == "__main__":
