@@ -38,14 +38,14 @@ Two builder configs (`printed_digits` is `printed_digits/plain`):
            an elastic distortion of the blurred glyph (Simard et al. 2003: a displacement field of
            uniform(-1, 1) noise per axis, Gaussian-smoothed with sigma 12 canvas px, times alpha 300, so
            about 4 px RMS, 6% of the glyph's height), with the bounding box of step 3 taken from the
-           distorted glyph (>= 50%); rotation U(-15, 15), shear U(-0.2, 0.2) -> U(-0.3, 0.3); train
-           10,000. About 3.5 ms an example (35 s to prepare). A pixel classifier trained on its
-           digits 5-9 gets 0.760 on handwritten 5-9 (test split), against 0.626 from plain's;
-           `domain_report(ELASTIC)`.
+           distorted glyph (>= 50%); rotation U(-10, 10) -> U(-15, 15) degrees, shear U(-0.2, 0.2)
+           -> U(-0.3, 0.3); train 10,000. About 3.5 ms an example (35 s to prepare). A pixel
+           classifier trained on its digits 5-9 gets 0.760 on handwritten 5-9 (test split), against
+           0.626 from plain's; `domain_report(ELASTIC)`.
 
-Splits: `train` 2,000 (elastic: 10,000) and `test` 500, each balanced (example i has label i % 10 and font
-FONTS[(i // 10) % 21]); both use all 21 fonts (fonts are shared: the test split is in-domain), with
-independent jitter streams (seed 0, stream 0 for train, 1 for test).
+Splits: `train` 2,000 (elastic: 10,000) and `test` 500, each balanced (example i has label i % 10
+and font FONTS[(i // 10) % 21]); both use all 21 fonts (fonts are shared: the test split is
+in-domain), with independent jitter streams (seed 0, stream 0 for train, 1 for test).
 
 How close the domains are (`domain_report()`; scikit-learn LogisticRegression on pixels / 255):
 mean ink 0.306 printed vs 0.305 handwritten; mean |difference of the per-pixel mean images| 0.068 (in
