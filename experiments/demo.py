@@ -67,6 +67,7 @@ def main(argv):
     root.rmtree()
   start = time.time()
   pretrain_config, pretrain_metric, source_name, finetune_args = SOURCES[FLAGS.source]
+  zero_shot = "head=printed" in finetune_args  # its step 0 is a zero-shot model worth a row
   pretrain = root / "pretrain_digits"
   jobs = [("pretrain", f"{CONFIGS}/{pretrain_config}", pretrain)]
   for name, args in {**MODES, "finetune": finetune_args}.items():
@@ -85,13 +86,13 @@ def main(argv):
                  evals[-1][metric.replace("accuracy", "num_examples")]))
     if name != "pretrain":
       series[name] = [(r["step"], r["test/accuracy"]) for r in evals]
-    if name == "finetune" and "head=printed" in finetune_args:  # its step 0: no target step yet
+    if name == "finetune" and zero_shot:  # its step 0: no target step yet
       first = evals[0]
       rows.append(("zero_shot", "-", "-", first["test/accuracy"], first["test/num_examples"]))
   rows[1:1] = [(name, "-", "-", acc, n) for name, acc, n in pixel_rows(FLAGS.shots)]
   print(f"\nfew-shot transfer on handwritten digits 5-9 ({FLAGS.shots} labelled examples per class); "
         f"pretrain = {source_name} (its row: test accuracy on handwritten 0-4); pixels_* = "
-        "classifiers on raw pixels" + (ZERO_SHOT_NOTE if "head=printed" in finetune_args else ""))
+        "classifiers on raw pixels" + (ZERO_SHOT_NOTE if zero_shot else ""))
   print(f"{'run':<15}{'trainable':>11}{'frozen':>9}{'test acc':>10}{'examples':>10}")
   for name, trainable, frozen, acc, n in rows:
     print(f"{name:<15}{trainable:>11}{frozen:>9}{acc:>10.3f}{n:>10}")

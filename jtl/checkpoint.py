@@ -136,10 +136,10 @@ def transfer_init(params: Any, model_state: Any, init_from: ml_collections.Confi
     src = flat_sources[name]
     leaves = []
     for path, leaf in zip(masks.leaf_paths(fresh, name), jax.tree.leaves(fresh)):
-      rule = next(((i, r) for i, r in enumerate(remap) if r[0].fullmatch(path)), None)
+      rule = next((i for i, (pattern, _, _) in enumerate(remap) if pattern.fullmatch(path)), None)
       if rule is not None:
-        used.add(rule[0])
-        value, source_path, why = _remapped(path, rule[1], all_sources)
+        used.add(rule)
+        value, source_path, why = _remapped(path, remap[rule], all_sources)
         taken.add(source_path)
         if why:
           bad_remaps.append(f"{path} ← {why}")
@@ -179,7 +179,7 @@ def transfer_init(params: Any, model_state: Any, init_from: ml_collections.Confi
     if not any(pattern.fullmatch(p) for p in all_paths):
       raise ConfigError(f"init_from.dont_load pattern {pattern.pattern!r} matches no parameter; "
                         f"fix it (paths look like {all_paths[-1]!r})")
-  for i, (pattern, _) in enumerate(remap):
+  for i, (pattern, _, _) in enumerate(remap):
     if i not in used:
       raise ConfigError(f"init_from.remap pattern {pattern.pattern!r} matches no parameter; "
                         f"fix it (paths look like {all_paths[-1]!r})")
@@ -191,8 +191,8 @@ def transfer_init(params: Any, model_state: Any, init_from: ml_collections.Confi
           jax.tree.unflatten(jax.tree.structure(model_state), merged["model_state"]), text)
 
 
-def _remap_rules(rows: Any) -> list[tuple[re.Pattern, tuple[str, Any]]]:
-  """`init_from.remap` rows as (compiled target regex, (source template, indices or None))."""
+def _remap_rules(rows: Any) -> list[tuple[re.Pattern, str, tuple[int, ...] | None]]:
+  """`init_from.remap` rows as (compiled target regex, source template, indices or None)."""
   rules = []
   for row in rows or ():
     if isinstance(row, str) or len(row) not in (2, 3):
@@ -202,15 +202,15 @@ def _remap_rules(rows: Any) -> list[tuple[re.Pattern, tuple[str, Any]]]:
     if indices is not None and not all(isinstance(i, int) for i in indices):
       raise ConfigError(f"init_from.remap indices {row[2]!r} must be integers (positions along the "
                         "last axis of the source leaf)")
-    rules.append((re.compile(row[0]), (row[1], indices)))
+    rules.append((re.compile(row[0]), row[1], indices))
   return rules
 
 
-def _remapped(path: str, rule: tuple[re.Pattern, tuple[str, Any]], sources: dict[str, Any]
-              ) -> tuple[Any, str, str | None]:
+def _remapped(path: str, rule: tuple[re.Pattern, str, tuple[int, ...] | None],
+              sources: dict[str, Any]) -> tuple[Any, str, str | None]:
   """(the value for `path` under one remap rule, its source path, None if it can be loaded, else why
   not)."""
-  pattern, (template, indices) = rule
+  pattern, template, indices = rule
   source_path = pattern.fullmatch(path).expand(template)
   if source_path not in sources:
     return None, source_path, f"{source_path} (not in the source)"

@@ -160,7 +160,7 @@ def max_pool_as_slices(x: jnp.ndarray, window: Sequence[int], strides: Sequence[
 def _pool_taps(x, window, strides, pads):
   out_hw = [_out_size(n, k, s, p) for n, k, s, p in zip(x.shape[1:3], window, strides, pads)]
   xp = jnp.pad(x, ((0, 0), *pads, (0, 0)), constant_values=-jnp.inf)
-  return xp, out_hw, [(i, j, t) for i, j, t in _taps(xp, window, strides, out_hw)]
+  return xp, out_hw, list(_taps(xp, window, strides, out_hw))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
