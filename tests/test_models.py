@@ -8,7 +8,7 @@ import pytest
 
 from jtl import models
 from jtl.errors import ConfigError
-from jtl.models.layers import BatchNorm
+from jtl.models.layers import BatchNorm, gelu
 
 
 def _build(name, **kwargs):
@@ -152,6 +152,18 @@ def test_frozen_norms_in_a_model_under_jit():
   with models.frozen_norms({'backbone/stage1/bn', 'backbone/stage2/bn'}):
     train_features = model.apply(variables, x, train=True, method='features')
   np.testing.assert_array_equal(train_features, model.apply(variables, x, method='features'))
+
+
+def test_gelu_is_exact_gelu():
+  """erf form == flax's erfc form (and the closed-form derivative Phi(x) + x phi(x)) to 1e-6
+  absolute: for x < -5 the erf form (like PyTorch's) rounds values below 5e-7 to 0."""
+  x = jnp.concatenate([jnp.linspace(-12.0, 12.0, 4001), jnp.array([0.0, -0.5, 1e-4, -1e-4])])
+  np.testing.assert_allclose(gelu(x), nn.gelu(x, approximate=False), rtol=1e-6, atol=1e-6)
+  phi = jnp.exp(-x * x / 2) / jnp.sqrt(2 * jnp.pi)
+  cdf = 0.5 * (1 + jax.scipy.special.erf(x / jnp.sqrt(2.0)))
+  np.testing.assert_allclose(jax.vmap(jax.grad(gelu))(x), cdf + x * phi, rtol=1e-5, atol=1e-6)
+  assert float(gelu(jnp.float32(1.0))) == pytest.approx(0.8413447 * 1.0, abs=1e-6)  # Phi(1)
+  assert gelu(jnp.ones(3, jnp.bfloat16)).dtype == jnp.bfloat16
 
 
 def test_unknown_model_name():

