@@ -22,6 +22,7 @@ from jtl import checkpoint, compile_cache, data, evaluators, keep
 from jtl import config as config_lib
 from jtl.errors import ConfigError
 from jtl.metric_writer import MetricWriter, read_jsonl
+from jtl.models import cpu_ops
 from jtl.train import Setup, setup
 
 
@@ -98,7 +99,7 @@ def evaluate_checkpoints(config: ml_collections.ConfigDict | None, workdir: str 
     if step is not None and step not in available:
       raise ConfigError(f"no checkpoint for step {step} in {workdir}; available: {available}")
   config = config_lib.prepare(effective_config(config, workdir))
-  compile_cache.enable(config.get("compilation_cache"))
+  cpu_ops.remember_choices(compile_cache.enable(config.get("compilation_cache")))
   s, evaluator_list = setup_for_eval(config)
   writer = MetricWriter(workdir, "eval_metrics")
   done = {row["step"] for row in read_jsonl(writer.path)}

@@ -274,7 +274,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Trai
   """
   config = config_lib.prepare(config)
   workdir = epath.Path(config_lib.resolve_path(os.fspath(workdir)))
-  compile_cache.enable(config.get("compilation_cache"))
+  cpu_ops.remember_choices(compile_cache.enable(config.get("compilation_cache")))
   data.validate(config.data)
   _check_same_experiment(config, workdir)
   schedule = phases.schedule(config)

@@ -1,5 +1,7 @@
 """jtl.models.cpu_ops: the matmul convolution and slices max-pool equal XLA's ops (values and
 gradients), are routed only where documented, and leave a whole model's outputs unchanged."""
+import json
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -80,6 +82,96 @@ def test_only_small_maps_become_matmuls():
     assert "conv_general_dilated" not in _primitives(lambda x: conv(x), large)  # noqa: PLW0108
   cpu_ops.set_enabled(False)  # (read when traced: a new function, not a cached trace)
   assert "conv_general_dilated" in _primitives(lambda x: conv(x), small)  # noqa: PLW0108
+
+
+def test_pad_channels_leaves_the_convolution_unchanged():
+  x, kernel = _random((2, 6, 6, 3), 0), _random((3, 3, 3, 5), 1)
+  conv = lambda x, k: lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=NHWC)  # noqa: E731
+  padded_x, padded_k = cpu_ops.pad_channels(x, kernel)
+  assert padded_x.shape == (2, 6, 6, 4) and padded_k.shape == (3, 3, 4, 5)
+  ref = _values_and_grads(conv, x, kernel)
+  got = _values_and_grads(lambda x, k: conv(*cpu_ops.pad_channels(x, k)), x, kernel)
+  for r, g in zip(ref, got):
+    assert r.shape == g.shape
+    np.testing.assert_allclose(g, r, atol=2e-5, rtol=1e-5)
+
+
+def _conv_input_channels(f, *args):
+  return [eqn.invars[0].aval.shape[-1] for eqn in jax.make_jaxpr(f)(*args).eqns
+          if eqn.primitive.name == "conv_general_dilated"]
+
+
+def test_channel_padding_follows_the_measurement_once_per_shape(monkeypatch):
+  measured = []
+
+  def fake_ratio(key):
+    measured.append(key)
+    return ratio
+
+  monkeypatch.setattr(cpu_ops, "_time_candidates", fake_ratio)
+  monkeypatch.setattr(cpu_ops, "_PAD_CHOICES", {})
+  x, kernel = _random((2, 6, 6, 3), 0), _random((3, 3, 3, 5), 1)
+
+  def conv(x):
+    return cpu_ops.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=NHWC)
+  ratio = cpu_ops.PAD_GAIN  # padding pays: the conv reads 4 channels
+  assert _conv_input_channels(conv, x) == [4]
+  ratio = 1.0  # a new shape that does not gain: 3 channels stay
+  assert _conv_input_channels(conv, x[:1]) == [3]
+  assert _conv_input_channels(conv, x) == [4]  # the first answer is kept, not measured again
+  assert len(measured) == 2
+  np.testing.assert_allclose(
+      jax.jit(conv)(x), lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=NHWC),
+      atol=2e-5, rtol=1e-5)
+  four = _random((3, 3, 4, 5), 3)  # a multiple of 4 channels is never measured
+  assert _conv_input_channels(lambda x: cpu_ops.conv_general_dilated(
+      x, four, (1, 1), "SAME", dimension_numbers=NHWC), _random((2, 6, 6, 4), 4)) == [4]
+  cpu_ops.set_enabled(False)
+  assert _conv_input_channels(lambda x: conv(x), x) == [3]  # noqa: PLW0108
+  assert len(measured) == 2
+
+
+def test_channel_padding_is_measured_while_a_jit_traces(monkeypatch):
+  """The timing runs eagerly inside the outer trace (not staged into it) and records a choice."""
+  monkeypatch.setattr(cpu_ops, "_PAD_CHOICES", {})
+  kernel = _random((3, 3, 3, 8), 1)
+  out = jax.jit(lambda x: cpu_ops.conv_general_dilated(
+      x, kernel, (1, 1), "SAME", dimension_numbers=NHWC))(_random((2, 8, 8, 3), 0))
+  assert out.shape == (2, 8, 8, 8)
+  (choice,) = cpu_ops._PAD_CHOICES.values()
+  assert isinstance(choice, bool)
+  key = ((2, 8, 8, 3), (3, 3, 3, 8), (1, 1), ((1, 1), (1, 1)), "float32", "float32")
+  assert list(cpu_ops._PAD_CHOICES) == [repr(key)]
+  assert 0.0 < cpu_ops._time_candidates(key) < 100.0
+
+
+def test_channel_padding_choices_are_shared_through_a_directory(monkeypatch, tmp_path):
+  """A second process (here: a cleared table) reads the first one's choices instead of timing."""
+  monkeypatch.setattr(cpu_ops, "_PAD_CHOICES", {})
+  monkeypatch.setattr(cpu_ops, "_time_candidates", lambda key: 2.0 * cpu_ops.PAD_GAIN)
+  monkeypatch.setattr(cpu_ops, "_choices_path", None)
+  cpu_ops.remember_choices(str(tmp_path / "cache"))
+  kernel = _random((3, 3, 3, 5), 1)
+
+  def conv(x):
+    return cpu_ops.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=NHWC)
+  assert _conv_input_channels(conv, _random((2, 6, 6, 3), 0)) == [4]
+  saved = tmp_path / "cache" / cpu_ops.CHOICES_FILE
+  assert list(json.loads(saved.read_text()).values()) == [True]
+
+  def must_not_time(key):
+    raise AssertionError("measured again")
+  monkeypatch.setattr(cpu_ops, "_time_candidates", must_not_time)
+  monkeypatch.setattr(cpu_ops, "_PAD_CHOICES", {})
+  cpu_ops.remember_choices(str(tmp_path / "cache"))
+  assert _conv_input_channels(lambda x: conv(x), _random((2, 6, 6, 3), 0)) == [4]  # noqa: PLW0108
+  saved.write_text("not json")  # an unreadable file is ignored (and rewritten by a new choice)
+  monkeypatch.setattr(cpu_ops, "_PAD_CHOICES", {})
+  monkeypatch.setattr(cpu_ops, "_time_candidates", lambda key: 1.0)
+  cpu_ops.remember_choices(str(tmp_path / "cache"))  # (a new function: traces are cached)
+  assert _conv_input_channels(lambda x: conv(x), _random((2, 6, 6, 3), 0)) == [3]  # noqa: PLW0108
+  assert list(json.loads(saved.read_text()).values()) == [False]
+  cpu_ops.remember_choices(None)
 
 
 @pytest.mark.parametrize("shape,window,strides,padding", [

@@ -1,5 +1,5 @@
-"""Faster formulations of the two operations XLA:CPU runs slowly in CNNs: small-map convolutions and
-the max-pool backward pass.
+"""Faster formulations of operations XLA:CPU runs slowly in CNNs: small-map convolutions, some
+convolutions of few input channels, and the max-pool backward pass.
 
 Measured on this project's 2-core CPU (`python -m experiments.bench.cpu_ops`):
   - **Convolutions on maps of a few pixels.** A 3x3 conv on a 2x2 map (B=32, 256->256 channels,
@@ -11,6 +11,12 @@ Measured on this project's 2-core CPU (`python -m experiments.bench.cpu_ops`):
     reshaped kernel. Autodiff gives the backward as two matmuls and a pad-and-add. The im2col copy is
     k*k times the (tiny) input. From 8x8 maps on XLA's kernels are kept: in whole train steps
     they are faster (there the im2col copy, kept for the backward pass, no longer fits in cache).
+  - **Input channels not a multiple of 4** (an RGB stem). XLA's kernel for some such shapes is
+    erratic: 3->32 channels at 32x32, B=32, takes 2.7 ms forward where 3->64 takes 1.3 ms, and
+    padding the input to 4 channels (zero channels, zero kernel rows: the same convolution) brings
+    it to 1.0 ms; for 3->16, 3->64, or 1-channel inputs padding is slower. Since no fixed rule
+    fits, each such shape is timed both ways (forward plus both gradients) when a model is first
+    traced, and padded only if that is at least PAD_GAIN times faster. cnn_small's step: -7%.
   - **Max-pool backward.** `nn.max_pool`'s gradient is XLA's select-and-scatter, 6.4 ms for a 2x2
     pool of a 32x32x32 map at B=32 (fwd+bwd) against 0.34 ms for the same pool written as the
     elementwise maximum of its k*k strided slices, with a gradient of elementwise selects that gives
@@ -19,7 +25,7 @@ Measured on this project's 2-core CPU (`python -m experiments.bench.cpu_ops`):
 Inside a loop body (`loop_body()`, which the trainer enters for gradient accumulation) every
 convolution is a matmul: XLA:CPU's convolutions run far slower inside loops.
 
-Both agree with XLA's operations to float32 rounding. They are used when the backend is CPU and
+All agree with XLA's operations to float32 rounding. They are used when the backend is CPU and
 `config.cpu_fast_paths` is on (the default; `--config.cpu_fast_paths=false` gives XLA's operations
 everywhere). The setting is read when a model is traced. Models pass `conv_general_dilated` to
 `nn.Conv` (its `conv_general_dilated` field, so parameter names and checkpoints are unchanged) and
@@ -30,15 +36,26 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import json
+import os
+import tempfile
+import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 SMALL_MAP = 16  # output pixels (H_out * W_out) at or below which a convolution becomes a matmul
+CHANNEL_MULTIPLE = 4  # other input channel counts are tried zero-padded to a multiple of this
+PAD_GAIN = 1.3  # ... and padded if that makes the convolution at least this much faster
+_PAD_ROUNDS = 5
+_PAD_CHOICES: dict[str, bool] = {}  # repr of (shapes, strides, pads, dtypes) -> pad or not
+CHOICES_FILE = "jtl_cpu_conv_choices.json"
+_choices_path: str | None = None
 _NHWC = ("NHWC", "HWIO", "NHWC")
 _enabled = True
 _IN_LOOP: contextvars.ContextVar[bool] = contextvars.ContextVar("jtl_cpu_ops_in_loop", default=False)
@@ -127,6 +144,84 @@ def _is_plain_2d(lhs: jnp.ndarray, rhs: jnp.ndarray, lhs_dilation, rhs_dilation,
           == lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC))
 
 
+def pad_channels(lhs: jnp.ndarray, rhs: jnp.ndarray, multiple: int = 4):
+  """NHWC input and HWIO kernel with the input channels zero-padded to a multiple of `multiple`
+  (the convolution is unchanged: the extra channels and kernel rows are zero)."""
+  extra = -lhs.shape[-1] % multiple
+  return (jnp.pad(lhs, ((0, 0), (0, 0), (0, 0), (0, extra))),
+          jnp.pad(rhs, ((0, 0), (0, 0), (0, extra), (0, 0))))
+
+
+def _padding_channels_pays(lhs, rhs, strides: Sequence[int], pads: Pads) -> bool:
+  """Whether XLA's convolution of these shapes runs at least PAD_GAIN times faster (forward plus
+  both gradients) with its input channels padded to a multiple of CHANNEL_MULTIPLE. Measured when a
+  model is first traced (~0.5 s per shape), once per shape and process, or once per shape for all
+  processes that `remember_choices` the same directory."""
+  key = (tuple(lhs.shape), tuple(rhs.shape), tuple(strides), tuple(map(tuple, pads)),
+         str(lhs.dtype), str(rhs.dtype))
+  if repr(key) not in _PAD_CHOICES:
+    with jax.ensure_compile_time_eval():  # run the candidates now, not as part of the model's trace
+      _PAD_CHOICES[repr(key)] = _time_candidates(key) >= PAD_GAIN
+    _save_choices()
+  return _PAD_CHOICES[repr(key)]
+
+
+def remember_choices(directory: str | None) -> None:
+  """Keeps the channel-padding choices in `directory` (CHOICES_FILE; None: in memory only): read
+  now, rewritten with each new choice. A run and its resumption (the trainer passes the compilation
+  cache's directory) then trace the same program, so a resumed run stays bit-identical even for a
+  shape whose two timings are close."""
+  global _choices_path
+  _choices_path = os.path.join(directory, CHOICES_FILE) if directory else None
+  if _choices_path and os.path.exists(_choices_path):
+    try:
+      with open(_choices_path) as f:
+        _PAD_CHOICES.update({str(k): bool(v) for k, v in json.load(f).items()})
+    except (OSError, ValueError, AttributeError):  # unreadable: measure again, rewrite it
+      pass
+
+
+def _save_choices() -> None:
+  if not _choices_path:
+    return
+  try:
+    os.makedirs(os.path.dirname(_choices_path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(_choices_path), suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+      json.dump(_PAD_CHOICES, f, indent=0, sort_keys=True)
+    os.replace(tmp, _choices_path)  # atomic: concurrent processes never read half a file
+  except OSError:  # a read-only cache directory costs a re-measurement next time, nothing else
+    pass
+
+
+def _time_candidates(key) -> float:
+  """Median time of the plain convolution over that of the channel-padded one (fwd + vjp)."""
+  lhs_shape, rhs_shape, strides, pads, lhs_dtype, rhs_dtype = key
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal(lhs_shape), lhs_dtype)
+  w = jnp.asarray(rng.standard_normal(rhs_shape), rhs_dtype)
+
+  def conv(x, w):
+    return lax.conv_general_dilated(x, w, strides, pads, dimension_numbers=_NHWC)
+
+  def fwd_bwd(f):
+    def step(x, w):
+      y, vjp = jax.vjp(f, x, w)
+      return vjp(y)
+    return jax.jit(step)
+
+  candidates = [fwd_bwd(conv), fwd_bwd(lambda x, w: conv(*pad_channels(x, w, CHANNEL_MULTIPLE)))]
+  times = [[], []]
+  for f in candidates:
+    jax.block_until_ready(f(x, w))
+  for _ in range(_PAD_ROUNDS):  # interleaved, so load drifts hit both alike
+    for f, t in zip(candidates, times):
+      start = time.perf_counter()
+      jax.block_until_ready(f(x, w))
+      t.append(time.perf_counter() - start)
+  return float(np.median(times[0]) / np.median(times[1]))
+
+
 def conv_general_dilated(lhs: jnp.ndarray, rhs: jnp.ndarray, window_strides: Sequence[int],
                          padding: str | Pads, lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count: int = 1,
@@ -142,6 +237,8 @@ def conv_general_dilated(lhs: jnp.ndarray, rhs: jnp.ndarray, window_strides: Seq
     small = out_hw[0] * out_hw[1] <= SMALL_MAP or _IN_LOOP.get()
     if small and min(min(p) for p in pads) >= 0:
       return conv_as_matmul(lhs, rhs, window_strides, pads, precision, preferred_element_type)
+    if lhs.shape[-1] % CHANNEL_MULTIPLE and _padding_channels_pays(lhs, rhs, window_strides, pads):
+      lhs, rhs = pad_channels(lhs, rhs)
   return lax.conv_general_dilated(
       lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
       dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
