@@ -4,9 +4,11 @@
 
 For each case, forward + backward (the gradients a train step needs: input and kernel for a conv,
 input for a pool) of the XLA op and of the alternative formulation, jitted, timed in interleaved
-rounds, medians compared: `speed-up` = XLA ms / matmul-or-slices ms. `route` says which one
-`cpu_ops` picks by default (the rule: a convolution becomes a matmul when its output map has at
-most `cpu_ops.SMALL_MAP` pixels; every max-pool becomes slices). The convolution cases are the
+rounds, medians compared: `speed-up` = XLA ms / alternative ms. `route` says what `cpu_ops` does
+by default (a convolution becomes a matmul when its output map has at most `cpu_ops.SMALL_MAP`
+pixels; one whose input channels are not a multiple of 4 is padded where cpu_ops measured that
+faster; every max-pool becomes slices). The `_padded` cases compare XLA's convolution with the same
+convolution on channel-padded input instead of the matmul. The convolution cases are the
 shapes of `cnn_small` and ResNet-18 at 32x32 input, batch 32, plus cases on either side of the rule;
 `GFLOP/s` and `peak` are each op's achieved FLOP/s and its fraction of the matmul peak measured after
 the rounds, both sides counted with the compiled FLOPs of the matmul form (its taps that read only
@@ -53,6 +55,12 @@ CONVS = {
     "resnet18_stage2_4x4_128to128": (4, 128, 128, 3, 1, 1),
     "resnet18_stage1_8x8_64to64": (8, 64, 64, 3, 1, 1),
 }
+# Input channels not a multiple of 4: XLA's conv against the same conv on channel-padded input.
+PADDED_CONVS = {
+    "cnn_small_conv1_3to32_padded": (32, 3, 32, 3, 1, 1),
+    "rgb_3to64_padded": (32, 3, 64, 3, 1, 1),
+    "gray_1to32_padded": (32, 1, 32, 3, 1, 1),
+}
 # name: (H = W, C, window, stride, padding) of a max-pool.
 POOLS = {
     "cnn_small_pool_32x32x32": (32, 32, 2, 2, 0),
@@ -60,15 +68,21 @@ POOLS = {
 }
 
 
-def _conv_case(spec: tuple[int, ...], batch: int, rng: np.random.Generator):
+def _conv_case(spec: tuple[int, ...], batch: int, rng: np.random.Generator, padded: bool = False):
+  """`padded`: the alternative is the channel-padded conv, not the matmul."""
   h, c_in, c_out, k, s, p = spec
   x = jnp.asarray(rng.normal(size=(batch, h, h, c_in)), jnp.float32)
   w = jnp.asarray(rng.normal(size=(k, k, c_in, c_out)) / np.sqrt(k * k * c_in), jnp.float32)
   pads = [(p, p), (p, p)]
   xla = lambda x, w: lax.conv_general_dilated(x, w, (s, s), pads, dimension_numbers=NHWC)  # noqa: E731
   alt = lambda x, w: cpu_ops.conv_as_matmul(x, w, (s, s), pads)  # noqa: E731
+  if padded:
+    alt = lambda x, w: xla(*cpu_ops.pad_channels(x, w))  # noqa: E731
   out = (h + 2 * p - k) // s + 1
   route = "matmul" if out * out <= cpu_ops.SMALL_MAP else "xla"
+  if route == "xla" and c_in % cpu_ops.CHANNEL_MULTIPLE and cpu_ops._padding_channels_pays(  # noqa: SLF001
+      x, w, (s, s), pads):
+    route = "padded"
   return xla, alt, (x, w), True, route
 
 
@@ -143,6 +157,8 @@ def main(argv: Sequence[str]) -> None:
   cpu_ops.set_enabled(True)
   rng = np.random.default_rng(0)
   cases = {name: _conv_case(spec, FLAGS.batch, rng) for name, spec in CONVS.items()}
+  cases.update({name: _conv_case(spec, FLAGS.batch, rng, padded=True)
+                for name, spec in PADDED_CONVS.items()})
   cases.update({name: _pool_case(spec, FLAGS.batch, rng) for name, spec in POOLS.items()})
   rows = []
   for name, (xla, alt, args, count_flops, route) in cases.items():
