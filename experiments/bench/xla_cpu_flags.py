@@ -51,6 +51,10 @@ SETTINGS = {
     "xnn_graph_greedy": ("--xla_cpu_use_xnnpack=true "
                          "--xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_GREEDY"),
     "ynn_conv_dot": "--xla_cpu_experimental_ynn_fusion_type=individual_convolution,dot",
+    "ynn_dot": "--xla_cpu_experimental_ynn_fusion_type=dot",
+    "ynn_off": "--xla_cpu_experimental_ynn_fusion_type=",  # XLA's own (Eigen) dots
+    "xnn_dot": ("--xla_cpu_experimental_ynn_fusion_type= --xla_cpu_use_xnnpack=true "
+                "--xla_cpu_experimental_xnn_fusion_type=dot"),
     "opt_preset_fast_runtime": "--xla_cpu_opt_preset=CPU_OPT_PRESET_FAST_RUNTIME",
     "concurrency_scheduler": "--xla_cpu_enable_concurrency_optimized_scheduler=true",
     "vector_width_512": "--xla_cpu_prefer_vector_width=512",
