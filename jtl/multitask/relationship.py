@@ -36,14 +36,14 @@ counts itself; the penalty of that call uses the new estimate. Evaluation only r
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from jtl.multitask.tasks import Task
-from jtl.multitask.trunk import Outputs, Penalties, TaskHeads
+from jtl.multitask.trunk import Penalties, TaskHeads, TwoPart
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 Covariances = tuple[jax.Array, jax.Array, jax.Array]  # (S_in, S_out, S_task)
@@ -142,8 +142,10 @@ class RelationshipLayers(nn.Module):
     return h, self.weight * 0.5 * total
 
 
-class Relationship(nn.Module):
-  """Shared registry backbone, `task_layers` MRN layers per task, then the heads."""
+class Relationship(TwoPart):
+  """Shared registry backbone, `task_layers` MRN layers per task, then the heads. z = the shared
+  backbone's pooled features [B, D] (the task-specific layers are in `heads`, whose train calls may
+  update the covariances); the penalty is the prior's."""
   backbone: nn.Module
   tasks: tuple[Task, ...]
   task_layers: int = 1
@@ -151,7 +153,6 @@ class Relationship(nn.Module):
   weight: float = 1e-3
   eps: float = 1e-2
   cov_update_every: int = 1
-  shared_representation: ClassVar[bool] = True
 
   @nn.compact
   def _run(self, x: jax.Array, train: bool, part: str) -> tuple[Any, Penalties]:
@@ -165,14 +166,3 @@ class Relationship(nn.Module):
     h, penalty = layers(x, train)
     outputs = TaskHeads(self.tasks, name="heads")({t.name: h[i] for i, t in enumerate(self.tasks)})
     return outputs, {"relationship": penalty}
-
-  def features(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, Penalties]:
-    """z = the shared backbone's pooled features [B, D] (the task-specific layers are in `heads`)."""
-    return self._run(x, train, "features")
-
-  def heads(self, z: jax.Array, train: bool = False) -> tuple[Outputs, Penalties]:
-    """Task outputs and the prior's penalty from z; a train call may update the covariances."""
-    return self._run(z, train, "heads")
-
-  def __call__(self, x: jax.Array, train: bool = False) -> tuple[Outputs, Penalties]:
-    return self._run(x, train, "all")

@@ -72,32 +72,36 @@ def prediction(outputs: jax.Array, kind: str) -> jax.Array:
   return outputs
 
 
-class HardSharing(nn.Module):
-  """A registry backbone shared by all tasks (`params/backbone`), one head per task."""
+class TwoPart(nn.Module):
+  """`features(x, train) -> (z, penalties)`, `heads(z, train) -> (outputs, penalties)` and
+  `__call__(x, train)`, both at once. A subclass builds whichever part is asked for in one compact
+  method `_run(x, train, part)` (part: "features", "heads" or "all"), so that `features` and
+  `heads` create the same submodules as `__call__`."""
+  shared_representation: ClassVar[bool] = True
+
+  def features(self, x: jax.Array, train: bool = False) -> tuple[Any, Penalties]:
+    return self._run(x, train, "features")
+
+  def heads(self, z: Any, train: bool = False) -> tuple[Outputs, Penalties]:
+    return self._run(z, train, "heads")
+
+  def __call__(self, x: jax.Array, train: bool = False) -> tuple[Outputs, Penalties]:
+    return self._run(x, train, "all")
+
+
+class HardSharing(TwoPart):
+  """A registry backbone shared by all tasks (`params/backbone`), one head per task; z = the pooled
+  backbone features [B, D] (float32), outputs `{task: [B, num_outputs]}`."""
   backbone: nn.Module
   tasks: tuple[Task, ...]
-  shared_representation: ClassVar[bool] = True
 
   @nn.compact
   def _run(self, x: jax.Array, train: bool, part: str) -> tuple[Any, Penalties]:
-    # One compact method builds whichever part is asked for, so `features` and `heads` create the
-    # same submodules (`backbone`, `heads`) as `__call__`.
     if part != "heads":
       x = self.backbone(x, train=train).astype(jnp.float32)
       if part == "features":
         return x, {}
     return TaskHeads(self.tasks, name="heads")({t.name: x for t in self.tasks}), {}
-
-  def features(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, Penalties]:
-    """The shared representation z = pooled backbone features [B, D] (float32)."""
-    return self._run(x, train, "features")
-
-  def heads(self, z: jax.Array, train: bool = False) -> tuple[Outputs, Penalties]:
-    """Task outputs `{task: [B, num_outputs]}` from z."""
-    return self._run(z, train, "heads")
-
-  def __call__(self, x: jax.Array, train: bool = False) -> tuple[Outputs, Penalties]:
-    return self._run(x, train, "all")
 
 
 class LabelEmbeddings(nn.Module):
@@ -123,13 +127,14 @@ def task_depths(tasks: Sequence[Task], num_stages: int) -> dict[str, int]:
   return depths
 
 
-class LowSupervision(nn.Module):
-  """A staged trunk (`params/backbone`), each task's head after stage `task.depth`, with shortcuts."""
+class LowSupervision(TwoPart):
+  """A staged trunk (`params/backbone`), each task's head after stage `task.depth`, with shortcuts.
+  z = `{"stage<k>": pooled stage-k output [B, C_k]}` for every depth some task reads; `heads` runs
+  the lower tasks first (their predictions feed the higher tasks' heads)."""
   backbone: stages.StagedBackbone
   tasks: tuple[Task, ...]
   shortcut: str = "probs"
   embedding_dim: int = 16
-  shared_representation: ClassVar[bool] = True
 
   @nn.compact
   def _run(self, x: Any, train: bool, part: str) -> tuple[Any, Penalties]:
@@ -157,17 +162,6 @@ class LowSupervision(nn.Module):
       head_input = jnp.concatenate(inputs, axis=-1)
       outputs.update(heads({t.name: head_input for t in self.tasks if depths[t.name] == k}))
     return {t.name: outputs[t.name] for t in self.tasks}, {}
-
-  def features(self, x: jax.Array, train: bool = False) -> tuple[dict[str, jax.Array], Penalties]:
-    """z = `{"stage<k>": pooled stage-k output [B, C_k]}` for every depth some task reads."""
-    return self._run(x, train, "features")
-
-  def heads(self, z: Mapping[str, jax.Array], train: bool = False) -> tuple[Outputs, Penalties]:
-    """Task outputs from z, lower tasks first (their predictions feed the higher tasks' heads)."""
-    return self._run(z, train, "heads")
-
-  def __call__(self, x: jax.Array, train: bool = False) -> tuple[Outputs, Penalties]:
-    return self._run(x, train, "all")
 
 
 def shared_prefixes(tasks: Sequence[Task], model_config: Mapping[str, Any]
