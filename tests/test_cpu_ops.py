@@ -128,6 +128,9 @@ def test_channel_padding_follows_the_measurement_once_per_shape(monkeypatch):
       x, four, (1, 1), "SAME", dimension_numbers=NHWC), _random((2, 6, 6, 4), 4)) == [4]
   cpu_ops.set_enabled(False)
   assert _conv_input_channels(lambda x: conv(x), x) == [3]  # noqa: PLW0108
+  cpu_ops.set_enabled(True)
+  monkeypatch.setattr(jax, "process_count", lambda: 2)  # multi-host: never measured, never padded
+  assert _conv_input_channels(lambda x: conv(x), x) == [3]  # noqa: PLW0108
   assert len(measured) == 2
 
 

@@ -156,7 +156,10 @@ def _padding_channels_pays(lhs, rhs, strides: Sequence[int], pads: Pads) -> bool
   """Whether XLA's convolution of these shapes runs at least PAD_GAIN times faster (forward plus
   both gradients) with its input channels padded to a multiple of CHANNEL_MULTIPLE. Measured when a
   model is first traced (~0.5 s per shape), once per shape and process, or once per shape for all
-  processes that `remember_choices` the same directory."""
+  processes that `remember_choices` the same directory. Never in a multi-host run: hosts timing
+  on their own could trace different programs."""
+  if jax.process_count() > 1:  # every host must trace the same program: no per-host timings
+    return False
   key = (tuple(lhs.shape), tuple(rhs.shape), tuple(strides), tuple(map(tuple, pads)),
          str(lhs.dtype), str(rhs.dtype))
   if repr(key) not in _PAD_CHOICES:
