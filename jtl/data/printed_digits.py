@@ -76,7 +76,7 @@ FONTS = (
     "STIXGeneralItalic.ttf", "STIXGeneralBolIta.ttf", "cmr10.ttf", "cmb10.ttf", "cmss10.ttf",
     "cmti10.ttf", "cmtt10.ttf",
 )
-SPLIT_SIZES = {"train": 2000, "test": 500}  # plain's; elastic has ElasticConfig.train_size
+SPLIT_SIZES = {"train": 2000, "test": 500}  # plain's; a Variant sets its own train_size
 
 _SEED = 0  # Fixed forever: changing it (or any constant below) changes the data: bump VERSION.
 _GLYPH_PX = 64  # Font size of the render.
@@ -271,7 +271,8 @@ def domain_report(variant: Variant = PLAIN) -> None:
   hand, hand_y = digits._digits()  # pylint: disable=protected-access
   split = digits.split_indices()
   flat = lambda x: x.reshape(len(x), -1) / 255.0
-  print(f"[{variant.name}] mean ink: printed {x_tr.mean() / 255:.3f}, handwritten {hand.mean() / 255:.3f}")
+  print(f"[{variant.name}] mean ink: printed {x_tr.mean() / 255:.3f}, "
+        f"handwritten {hand.mean() / 255:.3f}")
   gap = np.abs(x_tr.mean(0) - hand.mean(0)).mean() / 255
   print(f"mean |mean printed image - mean handwritten image|: {gap:.3f}")
   printed = LogisticRegression(max_iter=5000).fit(flat(x_tr), y_tr)

@@ -162,11 +162,12 @@ def _padding_channels_pays(lhs, rhs, strides: Sequence[int], pads: Pads) -> bool
     return False
   key = (tuple(lhs.shape), tuple(rhs.shape), tuple(strides), tuple(map(tuple, pads)),
          str(lhs.dtype), str(rhs.dtype))
-  if repr(key) not in _PAD_CHOICES:
+  name = repr(key)  # (the JSON file's keys)
+  if name not in _PAD_CHOICES:
     with jax.ensure_compile_time_eval():  # run the candidates now, not as part of the model's trace
-      _PAD_CHOICES[repr(key)] = _time_candidates(key) >= PAD_GAIN
+      _PAD_CHOICES[name] = _time_candidates(key) >= PAD_GAIN
     _save_choices()
-  return _PAD_CHOICES[repr(key)]
+  return _PAD_CHOICES[name]
 
 
 def remember_choices(directory: str | None) -> None:
