@@ -3,6 +3,11 @@ import os
 import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# 8 fake devices on 2 busy cores: XLA:CPU aborts the process when a device thread reaches a collective
+# more than 40 s after another (its default); a loaded machine is slow, not stuck.
+if "collective_call_terminate" not in os.environ["XLA_FLAGS"]:
+  os.environ["XLA_FLAGS"] += (" --xla_cpu_collective_call_terminate_timeout_seconds=900"
+                              " --xla_cpu_collective_call_warn_stuck_timeout_seconds=300")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # One data dir per pytest-xdist worker, so two workers never build the same dataset at once.

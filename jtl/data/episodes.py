@@ -16,7 +16,8 @@ episodes over the data axis):
 Rows are class-major: support row n*K + k is shot k of the episode's class n (label n), and
 likewise for the queries.
 
-Class pool: `config.data` selects it. `labels` keeps those classes (remapped to 0..C-1). The split
+Class pool: `config.data` selects it. `labels` keeps those classes (remapped to 0..C-1; without
+`labels`, every class present in the split, in the order of its ids). The split
 is `train_split` for training (where `data.shots`, if set, caps each class) and the evaluator's
 split for evaluation. The digits protocol meta-trains on classes 0-4 of the train split and
 meta-tests on classes 5-9 of the test split. The two pools share no class and no image, so no
@@ -104,7 +105,12 @@ def class_pool(data_config: ml_collections.ConfigDict, split: str) -> ClassPool:
   to_float = preprocess.normalizer(config_lib.parse_normalize(c.normalize))
   images = to_float(tf.constant(images)).numpy()
   labels = targets["label"].astype(np.int32)
-  num_classes = len(c.labels) if c.labels is not None else int(labels.max(initial=-1)) + 1
+  if c.labels is None:  # every class present in the split (e.g. glyphs' test split: ids 1238..)
+    present, labels = np.unique(labels, return_inverse=True)
+    labels = labels.astype(np.int32)
+    num_classes = len(present)
+  else:
+    num_classes = len(c.labels)
   rows = tuple(np.flatnonzero(labels == k) for k in range(num_classes))
   return ClassPool(images, labels, rows)
 

@@ -20,12 +20,14 @@ from jtl.data import digits  # Registers the embedded `sklearn_digits` builder w
 from jtl.data import attributes  # Registers `digit_attributes`.
 from jtl.data import multidigits  # Registers `multi_digits`.
 from jtl.data import printed_digits  # Registers `printed_digits`.
+from jtl.data import glyphs  # Registers `glyphs`.
 from jtl.data import folder  # `folder:<path>`: a user's own images, built offline.
 from jtl.errors import ConfigError
 
 # Builders whose data ships inside an installed package: preparing them is offline and takes seconds.
 EMBEDDED = (digits.SklearnDigits.name, printed_digits.PrintedDigits.name,
-            multidigits.MultiDigits.name, attributes.DigitAttributes.name, folder.NAME)
+            multidigits.MultiDigits.name, attributes.DigitAttributes.name, glyphs.Glyphs.name,
+            folder.NAME)
 
 
 def _network_reachable(host: str = 'storage.googleapis.com', timeout: float = 3.0) -> bool:

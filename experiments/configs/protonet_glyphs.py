@@ -1,0 +1,51 @@
+"""Prototypical networks on `glyphs`: meta-trained on the background scripts, tested on the evaluation
+scripts (Omniglot's protocol: no evaluation script, hence no test character, is seen in training).
+
+  python -m experiments.train --config=experiments/configs/protonet_glyphs.py --workdir=runs/proto_g
+  python -m experiments.evaluate --workdir=runs/proto_g
+
+Arguments (`protonet_glyphs.py:ways=20,shots=1,queries=5`, the defaults): N, K and Q of the
+*training* episodes. Snell et al. (2017) train Omniglot with more ways than they test (60 against
+5/20) and with the test's shot count; 20-way 1-shot training is the cheap version of that here.
+`batch_size` counts episodes per step. The encoder is the standard four-block ConvNet of the
+few-shot literature (`cnn_small` with widths 64 x 4, no head: `params/backbone/...`).
+Evaluators: 600 fixed episodes of the evaluation scripts, 5-way and 20-way, at 1 and 5 shots
+(nearest prototype; mean accuracy and 95% CI), with nearest prototypes on the raw pixels of the same
+episodes beside each.
+"""
+import ml_collections
+
+from experiments.configs.common import base_config, parse_arg
+
+EVAL_EPISODES = ((5, 1), (5, 5), (20, 1), (20, 5))  # (ways, shots)
+
+
+def glyph_episodic_evals(num_episodes=600, pixel_baseline=True,
+                         episodes=EVAL_EPISODES) -> ml_collections.ConfigDict:
+  """One `episodic` evaluator per (ways, shots), on the test split (the evaluation scripts)."""
+  return ml_collections.ConfigDict({
+      f"episodic_{n}way{k}shot": dict(type="episodic", split="test", ways=n, shots=k, queries=5,
+                                      num_episodes=num_episodes, seed=0,
+                                      pixel_baseline=pixel_baseline, batch_size=200)
+      for n, k in episodes})
+
+
+def get_config(arg=None):
+  a = parse_arg(arg, ways=20, shots=1, queries=5)
+  c = base_config()
+  c.objective = "protonet"
+  c.total_steps = 1000
+  c.batch_size = 1  # episodes per step (a multiple of the devices of the batch axes)
+  c.log_every = 100
+  c.checkpoint_every = 500
+  c.data.name = "glyphs"
+  c.data.eval_split = "test"
+  c.data.episodes.ways = a.ways
+  c.data.episodes.shots = a.shots
+  c.data.episodes.queries = a.queries
+  c.model.widths = (64, 64, 64, 64)
+  c.model.num_classes = 0  # an encoder: ProtoNet has no head
+  c.optim.lr = 1e-3
+  c.optim.warmup_steps = 50
+  c.evals = glyph_episodic_evals()
+  return c

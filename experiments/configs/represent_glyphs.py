@@ -1,0 +1,46 @@
+"""Representations learned on the background scripts of `glyphs`, judged on the evaluation scripts.
+
+  python -m experiments.train --config=experiments/configs/represent_glyphs.py:method=supcon \
+      --workdir=runs/supcon_g
+  python -m experiments.evaluate --workdir=runs/supcon_g
+
+`method`: `supervised` (cross-entropy over the 1,238 background characters, then the head is dropped),
+`simclr` (NT-Xent between two augmented views, no labels) or `supcon` (supervised contrastive, the
+character as the label). All three train the same encoder as `protonet_glyphs.py` (the four-block
+ConvNet, `params/backbone/...`) for the same number of images, and are scored the same way: nearest
+prototypes on frozen features in 600 fixed episodes of the evaluation scripts, 5- and 20-way, 1 and 5
+shots, with nearest prototypes on raw pixels beside each (the `episodic` evaluator). At one shot a
+nearest prototype is a 1-nearest-neighbour classifier.
+"""
+from experiments.configs.common import base_config, parse_arg
+from experiments.configs.protonet_glyphs import glyph_episodic_evals
+from jtl import augment
+from jtl.objectives import contrastive
+
+NUM_BACKGROUND_CLASSES = 1238  # characters of the background scripts (tests/test_glyphs.py checks)
+METHODS = ("supervised", "simclr", "supcon")
+
+
+def get_config(arg=None):
+  a = parse_arg(arg, method="supcon")
+  if a.method not in METHODS:
+    raise ValueError(f"unknown method {a.method!r}; use one of {', '.join(METHODS)}")
+  c = base_config()
+  c.objective = a.method
+  c.total_steps = 1000
+  c.batch_size = 128
+  c.log_every = 100
+  c.checkpoint_every = 500
+  c.data.name = "glyphs"
+  c.data.eval_split = "test"
+  c.model.widths = (64, 64, 64, 64)
+  c.model.num_classes = NUM_BACKGROUND_CLASSES  # the supervised head; for contrastive, the online probe
+  c.optim.lr = 1e-3
+  c.optim.warmup_steps = 50
+  if a.method != "supervised":
+    c.data.augment = False  # the views come from config.augment, on device
+    c.contrastive = contrastive.default_config()
+    c.contrastive.temperature = 0.1
+    c.augment = augment.default_config()
+  c.evals = glyph_episodic_evals()
+  return c

@@ -1,0 +1,101 @@
+"""The `glyphs` benchmark (jtl/data/glyphs.py): the protocol it promises, and that learning shows on it.
+
+The builder's promises are checked on the class list and on renders (cheap); the learned-beats-pixels
+test builds the dataset once (about a minute) and meta-trains a ProtoNet for a fixed number of steps:
+it is the test that fails when a change silently breaks learning. Every test here shares one xdist
+group, so the dataset is built by one worker only.
+"""
+from __future__ import annotations
+
+import collections
+import unicodedata
+
+import numpy as np
+import pytest
+
+from experiments.configs import protonet_glyphs
+from jtl import evaluate, train
+from jtl.data import glyphs
+
+pytestmark = pytest.mark.xdist_group("glyphs")
+MARGIN = 0.15  # accuracy points; measured (8 fake devices, seed 0): see the test
+
+
+def test_classes_follow_the_omniglot_protocol():
+  chars = glyphs.characters()
+  scripts = collections.Counter(c.script for c in chars)
+  assert len(chars) >= 1500 and len(scripts) >= 15, (len(chars), scripts)
+  assert set(glyphs.BACKGROUND).isdisjoint(glyphs.EVALUATION)
+  assert set(scripts) == set(glyphs.BACKGROUND) | set(glyphs.EVALUATION)
+  # Background classes first, labels 0..C-1 in order, code points unique.
+  assert [c.label for c in chars] == list(range(len(chars)))
+  first_eval = min(c.label for c in chars if c.script in glyphs.EVALUATION)
+  assert all(c.script in glyphs.BACKGROUND for c in chars[:first_eval])
+  assert len({c.code_point for c in chars}) == len(chars)
+  # No digit of any script is a class.
+  assert not any(unicodedata.category(chr(c.code_point)).startswith("N") for c in chars)
+  assert not {ord(str(d)) for d in range(10)} & {c.code_point for c in chars}
+  assert all(0 in c.fonts for c in chars)  # the reference face draws every class
+
+
+def test_no_two_classes_and_no_digit_share_a_shape():
+  """Deduplication: the reference renders of all classes and of the digits 0-9 are pairwise different
+  after cropping to the ink and resizing to 12x12 (so Latin A / Greek Alpha / Cyrillic A are one
+  class, and an evaluation class is never a background shape)."""
+  keys = [glyphs._shape_key(glyphs._render(0, chr(c.code_point))) for c in glyphs.characters()]
+  digits = [glyphs._shape_key(glyphs._render(0, str(d))) for d in range(10)]
+  assert None not in keys
+  assert len(set(keys)) == len(keys)
+  assert not set(keys) & set(digits)
+
+
+def test_instances_are_deterministic_distinct_and_inked():
+  char = glyphs.characters()[0]
+  draw = lambda seed: [glyphs.render_instance(f, char.code_point, np.random.default_rng(seed))
+                       for f in char.fonts[:4]]
+  a, b, c = draw(0), draw(0), draw(1)
+  for x, y, z in zip(a, b, c):
+    assert x.shape == (28, 28) and x.dtype == np.uint8
+    np.testing.assert_array_equal(x, y)  # same generator state -> same pixels
+    assert not np.array_equal(x, z)  # another draw -> another distortion
+    ink = (x > 0).mean()
+    assert 0.03 < ink < 0.6, ink  # a glyph, neither empty nor a filled square
+    rows, cols = np.nonzero(x)
+    assert np.ptp(rows) >= 14 or np.ptp(cols) >= 14  # scaled up to fill most of the box
+
+
+@pytest.fixture(scope="module")
+def proto_run(tmp_path_factory):
+  """A ProtoNet meta-trained on the background scripts for 100 steps of 8 5-way 1-shot episodes,
+  evaluated on 200 5-way 1-shot episodes of the evaluation scripts (with the raw-pixel baseline)."""
+  workdir = tmp_path_factory.mktemp("proto_glyphs")
+  config = protonet_glyphs.get_config("ways=5,shots=1,queries=5")
+  config.total_steps, config.batch_size, config.checkpoint_every = 100, 8, 100
+  # One device: a learning check, not a sharding one (8-device == 1-device is test_protonet's), and
+  # 8 fake devices on 2 busy cores only make it slower.
+  config.mesh.axes = (("data", 1),)
+  config.checkpoint_initial = True  # step 0: the random-init encoder, a baseline of its own
+  config.optim.lr, config.optim.warmup_steps = 2e-3, 10
+  config.evals = protonet_glyphs.glyph_episodic_evals(num_episodes=200, episodes=((5, 1),))
+  train.train(config, workdir)
+  rows = evaluate.evaluate_checkpoints(config, str(workdir))
+  return {row["step"]: row for row in rows}
+
+
+def test_data_of_the_run_is_the_benchmark(proto_run):
+  from jtl import data
+  assert data.num_examples(protonet_glyphs.get_config().data, "test") == (
+      glyphs.INSTANCES * sum(c.script in glyphs.EVALUATION for c in glyphs.characters()))
+
+
+def test_protonet_beats_raw_pixels_and_its_init_on_unseen_scripts(proto_run):
+  """The check that fails when learning silently breaks: after 100 steps a ProtoNet's 5-way 1-shot
+  accuracy on scripts it never saw is well above nearest prototypes on raw pixels and on the features
+  of its own random init (step 0)."""
+  init, trained = proto_run[0], proto_run[100]
+  pixels = trained["test/5way1shot_pixel_accuracy"]
+  assert 0.35 < pixels < 0.6, pixels  # the baseline itself is what the protocol gives
+  assert init["test/5way1shot_pixel_accuracy"] == pixels  # the same fixed episodes at every step
+  learned = trained["test/5way1shot_accuracy"]
+  assert learned >= pixels + MARGIN, (learned, pixels)
+  assert learned >= init["test/5way1shot_accuracy"] + MARGIN, (learned, init)
