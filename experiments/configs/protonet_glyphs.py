@@ -4,6 +4,9 @@ scripts (Omniglot's protocol: no evaluation script, hence no test character, is 
   python -m experiments.train --config=experiments/configs/protonet_glyphs.py --workdir=runs/proto_g
   python -m experiments.evaluate --workdir=runs/proto_g
 
+The dataset (`glyphs`, jtl/data/glyphs.py) is prepared on first use, offline, in about a minute.
+Figures: docs/glyphs.md.
+
 Arguments (`protonet_glyphs.py:ways=20,shots=1,queries=5`, the defaults): N, K and Q of the
 *training* episodes. Snell et al. (2017) train Omniglot with more ways than they test (60 against
 5/20) and with the test's shot count; 20-way 1-shot training is the cheap version of that here.
@@ -34,10 +37,10 @@ def get_config(arg=None):
   a = parse_arg(arg, ways=20, shots=1, queries=5)
   c = base_config()
   c.objective = "protonet"
-  c.total_steps = 1000
+  c.total_steps = 3000  # docs/glyphs.md: 5-way 1-shot 0.913 / 0.931 / 0.935 at 1,000 / 2,000 / 3,000
   c.batch_size = 1  # episodes per step (a multiple of the devices of the batch axes)
   c.log_every = 100
-  c.checkpoint_every = 500
+  c.checkpoint_every = 1000
   c.data.name = "glyphs"
   c.data.eval_split = "test"
   c.data.episodes.ways = a.ways
