@@ -147,7 +147,8 @@ def test_the_encoder_is_bit_identical_and_has_no_optimizer_state(style_run, enco
 
 def test_the_style_loss_of_the_result_falls_below_the_content_images(style_run, encoder_dir):
   """Fixed seed 0, content sklearn_digits@0, style printed_digits@5, 40 Adam steps: the result's
-  L_style is below half the content image's (the image started as the content image)."""
+  L_style is below half the content image's (measured: 0.35 of it; the image started as the content
+  image)."""
   s, _ = setup_of(encoder_dir)
   _, start = checkpoint.load_variables(style_run, 0)
   _, end = checkpoint.load_variables(style_run, 40)
@@ -177,9 +178,11 @@ def test_the_frozen_encoder_costs_no_weight_backward_pass(encoder_dir, monkeypat
       {"params": {"backbone": s.abstract_state.params["backbone"]}, **s.abstract_state.model_state},
       jax.ShapeDtypeStruct(s.objective.content.shape, jnp.float32)).compile().cost_analysis()["flops"]
   frozen_flops, trainable_flops = flops(s), flops(everything)
-  # The weights' gradients cost about one forward pass of the optimised image (and the targets');
-  # the frozen step computes none of them.
-  assert trainable_flops - frozen_flops > 0.5 * forward, (trainable_flops, frozen_flops, forward)
+  # The weights' gradients (through the result and both target images, which depend on the weights
+  # too) cost about 11 forward passes of one image here (frozen 336k, trainable 862k, forward 48k
+  # FLOPs); the frozen step computes none of them. Computing them and merely not applying them (one
+  # norm over every gradient, say) leaves a difference of under 2 forward passes.
+  assert trainable_flops - frozen_flops > 5 * forward, (trainable_flops, frozen_flops, forward)
 
 
 def test_resume_continues_exactly(encoder_dir, style_run, tmp_path):

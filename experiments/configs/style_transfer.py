@@ -3,17 +3,19 @@
   python -m experiments.train --config=experiments/configs/pretrain_digits.py \
       --workdir=/tmp/jtl/pretrain_digits
   python -m experiments.train \
-      --config=experiments/configs/style_transfer.py:content=sklearn_digits@0,style=printed_digits@5,encoder=/tmp/jtl/pretrain_digits \
+      --config=experiments/configs/style_transfer.py:encoder=/tmp/jtl/pretrain_digits \
       --workdir=/tmp/jtl/style
   # -> /tmp/jtl/style/plots/style_transfer.png (content, style, the image at every checkpoint);
   #    content_loss and style_loss in /tmp/jtl/style/train_metrics.jsonl
+  # The picture in docs/style_transfer.md: an encoder pretrained at 32x32
+  # (--config.data.image_size=32 on the first command) and --config.style.style_weight=1e4.
 
 Arguments (all optional):
   content   the content image: DATASET@INDEX (example INDEX of DATASET's train split, e.g.
             sklearn_digits@0, printed_digits@5) or an image file (PNG/JPEG; converted to the encoder's
             channels and size). Default sklearn_digits@0 (a handwritten 0).
-  style     the style image, the same forms. Default printed_digits@5 (a printed 5: example i of
-            printed_digits is digit i % 10 in font i // 10 % 21).
+  style     the style image, the same forms. Default printed_digits@5 (a printed 6; the picture's
+            captions give each example's label).
   encoder   the frozen feature extractor: a jtl run's workdir (default /tmp/jtl/pretrain_digits, which
             the first command above makes), a weights file (.npz/.pt/.pth/.safetensors; set its
             architecture with --config.model.*), or `random` for an untrained encoder (a warning is
