@@ -64,3 +64,31 @@ def total_variation(images: jax.Array) -> jax.Array:
   down = jnp.square(x[:, 1:, :, :] - x[:, :-1, :, :])
   right = jnp.square(x[:, :, 1:, :] - x[:, :, :-1, :])
   return jnp.sum(down, axis=(1, 2, 3)) + jnp.sum(right, axis=(1, 2, 3))
+
+
+# --- AdaIN (Huang & Belongie 2017, "Arbitrary Style Transfer in Real-time with Adaptive Instance
+# Normalization", ICCV) ----------------------------------------------------------------------------
+
+def channel_moments(features: jax.Array, eps: float = 1e-5) -> tuple[jax.Array, jax.Array]:
+  """Per-example, per-channel mean and standard deviation over positions: `[B, h, w, N]` ->
+  (`[B, N]`, `[B, N]`), sigma = sqrt(variance + eps) (the paper's eqs. 5-6, eps for stability)."""
+  f = _flat(features)
+  mean = jnp.mean(f, axis=1)
+  return mean, jnp.sqrt(jnp.var(f, axis=1) + eps)
+
+
+def adain(content: jax.Array, style: jax.Array, eps: float = 1e-5) -> jax.Array:
+  """AdaIN(x, y) = sigma(y) (x - mu(x)) / sigma(x) + mu(y) (eq. 8), per example and channel:
+  the content features take the style features' channel means and standard deviations."""
+  c = content.astype(jnp.float32)
+  mu_c, sigma_c = channel_moments(c, eps)
+  mu_s, sigma_s = channel_moments(style, eps)
+  expand = lambda v: v[:, None, None, :]  # noqa: E731  [B, N] -> [B, 1, 1, N]
+  return expand(sigma_s) * (c - expand(mu_c)) / expand(sigma_c) + expand(mu_s)
+
+
+def moment_loss(features: jax.Array, style_features: jax.Array, eps: float = 1e-5) -> jax.Array:
+  """||mu(f) - mu(s)||_2 + ||sigma(f) - sigma(s)||_2 per example (one layer's term of eq. 13)."""
+  mu_f, sigma_f = channel_moments(features, eps)
+  mu_s, sigma_s = channel_moments(style_features, eps)
+  return jnp.linalg.norm(mu_f - mu_s, axis=-1) + jnp.linalg.norm(sigma_f - sigma_s, axis=-1)
