@@ -260,8 +260,9 @@ def test_adain_decoder_trains_with_the_encoder_frozen(encoder_dir, tmp_path):
                        "--config.checkpoint_every=60", "--config.adain.width=16")
   assert status == 0, errors
   rows = read_jsonl(os.path.join(workdir, "train_metrics.jsonl"))
-  # (measured: 0.98 over steps 1-10, 0.58 over steps 51-60)
+  # window means of steps 1-10 and 51-60
   assert rows[-1]["loss"] < 0.7 * rows[0]["loss"], (rows[0], rows[-1])
+  print("ADAIN", rows[0]["loss"], rows[-1]["loss"])
   _, before = checkpoint.load_variables(encoder_dir)
   _, after = checkpoint.load_variables(workdir, 60)
   jax.tree.map(np.testing.assert_array_equal, before["params"]["backbone"],
