@@ -136,8 +136,6 @@ def test_the_encoder_is_bit_identical_and_has_no_optimizer_state(style_run, enco
   _, after = checkpoint.load_variables(style_run, 40)
   jax.tree.map(np.testing.assert_array_equal, before["params"]["backbone"],
                after["params"]["backbone"])
-  with Image.open(os.path.join(workdir, "plots", "adain.png")) as im:  # 4 x 4 pairs plus the inputs
-    assert im.size[0] == im.size[1] > 100
   jax.tree.map(np.testing.assert_array_equal, before["model_state"], after["model_state"])
   _, start = checkpoint.load_variables(style_run, 0)
   assert not np.array_equal(start["params"]["image"], after["params"]["image"])
@@ -260,10 +258,11 @@ def test_adain_decoder_trains_with_the_encoder_frozen(encoder_dir, tmp_path):
                        "--config.checkpoint_every=60", "--config.adain.width=16")
   assert status == 0, errors
   rows = read_jsonl(os.path.join(workdir, "train_metrics.jsonl"))
-  # window means of steps 1-10 and 51-60
+  # window means of steps 1-10 and 51-60 (measured: 0.27 -> 0.13)
   assert rows[-1]["loss"] < 0.7 * rows[0]["loss"], (rows[0], rows[-1])
-  print("ADAIN", rows[0]["loss"], rows[-1]["loss"])
   _, before = checkpoint.load_variables(encoder_dir)
   _, after = checkpoint.load_variables(workdir, 60)
   jax.tree.map(np.testing.assert_array_equal, before["params"]["backbone"],
                after["params"]["backbone"])
+  with Image.open(os.path.join(workdir, "plots", "adain.png")) as im:  # 4 x 4 pairs plus the inputs
+    assert im.size[0] == im.size[1] > 100
