@@ -37,7 +37,7 @@ from jtl import masks, models
 from jtl.errors import ConfigError
 from jtl.losses import style as style_losses
 from jtl.objectives.base import Metrics, Objective, PyTree
-from jtl.objectives.style import _taps, default_layers
+from jtl.objectives.style import default_layers, tap_features
 
 DECODER_RULES = (("params/decoder/.*", True), (".*", False))
 
@@ -102,7 +102,7 @@ class AdaIN(Objective):
       raise ConfigError("adain needs a trained encoder: set encoder=RUN "
                         f"({style_objective.PRETRAIN_HINT})")
     encoder = models.build(config.model, num_classes=0)
-    shape = style_objective._data_shape(config.data)  # pylint: disable=protected-access
+    shape = style_objective.data_shape(config.data)
     default_content, default_style = default_layers(encoder)
     layer = o["layer"] or default_content
     example = jax.ShapeDtypeStruct((1, *shape), jnp.float32)
@@ -142,13 +142,7 @@ class AdaIN(Objective):
     return {**params, "decoder": decoder}, dict(variables)
 
   def _features(self, params: PyTree, model_state: PyTree, images: jax.Array) -> dict[str, Any]:
-    wanted = {self.layer, *self.style_layers}
-    encoder_params = {k: v for k, v in params.items() if k != "decoder"}
-    _, state = self.encoder.apply({"params": encoder_params, **model_state}, images, train=False,
-                                  capture_intermediates=_taps(wanted), mutable=["intermediates"])
-    flat = {"/".join(str(getattr(k, "key", k)) for k in path[:-2]): leaf
-            for path, leaf in jax.tree_util.tree_flatten_with_path(state["intermediates"])[0]}
-    return {name: flat[name] for name in wanted}
+    return tap_features(self.encoder, params, model_state, images, {self.layer, *self.style_layers})
 
   def stylise(self, params: PyTree, model_state: PyTree, content: jax.Array, style: jax.Array
               ) -> tuple[jax.Array, jax.Array]:

@@ -94,11 +94,22 @@ def default_layers(model: nn.Module) -> tuple[str, tuple[str, ...]]:
   return style[max(len(style) - 2, 0)], style
 
 
-def _taps(layers: set[str]):
-  """A `capture_intermediates` filter: the `__call__` outputs of the modules at `layers`."""
+def tap_features(encoder: nn.Module, params: PyTree, model_state: PyTree, images: jax.Array,
+                 layers: set[str] | tuple[str, ...]) -> dict[str, jax.Array]:
+  """{layer: output} of the modules at `layers` (paths like `backbone/stage2`), the encoder in
+  inference mode: flax's `capture_intermediates`, filtered to those modules' `__call__`. `params`
+  may also hold the `image` or `decoder` of an objective (left out)."""
+  wanted = set(layers)
+
   def keep(module: nn.Module, method_name: str) -> bool:
-    return method_name == "__call__" and "/".join(module.path) in layers
-  return keep
+    return method_name == "__call__" and "/".join(module.path) in wanted
+  encoder_params = {k: v for k, v in params.items() if k not in ("image", "decoder")}
+  _, state = encoder.apply({"params": encoder_params, **model_state}, images, train=False,
+                           capture_intermediates=keep, mutable=["intermediates"])
+  # intermediates: {'backbone': {'stage2': {'__call__': (output,)}}}
+  flat = {"/".join(str(getattr(k, "key", k)) for k in path[:-2]): leaf
+          for path, leaf in jax.tree_util.tree_flatten_with_path(state["intermediates"])[0]}
+  return {layer: flat[layer] for layer in wanted}
 
 
 class StyleTransfer(Objective):
@@ -146,7 +157,7 @@ class StyleTransfer(Objective):
       logging.warning("style transfer with a RANDOMLY INITIALISED encoder (style.random_encoder): "
                       "its features are not trained on anything")
     encoder = models.build(config.model, num_classes=0)
-    shape = _data_shape(config.data)
+    shape = data_shape(config.data)
     content, content_caption = single_image.load(o["content"], config.data, shape)
     style, style_caption = single_image.load(o["style"], config.data, shape)
     content_layer, style_layers = o["content_layer"], o["style_layers"]
@@ -208,23 +219,18 @@ class StyleTransfer(Objective):
       image = content
     return {**params, "image": image}, dict(variables)
 
-  def features(self, params: PyTree, model_state: PyTree, images: jax.Array) -> dict[str, jax.Array]:
+  def layer_features(self, params: PyTree, model_state: PyTree, images: jax.Array
+                     ) -> dict[str, jax.Array]:
     """{layer: [B, h, w, N]} at the content and style layers, encoder in inference mode."""
-    encoder_params = {k: v for k, v in params.items() if k != "image"}
-    wanted = {self.content_layer, *self.style_layers}
-    _, state = self.encoder.apply({"params": encoder_params, **model_state}, images, train=False,
-                                  capture_intermediates=_taps(wanted),
-                                  mutable=["intermediates"])
-    flat = {"/".join(str(getattr(k, "key", k)) for k in path[:-2]): leaf
-            for path, leaf in jax.tree_util.tree_flatten_with_path(state["intermediates"])[0]}
-    return {layer: flat[layer] for layer in wanted}
+    return tap_features(self.encoder, params, model_state, images,
+                        {self.content_layer, *self.style_layers})
 
   def losses(self, params: PyTree, model_state: PyTree) -> tuple[jax.Array, Metrics]:
     """(total loss, unweighted terms) of `params['image']` (eq. 7)."""
-    targets = self.features(params, model_state, jnp.concatenate([
+    targets = self.layer_features(params, model_state, jnp.concatenate([
         jnp.asarray(self.content), jnp.asarray(self.style)]))
     image = params["image"]
-    feats = self.features(params, model_state, image)
+    feats = self.layer_features(params, model_state, image)
     content = style_losses.content_loss(feats[self.content_layer],
                                         targets[self.content_layer][:1])[0]
     per_layer = {layer: style_losses.style_layer_loss(
@@ -268,7 +274,7 @@ def _layer_weights(layers: Any) -> dict[str, float]:
   return {path: 1.0 / len(layers) for path in layers}
 
 
-def _data_shape(data_config: ml_collections.ConfigDict) -> tuple[int, int, int]:
+def data_shape(data_config: ml_collections.ConfigDict) -> tuple[int, int, int]:
   """(H, W, C) of the encoder's data: what its images look like after preprocessing."""
   from jtl.data import source  # pylint: disable=g-import-not-at-top  (TensorFlow)
   c = source.validate(data_config)
@@ -292,7 +298,7 @@ def picture(config: ml_collections.ConfigDict, workdir: str) -> str | None:
   if not steps:
     return None
   o = config_lib.section_options(config, "style", default_config())
-  shape = _data_shape(config.data)
+  shape = data_shape(config.data)
   panels = [(single_image.load(o[key], config.data, shape)) for key in ("content", "style")]
   panels = [(image, f"{key}\n{caption}") for key, (image, caption) in zip(("content", "style"),
                                                                           panels)]
