@@ -170,6 +170,9 @@ class AdaIN(Objective):
     return jnp.mean(total), (model_state, {k: jnp.mean(v) for k, v in metrics.items()})
 
   def eval_metrics(self, params, model_state, batch) -> Metrics:
+    if not {"content", "style"} <= set(batch):  # the evaluator hands over one member at a time
+      raise ConfigError("an adain run has no per-split evaluation (its losses need a content and a "
+                        "style batch together); see train_metrics.jsonl and plots/adain.png")
     total, metrics = self.losses(params, model_state, batch)
     return {"loss": total, **metrics}
 
