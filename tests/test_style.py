@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from experiments import cli
+from experiments import evaluate as evaluate_entry
 from experiments import train as train_entry
 from experiments.configs import style_transfer
 from jtl import checkpoint, data, train
@@ -266,3 +267,10 @@ def test_adain_decoder_trains_with_the_encoder_frozen(encoder_dir, tmp_path):
                after["params"]["backbone"])
   with Image.open(os.path.join(workdir, "plots", "adain.png")) as im:  # 4 x 4 pairs plus the inputs
     assert im.size[0] == im.size[1] > 100
+  # experiments.evaluate has nothing per split to score: one error line, nothing written
+  err = io.StringIO()
+  with contextlib.redirect_stderr(err):
+    status = cli.execute(evaluate_entry.define_flags, evaluate_entry.main,
+                         ["evaluate", f"--workdir={workdir}"])
+  assert status == 2 and "no per-split evaluation" in err.getvalue()
+  assert not os.path.exists(os.path.join(workdir, "eval_metrics.jsonl"))
