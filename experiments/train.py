@@ -6,10 +6,11 @@
 Re-running the same command resumes from the latest checkpoint; SIGTERM/SIGINT saves and exits 0.
 The workdir may be relative, absolute or remote (gs://...).
 """
+import jax
 from absl import flags
 
 from experiments import cli
-from jtl import train
+from jtl import objectives, train
 
 
 def define_flags(flag_values: flags.FlagValues, argv: list[str]) -> None:
@@ -20,7 +21,13 @@ def define_flags(flag_values: flags.FlagValues, argv: list[str]) -> None:
 
 
 def main(flag_values: flags.FlagValues) -> None:
-  train.train(cli.load_config(flag_values), flag_values.workdir)
+  config = cli.load_config(flag_values)
+  train.train(config, flag_values.workdir)
+  # An objective may draw something from the finished run (style transfer: plots/*.png).
+  after = getattr(objectives.OBJECTIVES.get(config.get("objective", "supervised")), "after_training",
+                  None)
+  if after is not None and jax.process_index() == 0:
+    after(config, flag_values.workdir)
 
 
 if __name__ == "__main__":

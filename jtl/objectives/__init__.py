@@ -6,6 +6,7 @@ import difflib
 import ml_collections
 
 from jtl.errors import ConfigError
+from jtl.objectives.adain import AdaIN
 from jtl.objectives.base import Objective, apply_model
 from jtl.objectives.clip import CLIP
 from jtl.objectives.contrastive import SimCLR, SupCon
@@ -14,12 +15,15 @@ from jtl.objectives.domain import CORAL, DANN, MMD
 from jtl.objectives.maml import MAML
 from jtl.objectives.multitask import Multitask
 from jtl.objectives.protonet import ProtoNet
+from jtl.objectives.style import StyleTransfer
 from jtl.objectives.supervised import Supervised
 
 OBJECTIVES = {"supervised": Supervised, "simclr": SimCLR, "supcon": SupCon, "clip": CLIP}
 OBJECTIVES.update({"distill": Distill, "dann": DANN, "coral": CORAL, "mmd": MMD})
 OBJECTIVES.update(protonet=ProtoNet, maml=MAML)  # meta-learning on episodes (jtl.data.episodes)
 OBJECTIVES.update(multitask=Multitask)  # tasks x sharing architectures x weightings
+OBJECTIVES.update(style=StyleTransfer)  # Gatys et al.: the image's pixels are the parameters
+OBJECTIVES.update(adain=AdaIN)  # Huang & Belongie: a decoder trained through AdaIN
 
 
 def build(config: ml_collections.ConfigDict) -> Objective:
@@ -38,3 +42,4 @@ __all__ = ["CLIP", "OBJECTIVES", "Objective", "SimCLR", "SupCon", "Supervised", 
 __all__ += ["CORAL", "DANN", "Distill", "MMD"]
 __all__ += ["MAML", "ProtoNet"]
 __all__ += ["Multitask"]
+__all__ += ["AdaIN", "StyleTransfer"]
