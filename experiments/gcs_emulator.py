@@ -5,8 +5,8 @@
 jtl reaches `gs://` through three file layers, and each has its own documented way to another host:
 
 - tensorstore (orbax's array writer) follows `TENSORSTORE_GCS_HTTP_URL`;
-- google-cloud-storage (when installed; orbax asks it whether a bucket has a hierarchical namespace)
-  and gcsfs follow `STORAGE_EMULATOR_HOST`;
+- google-cloud-storage (orbax asks it whether a bucket has a hierarchical namespace) and gcsfs
+  follow `STORAGE_EMULATOR_HOST`;
 - TensorFlow's GCS file system (behind `etils.epath`, `tf.io.gfile`, `tf.summary` and TFDS) has no
   endpoint setting: it always calls `https://www.googleapis.com`, with libcurl. libcurl honours the
   standard `https_proxy`/`http_proxy`/`no_proxy` variables, and TensorFlow hands `CURL_CA_BUNDLE` to

@@ -70,6 +70,16 @@ def finish(process, deadline, expect=0):
   return output
 
 
+def upload(local: str, remote_parent: str) -> None:
+  """Copies a local folder into `remote_parent/<its name>/` (epath has no recursive copy)."""
+  for folder, _, names in os.walk(local):
+    for name in names:
+      relative = os.path.relpath(os.path.join(folder, name), local)
+      target = epath.Path(remote_parent) / os.path.basename(local) / relative
+      target.parent.mkdir(parents=True, exist_ok=True)
+      epath.Path(folder, name).copy(target, overwrite=True)
+
+
 def test_train_kill_resume_evaluate_and_transfer_on_gcs(gcs, tmp_path):
   deadline = time.monotonic() + DEADLINE_S
   run = "gs://bucket/run"
@@ -106,13 +116,17 @@ def test_train_kill_resume_evaluate_and_transfer_on_gcs(gcs, tmp_path):
     assert events and all(e.name.startswith("events.out.tfevents") for e in events)
     assert sum(e.stat().length for e in events) > 200  # scalars, not just the file header
 
-    # Evaluation reads the checkpoints from the bucket; a transfer run starts from the bucket's run.
+    # Evaluation reads the checkpoints from the bucket. A transfer run starts from the bucket's run,
+    # reading its data from a TFDS data dir in the bucket (prepared locally, copied up).
+    upload(os.path.join(os.environ["TFDS_DATA_DIR"], "sklearn_digits"), "gs://bucket/tfds")
     evaluate = start(gcs.env, f"--workdir={run}", module="experiments.evaluate")
     transfer = start(gcs.env, *ARGS, "--config.total_steps=10", "--config.checkpoint_initial=True",
-                     f"--config.init_from.workdir={run}", "--workdir=gs://bucket/transfer")
+                     f"--config.init_from.workdir={run}", "--config.data.data_dir=gs://bucket/tfds",
+                     "--workdir=gs://bucket/transfer")
     processes += [evaluate, transfer]
     finish(evaluate, deadline)
-    finish(transfer, deadline)
+    transfer_output = finish(transfer, deadline)
+    assert "Preparing dataset" not in transfer_output  # it read the uploaded copy
     rows = read_jsonl(root / "eval_metrics.jsonl")
     assert [r["step"] for r in rows] == [STEPS - 10, STEPS]
     assert all(0.0 <= r["test/accuracy"] <= 1.0 for r in rows)
