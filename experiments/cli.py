@@ -139,6 +139,8 @@ def _start_distributed(flag_values: FlagValues) -> None:
                                num_processes=flag_values.num_processes,
                                process_id=flag_values.process_id,
                                heartbeat_timeout_seconds=flag_values.heartbeat_timeout)
+    logging.info("distributed: process %d of %d, %d local of %d devices", jax.process_index(),
+                 jax.process_count(), jax.local_device_count(), jax.device_count())
 
 
 def _guarded(main: Main, flag_values: FlagValues) -> int:

@@ -8,7 +8,8 @@ checked by that component: `data` by `jtl.data`, `optim` by `jtl.optim`, `model`
 
 Paths: every string leaf whose key is `workdir`, `path`, `data_dir` or ends in `_workdir`, `_path`,
 `_dir`, and a `folder:` dataset name, is resolved (`~` expanded, made absolute against the current
-directory). Remote paths (`gs://...`, any `scheme://`) are left alone.
+directory). Remote paths (`gs://...`, any `scheme://`) are left alone; a `gs://` bucket must exist
+and answer (`jtl.remote`).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from typing import Any
 import ml_collections
 from etils import epath
 
+from jtl import remote
 from jtl.errors import ConfigError
 
 _REMOTE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
@@ -35,8 +37,12 @@ RESUMABLE_CHANGES = ("total_steps", "log_every", "checkpoint_every", "keep_check
 
 
 def resolve_path(path: str) -> str:
-  """`path` made absolute (with `~` expanded) if local; remote (`scheme://`) paths are unchanged."""
-  if not path or _REMOTE.match(path):
+  """`path` made absolute (with `~` expanded) if local; remote (`scheme://`) paths are unchanged, but
+  a `gs://` path's bucket must exist and answer (`jtl.remote`: once per bucket, else ConfigError)."""
+  if not path:
+    return path
+  if _REMOTE.match(path):
+    remote.check_reachable(path)
     return path
   return str(epath.Path(path).expanduser().resolve())
 

@@ -9,15 +9,20 @@ them as 2-byte void (`V2`), which is viewed back as bfloat16 as big_vision does.
 from __future__ import annotations
 
 import os
+import re
+import shutil
+import tempfile
 from collections.abc import Mapping
 
 import ml_dtypes  # noqa: F401  (registers bfloat16 with NumPy before safetensors reads a BF16 file)
 import numpy as np
+from etils import epath
 
 from jtl.errors import ConfigError
 from jtl.pretrained import torch_pickle
 
 FORMATS = ("auto", "torch", "safetensors", "npz")
+_REMOTE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 SUFFIXES = {".pt": "torch", ".pth": "torch", ".bin": "torch", ".safetensors": "safetensors",
             ".npz": "npz"}
 
@@ -40,6 +45,8 @@ def read_tensors(path: str | os.PathLike, format: str = "auto") -> dict[str, np.
   """Reads every tensor of a weight file into host memory, keyed by the file's names."""
   path = os.fspath(path)
   kind = resolve_format(path, format)
+  if _REMOTE.match(path):
+    return _read_remote(path, kind)
   if not os.path.isfile(path):
     raise ConfigError(f"pretrained weights file {path} does not exist; fix the path")
   if kind == "torch":
@@ -58,6 +65,19 @@ def read_tensors(path: str | os.PathLike, format: str = "auto") -> dict[str, np.
     raise ConfigError(f"cannot read {path} as .npz ({type(e).__name__}: {e}); check the file or "
                       "pass the right format=") from None
   return {name: _recover_bfloat16(a) for name, a in tensors.items()}
+
+
+def _read_remote(path: str, kind: str) -> dict[str, np.ndarray]:
+  """A `gs://` (any `scheme://` epath reads) weights file: its bytes fetched to a local temporary
+  file, since the torch and safetensors readers take local paths (and safetensors maps the file)."""
+  remote = epath.Path(path)
+  if not remote.is_file():
+    raise ConfigError(f"pretrained weights file {path} does not exist; fix the path")
+  with tempfile.TemporaryDirectory(prefix="jtl_weights_") as tmp:
+    local = os.path.join(tmp, "weights" + os.path.splitext(path)[1])
+    with remote.open("rb") as source, open(local, "wb") as target:
+      shutil.copyfileobj(source, target, 16 << 20)
+    return read_tensors(local, kind)
 
 
 def _recover_bfloat16(array: np.ndarray) -> np.ndarray:
