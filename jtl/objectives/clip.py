@@ -189,7 +189,7 @@ class CLIP(Objective):
       rows = contrastive_losses.siglip_loss(image_emb, text_emb, scalars["log_t"], scalars["bias"])
     return jnp.mean(rows)
 
-  def loss(self, params, model_state, batch, rng, *, trainable):
+  def loss(self, params, model_state, batch, rng, *, trainable, step=None):
     images, labels = batch["image"], batch["label"]
     if self.augment_config is not None:
       images = augment.augment(images, jax.random.fold_in(rng, 0), self.augment_config)

@@ -155,7 +155,7 @@ class Contrastive(Objective):
     alignment = jnp.sum(unit[:, 0] * unit[:, -1], axis=-1)
     return loss, {"view_alignment": jnp.mean(alignment)}
 
-  def loss(self, params, model_state, batch, rng, *, trainable):
+  def loss(self, params, model_state, batch, rng, *, trainable, step=None):
     images = batch["image"]
     batch_size = images.shape[0]
     views = augment.views(images, jax.random.fold_in(rng, 0), self.augment_config, self.num_views)

@@ -1,0 +1,296 @@
+"""One optimizer step is one step for every objective: `grad_accum_steps=k` on a batch B against one
+step on B, for every registered objective and every multitask weighting and aggregator.
+
+For each case (tiny MLPs, one step from random parameters at a non-zero step):
+* always: the integer state (counters, flags, schedules' steps) equals the one-step state exactly,
+  and the accumulated step equals the documented semantics (jtl/objectives/base.py, "One optimizer
+  step") computed here by hand: the mean over micro-batches of what one un-accumulated call on that
+  micro-batch gives (same starting state, the step's key for once-per-step draws);
+* where the objective is linear in the batch: the accumulated gradient (and floating state) equals
+  the one-step one to float rounding.
+The trainer itself is checked end to end on 8 devices with DANN (the lambda schedule and its counter).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from experiments.configs import (clip_digits, dann_digits, distill_digits, maml_digits,
+                                 multitask_digits, protonet_digits, simclr_digits, supcon_digits)
+from jtl import accumulate, data, masks, objectives, train
+from jtl.multitask import aggregators, weighting
+from jtl.objectives.base import Step
+from jtl.sharding import to_global
+from tests.helpers import compile_fast  # noqa: F401  (autouse: this module compiles fast)
+
+K = 2  # micro-batches
+STEP = 3  # the optimizer step of the compared step (non-zero: schedules and phases move)
+MLP = dict(name="mlp", num_classes=10, hidden=(8,))
+ONE_DEVICE = {"mesh.axes": (("data", 1),)}
+jit = functools.partial(jax.jit, static_argnames=("accum",))
+
+
+def _small(config: ml_collections.ConfigDict, batch_size: int, **overrides) -> ml_collections.ConfigDict:
+  config.update_from_flattened_dict({"total_steps": 10, "batch_size": batch_size,
+                                     "optim.warmup_steps": 1, "grad_accum_steps": K, **ONE_DEVICE})
+  config.update_from_flattened_dict({k.replace("__", "."): v for k, v in overrides.items()})
+  return config
+
+
+@dataclasses.dataclass
+class Case:
+  build: Callable[[str], ml_collections.ConfigDict]  # (teacher workdir) -> config
+  linear_grads: bool  # the accumulated gradient equals the whole batch's
+  linear_state: bool  # ... and so does every floating state leaf
+
+
+def _multitask(method: str, phase_steps: int = 0, **options
+               ) -> Callable[[str], ml_collections.ConfigDict]:
+  def build(_):
+    c = multitask_digits.get_config(f"weighting={method},model=mlp")
+    c.model.hidden = (8,)
+    c.multitask.weighting_options = ml_collections.ConfigDict(options)
+    c.multitask.phase_steps = phase_steps
+    return _small(c, 16)
+  return build
+
+
+def _contrastive(module, **extra):
+  def build(_):
+    c = module.get_config()
+    c.model = ml_collections.ConfigDict(dict(MLP, num_classes=c.model.get("num_classes", 10)))
+    c.contrastive.projection_dims = (8,)
+    return _small(c, 16, **extra)
+  return build
+
+
+def _clip(loss):
+  def build(_):
+    c = clip_digits.get_config(f"loss={loss}")
+    c.model = ml_collections.ConfigDict(dict(MLP))
+    c.clip.update(dict(embed_dim=8, text_width=8, text_depth=1, text_heads=2,
+                       augment_images=False))
+    return _small(c, 16)
+  return build
+
+
+def _domain(mode):
+  def build(_):
+    c = dann_digits.get_config(f"mode={mode}") if mode == "dann" else None
+    if c is None:
+      from experiments.configs import coral_digits
+      c = coral_digits.get_config(f"method={mode}")
+    c.model = ml_collections.ConfigDict(MLP)
+    c.domain.hidden = (8,)
+    return _small(c, 16)
+  return build
+
+
+def _episodes(module, model):
+  def build(_):
+    c = module.get_config()
+    c.model = ml_collections.ConfigDict(model)
+    return _small(c, 4)
+  return build
+
+
+def _supervised(use_bn):
+  def build(_):
+    c = simclr_digits.get_config()
+    c.objective = "supervised"
+    c.model = ml_collections.ConfigDict(dict(MLP, use_bn=use_bn))
+    return _small(c, 16)
+  return build
+
+
+def _distill(teacher):
+  c = distill_digits.get_config(f"mode=kd,teacher={teacher}")
+  c.model = ml_collections.ConfigDict(MLP)
+  return _small(c, 16)
+
+
+CASES = {
+    "supervised": Case(_supervised(False), True, True),
+    # BatchNorm: each micro-batch normalised by its own statistics; running stats averaged.
+    "supervised_batchnorm": Case(_supervised(True), False, False),
+    "simclr": Case(_contrastive(simclr_digits), False, True),
+    "supcon": Case(_contrastive(supcon_digits), False, True),
+    "clip": Case(_clip("softmax"), False, True),
+    "siglip": Case(_clip("sigmoid"), False, True),
+    "distill": Case(_distill, True, True),
+    "dann": Case(_domain("dann"), True, True),
+    "coral": Case(_domain("coral"), False, True),
+    "mmd": Case(_domain("mmd"), False, True),
+    "protonet": Case(_episodes(protonet_digits, dict(MLP, num_classes=0)), True, True),
+    "maml": Case(_episodes(maml_digits, dict(MLP, num_classes=5)), True, True),
+    # Loss weightings whose weights come from the step's starting state (or its key): linear.
+    "mt_equal": Case(_multitask("equal"), True, True),
+    "mt_static": Case(_multitask("static"), True, True),
+    "mt_uncertainty": Case(_multitask("uncertainty"), True, True),
+    "mt_dwa": Case(_multitask("dwa", window=1), True, True),  # a window per step: state moves
+    "mt_rlw": Case(_multitask("rlw"), True, True),
+    "mt_gradnorm": Case(_multitask("gradnorm"), True, False),  # weight update: mean of per-micro
+    "mt_famo": Case(_multitask("famo"), False, False),  # weights divide by the micro-batch's losses
+    # Hashimoto et al.'s successive training: the phase and its counter follow the optimizer step.
+    "mt_successive": Case(_multitask("equal", phase_steps=2), True, True),
+    **{f"mt_{name}": Case(_multitask(name), False, True) for name in aggregators.AGGREGATORS},
+}
+
+
+def test_every_objective_weighting_and_aggregator_has_a_case():
+  names = {"multitask" if n.startswith("mt_") else n for n in CASES}
+  assert set(objectives.OBJECTIVES) <= names, set(objectives.OBJECTIVES) - names
+  assert {f"mt_{n}" for n in (*weighting.WEIGHTINGS, *aggregators.AGGREGATORS)} <= set(CASES)
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+  """A two-step supervised teacher checkpoint for the distillation case."""
+  workdir = tmp_path_factory.mktemp("teacher")
+  config = distill_digits.get_config("mode=teacher")
+  config.model = ml_collections.ConfigDict(dict(MLP, use_bn=True))
+  config.update_from_flattened_dict({"total_steps": 2, "batch_size": 16, "log_every": 2,
+                                     "checkpoint_every": 2, "optim.warmup_steps": 1, **ONE_DEVICE})
+  train.train(config, str(workdir))
+  return workdir
+
+
+def _noisy(tree, seed):
+  """Every floating leaf plus noise: zero-initialised heads would leave most gradients zero."""
+  leaves, treedef = jax.tree.flatten(tree)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  return treedef.unflatten([x + 0.3 * jax.random.normal(k, x.shape, x.dtype)
+                            if jnp.issubdtype(x.dtype, jnp.floating) else x
+                            for x, k in zip(leaves, keys)])
+
+
+def _micro(batch, i):
+  """Micro-batch i as jtl.accumulate splits it (rows i, i + K, ...), written independently."""
+  return jax.tree.map(lambda x: x[i::K], batch)
+
+
+def _reference(objective, tp, fp, model_state, batch, rng, trainable):
+  """The documented semantics by hand: K separate un-accumulated calls on the micro-batches, all from
+  the same state, with the step's key in `Step.rng`, then averaged."""
+  call = jax.jit(lambda micro, key, index: objective.gradients(
+      tp, fp, model_state, micro, key, trainable=trainable,
+      step=Step(jnp.int32(STEP), rng, jnp.int32(index), K)))
+  results = [call(_micro(batch, i), jax.random.fold_in(rng, i), i) for i in range(K)]
+  grads = jax.tree.map(lambda *g: np.mean(np.stack(g), axis=0), *[r[0] for r in results])
+  metrics = jax.tree.map(lambda *m: np.mean(np.stack(m), axis=0), *[r[2] for r in results])
+
+  def state_leaf(*news):
+    if jnp.issubdtype(news[0].dtype, jnp.inexact):
+      return np.mean(np.stack(news), axis=0)
+    for n in news[1:]:  # counters must not depend on the micro-batch
+      np.testing.assert_array_equal(n, news[0])
+    return np.asarray(news[0])
+  state = jax.tree.map(state_leaf, *[r[1] for r in results])
+  return grads, state, metrics
+
+
+def _assert_trees_close(actual, expected, what, rtol=2e-4, atol=2e-6):
+  pa, ta = jax.tree_util.tree_flatten_with_path(jax.device_get(actual))
+  pe, te = jax.tree_util.tree_flatten_with_path(jax.device_get(expected))
+  assert ta == te, what
+  for (path, a), (_, e) in zip(pa, pe):
+    np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(e, np.float64), rtol=rtol,
+                               atol=atol, err_msg=f"{what} {jax.tree_util.keystr(path)}")
+
+
+def _int_leaves(tree):
+  return {jax.tree_util.keystr(p): np.asarray(x) for p, x in
+          jax.tree_util.tree_flatten_with_path(jax.device_get(tree))[0]
+          if not jnp.issubdtype(x.dtype, jnp.inexact)}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_accumulated_step_is_one_optimizer_step(name, request):
+  case = CASES[name]
+  config = case.build(request.getfixturevalue("teacher_dir") if name == "distill" else None)
+  batch = next(data.train_iterator(config.data, global_batch_size=config.batch_size, seed=1))
+  s = train.setup(config, batch)
+  params, model_state = train.fresh_variables(s)
+  trainable_mask = s.trainable
+  params = _noisy(params, 0)
+  if name == "distill":  # the teacher stays as loaded
+    params = {**params, "teacher": train.fresh_variables(s)[0]["teacher"]}
+  tp, fp = masks.partition(params, trainable_mask)
+  batch = jax.device_put(batch)
+  rng = jax.random.fold_in(jax.random.key(config.seed + 1), STEP)
+
+  run = jit(lambda tp, ms, b, accum: accumulate.gradients(
+      s.objective, tp, fp, ms, b, rng, trainable=trainable_mask, step=jnp.int32(STEP),
+      accum=accum))
+  full = run(tp, model_state, batch, accum=1)
+  accumulated = run(tp, model_state, batch, accum=K)
+  expected = _reference(s.objective, tp, fp, model_state, batch, rng, trainable_mask)
+
+  # The documented semantics, for every case.
+  _assert_trees_close(accumulated[0], expected[0], "gradient vs mean of micro-batch gradients")
+  _assert_trees_close(accumulated[1], expected[1], "state vs mean of micro-batch states")
+  _assert_trees_close(accumulated[2], expected[2], "metrics vs mean of micro-batch metrics")
+  # Counters, flags and schedule steps: one step, whatever K.
+  counters, counters_full = _int_leaves(accumulated[1]), _int_leaves(full[1])
+  assert counters.keys() == counters_full.keys()
+  for key in counters:
+    np.testing.assert_array_equal(counters[key], counters_full[key], err_msg=key)
+  for key in ("lambda",):  # schedules logged as metrics
+    if key in full[2]:
+      np.testing.assert_allclose(accumulated[2][key], full[2][key], rtol=1e-6)
+  if case.linear_grads:
+    _assert_trees_close(accumulated[0], full[0], "accumulated vs whole-batch gradient")
+    assert max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(full[0])) > 1e-4  # not vacuous
+  if case.linear_state:
+    _assert_trees_close(accumulated[1], full[1], "accumulated vs whole-batch state")
+  if name == "supervised_batchnorm":
+    # Running means: the mean of the micro-batch means is the batch mean, so they match one step;
+    # running variances miss the between-micro-batch variance, so they do not.
+    stats, stats_full = accumulated[1]["batch_stats"], full[1]["batch_stats"]
+    means = [(p, x) for p, x in jax.tree_util.tree_flatten_with_path(stats)[0] if "mean" in str(p)]
+    means_full = [x for p, x in jax.tree_util.tree_flatten_with_path(stats_full)[0]
+                  if "mean" in str(p)]
+    assert means
+    for (_, a), b in zip(means, means_full):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    var = [x for p, x in jax.tree_util.tree_flatten_with_path(stats)[0] if "var" in str(p)]
+    var_full = [x for p, x in jax.tree_util.tree_flatten_with_path(stats_full)[0] if "var" in str(p)]
+    assert not np.allclose(var[0], var_full[0], rtol=1e-6, atol=0)
+
+
+def test_dann_schedule_advances_once_per_optimizer_step_in_the_trainer():
+  """The trainer on 8 devices: 4 steps with grad_accum_steps=2 and with 1 on the same batches give
+  the same lambda per step (0, 1, 2, 3 / total_steps) and domain/step = 4, and (DANN being linear in
+  the batch without BatchNorm) the same parameters."""
+  results = {}
+  for k in (1, 2):
+    config = dann_digits.get_config("mode=dann")
+    config.model = ml_collections.ConfigDict(MLP)
+    config.domain.hidden = (8,)
+    config.update_from_flattened_dict({"total_steps": 8, "batch_size": 32, "grad_accum_steps": k,
+                                       "optim.warmup_steps": 1})
+    batches = list(itertools.islice(
+        data.train_iterator(config.data, global_batch_size=config.batch_size, seed=0), 4))
+    s = train.setup(config, batches[0])
+    params, model_state = train.fresh_variables(s)
+    state = train.initial_state(s, _noisy(params, 1), model_state)
+    step = train.make_train_step(s)
+    lambdas = []
+    for b in batches:
+      state, metrics = step(state, to_global(b, s.batch_sharding))
+      lambdas.append(float(metrics["lambda"]))
+    results[k] = (lambdas, jax.device_get(state))
+  expected = 2 / (1 + np.exp(-10 * np.arange(4) / 8)) - 1
+  for k, (lambdas, state) in results.items():
+    np.testing.assert_allclose(lambdas, expected, rtol=1e-5, err_msg=f"k={k}")
+    assert int(state.model_state["domain"]["step"]) == 4, k
+  _assert_trees_close(results[2][1].params, results[1][1].params, "params after 4 steps",
+                      rtol=1e-4, atol=1e-6)
