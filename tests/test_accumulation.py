@@ -53,10 +53,10 @@ class Case:
   linear_state: bool  # ... and so does every floating state leaf
 
 
-def _multitask(method: str, phase_steps: int = 0, **options
+def _multitask(method: str, phase_steps: int = 0, dataset: str = "multidigits", **options
                ) -> Callable[[str], ml_collections.ConfigDict]:
   def build(_):
-    c = multitask_digits.get_config(f"weighting={method},model=mlp")
+    c = multitask_digits.get_config(f"weighting={method},model=mlp,data={dataset}")
     c.model.hidden = (8,)
     c.multitask.weighting_options = ml_collections.ConfigDict(options)
     c.multitask.phase_steps = phase_steps
@@ -142,6 +142,8 @@ CASES = {
     # Hashimoto et al.'s successive training: the phase and its counter follow the optimizer step.
     "mt_successive": Case(_multitask("equal", phase_steps=2), True, True),
     **{f"mt_{name}": Case(_multitask(name), False, True) for name in aggregators.AGGREGATORS},
+    # Three tasks: PCGrad's random projection order matters (with two there is only one order).
+    "mt_pcgrad": Case(_multitask("pcgrad", dataset="attributes"), False, True),
 }
 
 
@@ -189,12 +191,9 @@ def _micro(batch, i):
   return jax.tree.map(lambda x: x[i::K], batch)
 
 
-def _reference(objective, tp, fp, model_state, batch, rng, trainable):
+def _reference(call, batch, rng):
   """The documented semantics by hand: K separate un-accumulated calls on the micro-batches, all from
   the same state, with the step's key in `Step.rng`, then averaged."""
-  call = jax.jit(lambda micro, key, index: objective.gradients(
-      tp, fp, model_state, micro, key, trainable=trainable,
-      step=Step(jnp.int32(STEP), rng, jnp.int32(index), K)))
   results = [call(_micro(batch, i), jax.random.fold_in(rng, i), i) for i in range(K)]
   grads = jax.tree.map(lambda *g: np.mean(np.stack(g), axis=0), *[r[0] for r in results])
   metrics = jax.tree.map(lambda *m: np.mean(np.stack(m), axis=0), *[r[2] for r in results])
@@ -247,7 +246,16 @@ def test_accumulated_step_is_one_optimizer_step(name, request):
       accum=accum))
   full = run(tp, model_state, batch, accum=1)
   accumulated = run(tp, model_state, batch, accum=K)
-  expected = _reference(s.objective, tp, fp, model_state, batch, rng, trainable_mask)
+  call = jax.jit(lambda micro, key, index: s.objective.gradients(
+      tp, fp, model_state, micro, key, trainable=trainable_mask,
+      step=Step(jnp.int32(STEP), rng, jnp.int32(index), K)))
+  expected = _reference(call, batch, rng)
+  if name.startswith("mt_"):
+    # Multitask randomness (RLW's weights, PCGrad's orders) is drawn once per optimizer step, from
+    # Step.rng: the call's own key (here another one) changes nothing.
+    _assert_trees_close(call(_micro(batch, 0), jax.random.key(99), 0)[0],
+                        call(_micro(batch, 0), jax.random.fold_in(rng, 0), 0)[0],
+                        "gradient with another call key", rtol=1e-6)
 
   # The documented semantics, for every case.
   _assert_trees_close(accumulated[0], expected[0], "gradient vs mean of micro-batch gradients")
