@@ -10,7 +10,7 @@ and integer/bool leaves the last call's value. k = 1 is exactly one call of `obj
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -46,24 +46,17 @@ def merge_states(old: PyTree, new_states: list[PyTree]) -> PyTree:
   return jax.tree.map(merge, old, *new_states)
 
 
-def gradients(objective: Objective, trainable_params: PyTree, frozen_params: PyTree,
-              model_state: PyTree, batch: PyTree, rng: jax.Array, *, trainable: PyTree,
-              step: jax.Array, accum: int = 1) -> tuple[PyTree, PyTree, Metrics]:
-  """(mean gradient, merged model_state, mean metrics) of optimizer step `step` over `accum`
-  micro-batches of `batch`; `rng` is the step's key."""
-  if accum == 1:
-    return objective.gradients(trainable_params, frozen_params, model_state, batch, rng,
-                               trainable=trainable, step=Step.single(step, rng))
-  step = jnp.asarray(step, jnp.int32)
-
+def scan_micro_batches(call: Callable[[Any, jax.Array], tuple[PyTree, PyTree, Metrics]],
+                       trainable_params: PyTree, model_state: PyTree, xs: Any, accum: int
+                       ) -> tuple[PyTree, PyTree, Metrics]:
+  """Runs `call(x_i, i) -> (grads, new_state, metrics)` for the k micro-batch inputs `xs` (leading axis
+  k) in a `lax.scan`, every call from the same `model_state`; returns (mean grads, merged state, mean
+  metrics) with the state rule of this module."""
   def one(carry, inputs):
     grads_sum, state_acc = carry
-    micro_batch, index = inputs
-    info = Step(step, rng, index, accum)
+    x, index = inputs
     with cpu_ops.loop_body():  # (on CPU: convolutions in a loop as matmuls, cpu_ops.py)
-      grads, new_state, metrics = objective.gradients(
-          trainable_params, frozen_params, model_state, micro_batch, micro_rng(rng, index, accum),
-          trainable=trainable, step=info)
+      grads, new_state, metrics = call(x, index)
     # Floating leaves: the running sum of the calls' changes; the others: the latest value.
     state_acc = jax.tree.map(lambda acc, o, n: acc + (n - o) if _is_float(o) else n,
                              state_acc, model_state, new_state)
@@ -71,9 +64,32 @@ def gradients(objective: Objective, trainable_params: PyTree, frozen_params: PyT
 
   zeros = jax.tree.map(jnp.zeros_like, trainable_params)
   state_zero = jax.tree.map(lambda o: jnp.zeros_like(o) if _is_float(o) else o, model_state)
-  (grads, state_acc), metrics = jax.lax.scan(
-      one, (zeros, state_zero), (micro_batches(batch, accum), jnp.arange(accum, dtype=jnp.int32)))
+  (grads, state_acc), metrics = jax.lax.scan(one, (zeros, state_zero),
+                                             (xs, jnp.arange(accum, dtype=jnp.int32)))
   new_state = jax.tree.map(lambda o, acc: o + acc / accum if _is_float(o) else acc,
                            model_state, state_acc)
   return (jax.tree.map(lambda g: g / accum, grads), new_state,
           jax.tree.map(lambda m: m.mean(axis=0), metrics))
+
+
+def gradients(objective: Objective, trainable_params: PyTree, frozen_params: PyTree,
+              model_state: PyTree, batch: PyTree, rng: jax.Array, *, trainable: PyTree,
+              step: jax.Array, accum: int = 1) -> tuple[PyTree, PyTree, Metrics]:
+  """(mean gradient, merged model_state, mean metrics) of optimizer step `step` over `accum`
+  micro-batches of `batch`; `rng` is the step's key. An objective whose loss is not a mean over
+  micro-batches may do the whole accumulated step itself (`Objective.accumulated_gradients`, e.g.
+  contrastive gradient caching)."""
+  if accum == 1:
+    return objective.gradients(trainable_params, frozen_params, model_state, batch, rng,
+                               trainable=trainable, step=Step.single(step, rng))
+  step = jnp.asarray(step, jnp.int32)
+  own = objective.accumulated_gradients(trainable_params, frozen_params, model_state, batch, rng,
+                                        trainable=trainable, step=step, accum=accum)
+  if own is not None:
+    return own
+
+  def call(micro_batch, index):
+    return objective.gradients(trainable_params, frozen_params, model_state, micro_batch,
+                               micro_rng(rng, index, accum), trainable=trainable,
+                               step=Step(step, rng, index, accum))
+  return scan_micro_batches(call, trainable_params, model_state, micro_batches(batch, accum), accum)

@@ -61,9 +61,12 @@ and every weighting and aggregator):
   under per-device BatchNorm), and the running averages take one EMA update per optimizer step with
   the mean of the micro-batch statistics (the mean of the k updated averages): the running mean equals
   the full batch's update, the running variance misses the between-micro-batch variance.
-* **Batch-level losses** (contrastive negatives: SimCLR, SupCon, CLIP, SigLIP; CORAL/MMD
-  statistics; ProtoNet/MAML per episode are unaffected, episodes are whole): each micro-batch's
-  loss sees that micro-batch only; the gradient is the mean of the k micro-batch gradients.
+* **Contrastive losses with gradient caching** (SimCLR, SupCon: `accumulated_gradients`): the loss
+  of the whole batch with every negative, at the activation memory of one micro-batch; without
+  BatchNorm the gradient equals one step on the whole batch (jtl/objectives/contrastive.py).
+* **Other batch-level losses** (CLIP and SigLIP negatives, CORAL/MMD statistics; ProtoNet/MAML are
+  unaffected, episodes are whole): each micro-batch's loss sees that micro-batch only; the gradient
+  is the mean of the k micro-batch gradients.
 * **Linear objectives** (a mean over examples with no BatchNorm: supervised, distillation, DANN, and
   the multitask weightings above whose weights come from the starting state): the accumulated update
   equals one step on the whole batch to float rounding.
@@ -145,6 +148,16 @@ class Objective(abc.ABC):
     (loss, (model_state, metrics)), grads = jax.value_and_grad(loss_of_trainable, has_aux=True)(
         trainable_params)
     return grads, model_state, {"loss": loss, **metrics}
+
+  def accumulated_gradients(self, trainable_params: PyTree, frozen_params: PyTree,
+                            model_state: PyTree, batch: PyTree, rng: jax.Array, *,
+                            trainable: PyTree, step: jax.Array, accum: int
+                            ) -> tuple[PyTree, PyTree, Metrics] | None:
+    """The whole step under `grad_accum_steps = accum > 1`, for an objective whose loss is not a mean
+    over micro-batches (contrastive gradient caching); `rng` is the step's key. None (the default):
+    `jtl.accumulate` calls `gradients` once per micro-batch."""
+    del trainable_params, frozen_params, model_state, batch, rng, trainable, step, accum
+    return None
 
 
 def apply_model(model: nn.Module, params: PyTree, model_state: PyTree, x: jax.Array, *,
