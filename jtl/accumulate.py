@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from jtl.models import cpu_ops
-from jtl.objectives.base import Metrics, Objective, PyTree, Step
+from jtl.objectives.base import Metrics, Objective, PyTree, Step, takes_step
 
 
 def micro_batches(batch: PyTree, accum: int) -> PyTree:
@@ -79,9 +79,11 @@ def gradients(objective: Objective, trainable_params: PyTree, frozen_params: PyT
   micro-batches of `batch`; `rng` is the step's key. An objective whose loss is not a mean over
   micro-batches may do the whole accumulated step itself (`Objective.accumulated_gradients`, e.g.
   contrastive gradient caching)."""
+  with_step = takes_step(objective.gradients)
   if accum == 1:
+    extra = {"step": Step.single(step, rng)} if with_step else {}
     return objective.gradients(trainable_params, frozen_params, model_state, batch, rng,
-                               trainable=trainable, step=Step.single(step, rng))
+                               trainable=trainable, **extra)
   step = jnp.asarray(step, jnp.int32)
   own = objective.accumulated_gradients(trainable_params, frozen_params, model_state, batch, rng,
                                         trainable=trainable, step=step, accum=accum)
@@ -89,7 +91,7 @@ def gradients(objective: Objective, trainable_params: PyTree, frozen_params: PyT
     return own
 
   def call(micro_batch, index):
+    extra = {"step": Step(step, rng, index, accum)} if with_step else {}
     return objective.gradients(trainable_params, frozen_params, model_state, micro_batch,
-                               micro_rng(rng, index, accum), trainable=trainable,
-                               step=Step(step, rng, index, accum))
+                               micro_rng(rng, index, accum), trainable=trainable, **extra)
   return scan_micro_batches(call, trainable_params, model_state, micro_batches(batch, accum), accum)

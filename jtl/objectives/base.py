@@ -77,6 +77,7 @@ Metrics returned from a step are scalars, averaged over the logging window by th
 from __future__ import annotations
 
 import abc
+import inspect
 from typing import Any
 
 import flax
@@ -116,6 +117,16 @@ def step_or_counter(step: Step | None, counter: jax.Array) -> jax.Array:
   return counter if step is None else step.step
 
 
+def takes_step(method: Any) -> bool:
+  """Whether an objective's `loss` or `gradients` accepts `step=` (objectives written before `Step`
+  existed are still called, without it)."""
+  try:
+    parameters = inspect.signature(method).parameters.values()
+  except (TypeError, ValueError):
+    return True
+  return any(p.name == "step" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+
+
 def step_rng(step: Step | None, rng: jax.Array) -> jax.Array:
   """The step's key for once-per-step draws; the call's `rng` when called without a `Step`."""
   return rng if step is None else step.rng
@@ -142,9 +153,10 @@ class Objective(abc.ABC):
                 batch: PyTree, rng: jax.Array, *, trainable: PyTree, step: Step | None = None
                 ) -> tuple[PyTree, PyTree, Metrics]:
     """Gradients w.r.t. the trainable subtree only, so no backward pass runs through frozen weights."""
+    extra = {"step": step} if takes_step(self.loss) else {}
     def loss_of_trainable(tp):
       return self.loss(masks.merge(tp, frozen_params), model_state, batch, rng, trainable=trainable,
-                       step=step)
+                       **extra)
     (loss, (model_state, metrics)), grads = jax.value_and_grad(loss_of_trainable, has_aux=True)(
         trainable_params)
     return grads, model_state, {"loss": loss, **metrics}
