@@ -44,6 +44,8 @@ and every weighting and aggregator):
   successive phase read `step.step` (the trainer's, checkpointed, so resume is exact); their
   `model_state` counters hold `step.step + 1` for inspection. Called without a `step` (a direct call
   in a test or a notebook) they fall back to their own counters.
+  An objective whose `loss`/`gradients` does not take `step` (written before it existed) is
+  called without it; the same-starting-state rule still keeps its counters at one per step.
 * **Randomness drawn once per step** (RLW's task weights, PCGrad's projection orders) comes from
   `step.rng`, so every micro-batch of a step uses the same draw; per-example randomness (augmented
   views, dropout, CLIP caption templates) uses the call's `rng`.
