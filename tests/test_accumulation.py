@@ -126,7 +126,8 @@ CASES = {
     # Gradient caching: every negative of the whole batch, so equal to one step (no BatchNorm here).
     "simclr": Case(_contrastive(simclr_digits), True, True, cached=True),
     "supcon": Case(_contrastive(supcon_digits), True, True, cached=True),
-    "clip": Case(_clip("softmax"), False, True),
+    "clip": Case(_clip("softmax"), True, True, cached=True),
+    "siglip": Case(_clip("sigmoid"), True, True, cached=True),
     "distill": Case(_distill, True, True),
     "dann": Case(_domain("dann"), True, True),
     "coral": Case(_domain("coral"), False, True),
@@ -356,5 +357,29 @@ def test_contrastive_gradient_caching_equals_the_whole_batch_on_8_devices(module
     state, metrics = train.make_train_step(s)(state, to_global(batch, s.batch_sharding))
     updates[k] = jax.tree.map(lambda a, b: a - b, jax.device_get(state.params), before)
     losses[k] = float(metrics["contrastive_loss"])
+  _assert_trees_close(updates[4], updates[1], "update with gradient caching vs whole batch")
+  np.testing.assert_allclose(losses[4], losses[1], rtol=1e-5)
+
+
+@pytest.mark.parametrize("loss", ["softmax", "sigmoid"], ids=["clip", "siglip"])
+def test_clip_gradient_caching_equals_the_whole_batch_on_8_devices(loss):
+  """As for SimCLR: grad_accum_steps=4 on 32 image/caption pairs through the trainer on 8 devices
+  gives one SGD step's update on the whole batch (both towers and the loss's scalars)."""
+  updates, losses = {}, {}
+  for k in (1, 4):
+    config = _clip(loss)(None)
+    config.update_from_flattened_dict({"mesh.axes": (("data", 8),), "batch_size": 32,
+                                       "grad_accum_steps": k, "optim.name": "sgd", "optim.lr": 1.0,
+                                       "optim.schedule": "constant", "optim.warmup_steps": 0,
+                                       "optim.weight_decay": 0.0})
+    batch = _example_batch(config)
+    s = train.setup(config, batch)
+    assert s.mesh.size == 8
+    params, model_state = train.fresh_variables(s)
+    state = train.initial_state(s, _noisy(params, 3), model_state)
+    before = jax.device_get(state.params)
+    state, metrics = train.make_train_step(s)(state, to_global(batch, s.batch_sharding))
+    updates[k] = jax.tree.map(lambda a, b: a - b, jax.device_get(state.params), before)
+    losses[k] = float(metrics["loss"])
   _assert_trees_close(updates[4], updates[1], "update with gradient caching vs whole batch")
   np.testing.assert_allclose(losses[4], losses[1], rtol=1e-5)

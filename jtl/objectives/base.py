@@ -63,12 +63,13 @@ and every weighting and aggregator):
   under per-device BatchNorm), and the running averages take one EMA update per optimizer step with
   the mean of the micro-batch statistics (the mean of the k updated averages): the running mean equals
   the full batch's update, the running variance misses the between-micro-batch variance.
-* **Contrastive losses with gradient caching** (SimCLR, SupCon: `accumulated_gradients`): the loss
-  of the whole batch with every negative, at the activation memory of one micro-batch; without
-  BatchNorm the gradient equals one step on the whole batch (jtl/objectives/contrastive.py).
-* **Other batch-level losses** (CLIP and SigLIP negatives, CORAL/MMD statistics; ProtoNet/MAML are
-  unaffected, episodes are whole): each micro-batch's loss sees that micro-batch only; the gradient
-  is the mean of the k micro-batch gradients.
+* **Contrastive losses with gradient caching** (SimCLR, SupCon, CLIP, SigLIP:
+  `accumulated_gradients`): the loss of the whole batch with every negative, at the activation memory
+  of one micro-batch; without BatchNorm or dropout the gradient equals one step on the whole batch
+  (jtl/objectives/contrastive.py, clip.py).
+* **Other batch-level losses** (CORAL/MMD statistics; ProtoNet/MAML are unaffected, episodes are
+  whole): each micro-batch's loss sees that micro-batch only; the gradient is the mean of the k
+  micro-batch gradients.
 * **Linear objectives** (a mean over examples with no BatchNorm: supervised, distillation, DANN, and
   the multitask weightings above whose weights come from the starting state): the accumulated update
   equals one step on the whole batch to float rounding.
