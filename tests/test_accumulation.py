@@ -23,8 +23,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from experiments.configs import (clip_digits, dann_digits, distill_digits, maml_digits,
-                                 multitask_digits, protonet_digits, simclr_digits, supcon_digits)
+from experiments.configs import (clip_digits, coral_digits, dann_digits, distill_digits,
+                                 maml_digits, multitask_digits, protonet_digits, simclr_digits,
+                                 supcon_digits)
 from jtl import accumulate, data, masks, objectives, train
 from jtl.losses import domain as domain_losses
 from jtl.multitask import aggregators, weighting
@@ -39,7 +40,8 @@ ONE_DEVICE = {"mesh.axes": (("data", 1),)}
 jit = functools.partial(jax.jit, static_argnames=("accum",))
 
 
-def _small(config: ml_collections.ConfigDict, batch_size: int, **overrides) -> ml_collections.ConfigDict:
+def _small(config: ml_collections.ConfigDict, batch_size: int, **overrides
+           ) -> ml_collections.ConfigDict:
   config.update_from_flattened_dict({"total_steps": 10, "batch_size": batch_size,
                                      "optim.warmup_steps": 1, "grad_accum_steps": K, **ONE_DEVICE})
   config.update_from_flattened_dict({k.replace("__", "."): v for k, v in overrides.items()})
@@ -86,10 +88,8 @@ def _clip(loss):
 
 def _domain(mode):
   def build(_):
-    c = dann_digits.get_config(f"mode={mode}") if mode == "dann" else None
-    if c is None:
-      from experiments.configs import coral_digits
-      c = coral_digits.get_config(f"method={mode}")
+    c = (dann_digits.get_config("mode=dann") if mode == "dann"
+         else coral_digits.get_config(f"method={mode}"))
     c.model = ml_collections.ConfigDict(MLP)
     c.domain.hidden = (8,)
     return _small(c, 16)
@@ -342,7 +342,8 @@ def test_contrastive_gradient_caching_equals_the_whole_batch_on_8_devices(module
   updates, losses = {}, {}
   for k in (1, 4):
     config = module.get_config()
-    config.model = ml_collections.ConfigDict(dict(MLP, num_classes=config.model.get("num_classes", 10)))
+    config.model = ml_collections.ConfigDict(dict(MLP,
+                                                  num_classes=config.model.get("num_classes", 10)))
     config.contrastive.projection_dims = (8,)
     config.update_from_flattened_dict({"total_steps": 10, "batch_size": 32, "grad_accum_steps": k,
                                        "optim.name": "sgd", "optim.lr": 1.0,

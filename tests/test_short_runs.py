@@ -22,7 +22,8 @@ from jtl.metric_writer import read_jsonl
 from tests.helpers import compile_fast  # noqa: F401  (autouse: this module compiles fast)
 from tests.test_cli import ROOT, run
 
-CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "experiments/configs/*.py"))
+CONFIGS = sorted(os.path.basename(p)[:-3]
+                 for p in glob.glob(os.path.join(ROOT, "experiments/configs/*.py"))
                  if not os.path.basename(p).startswith(("__", "common")))
 # Every mode of the configs that have modes (the phased fine-tuning methods among them).
 VARIANTS = [(name, None) for name in CONFIGS if name != "finetune_folder"]  # (needs path=)
