@@ -20,6 +20,7 @@ import re
 from typing import Any
 
 import ml_collections
+from absl import logging
 from etils import epath
 
 from jtl import remote
@@ -129,6 +130,49 @@ def check_values(config: ml_collections.ConfigDict) -> None:
 PRECISIONS = ("float32", "bfloat16")
 
 
+def fit_to_total_steps(config: ml_collections.ConfigDict) -> None:
+  """Fits the step-counted parts of a config to a run shorter than they are (in place).
+
+  A smoke run (`--config.total_steps=10`) of a config written for hundreds of steps:
+  * `optim.warmup_steps >= total_steps`: the warmup becomes `total_steps // 2` (half the run warms up,
+    the rest follows the schedule);
+  * `phases` starting at or after `total_steps`: those starts are spread evenly over the steps after
+    the last phase that fits, so every phase still runs (LP-FT at 10 steps: phases at 0 and 5). If
+    there are more phases than steps left to start them, ConfigError says so.
+  Each change is logged once, as one line naming the flag that sets the value for real. `prepare`
+  calls this, so config.json records the values the run used, and a resumed run computes the same.
+  """
+  total = config.get("total_steps")
+  if not _is_int(total) or total < 1:
+    return  # (check_values has refused it)
+  optim = config.get("optim")
+  warmup = optim.get("warmup_steps", 0) if optim is not None else 0
+  if _is_int(warmup) and warmup > 0 and warmup >= total:
+    optim.warmup_steps = total // 2
+    logging.warning("optim.warmup_steps=%d is not shorter than total_steps=%d: the warmup is "
+                    "clipped to %d steps for this run (set --config.optim.warmup_steps to choose)",
+                    warmup, total, optim.warmup_steps)
+  phases = config.get("phases") or ()
+  starts = [p[0] if isinstance(p, (tuple, list)) and p else None for p in phases]
+  if not starts or not all(_is_int(s) for s in starts) or max(starts) < total:
+    return  # (jtl.phases checks the entries themselves)
+  fitting = [s for s in starts if s < total]
+  late = len(starts) - len(fitting)
+  last = fitting[-1] if fitting else 0
+  if not fitting:  # (the first phase must start at 0: jtl.phases says so)
+    return
+  room = total - 1 - last  # the steps after the last fitting start where a phase may begin
+  if late > room:
+    raise ConfigError(f"{late} of the {len(starts)} phases start at or after total_steps={total} "
+                      f"(phase starts {tuple(starts)}) and only {room} later steps are left to "
+                      f"start them; raise --config.total_steps to at least {last + late + 1}")
+  new_starts = fitting + [last + (total - last) * (j + 1) // (late + 1) for j in range(late)]
+  config.phases = tuple((new_starts[i],) + tuple(p[1:]) for i, p in enumerate(phases))
+  logging.warning("phases start at steps %s but total_steps=%d: they start at %s for this run, so "
+                  "every phase runs (raise --config.total_steps for the configured schedule)",
+                  tuple(starts), total, tuple(new_starts))
+
+
 def _apply_precision(config: ml_collections.ConfigDict) -> None:
   """`precision=bfloat16` is the model's compute dtype (its params stay float32)."""
   if config.get("precision", "float32") == "float32" or "model" not in config:
@@ -146,6 +190,7 @@ def prepare(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   config = copy.deepcopy(config)
   _resolve_paths(config)
   check_values(config)
+  fit_to_total_steps(config)
   _apply_precision(config)
   name = config.data.get("name") if "data" in config else None
   if isinstance(name, str) and name.startswith(FOLDER_PREFIX):

@@ -22,7 +22,7 @@ from absl import logging
 from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jtl import (checkpoint, compile_cache, data, keep, loop, masks, objectives, optim, phases,
+from jtl import (accumulate, checkpoint, compile_cache, data, keep, loop, masks, objectives, optim, phases,
                  sharding)
 from jtl import config as config_lib
 from jtl.errors import ConfigError
@@ -110,39 +110,19 @@ def make_train_step(s: Setup) -> Callable[[TrainState, Any], tuple[TrainState, d
   With `skip_nonfinite_updates`, an update whose metrics or gradients are not all finite is refused
   inside the step (state unchanged but for the step count; `skipped` = 1 in its metrics). With
   `grad_accum_steps = k`, the gradients of k micro-batches are averaged in a `lax.scan`, so
-  activation memory is that of one micro-batch.
+  activation memory is that of one micro-batch; every objective sees one optimizer step
+  (`jtl.accumulate`, and "One optimizer step" in jtl/objectives/base.py).
   """
   base_rng = jax.random.key(s.config.seed + 1)
   skip_nonfinite = bool(s.config.get("skip_nonfinite_updates"))
   accum = int(s.config.get("grad_accum_steps", 1))
 
-  def gradients(trainable_params, frozen_params, model_state, batch, rng):
-    if accum == 1:
-      return s.objective.gradients(trainable_params, frozen_params, model_state, batch, rng,
-                                   trainable=s.trainable)
-    # k micro-batches, rows i, i + k, i + 2k, ...: each stays spread over every device.
-    micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1),
-                         batch)
-
-    def one(carry, inputs):
-      grads_sum, model_state = carry
-      micro_batch, index = inputs
-      with cpu_ops.loop_body():  # (on CPU: convolutions in a loop as matmuls, cpu_ops.py)
-        grads, model_state, metrics = s.objective.gradients(
-            trainable_params, frozen_params, model_state, micro_batch,
-            jax.random.fold_in(rng, index), trainable=s.trainable)
-      return (jax.tree.map(jnp.add, grads_sum, grads), model_state), metrics
-    zeros = jax.tree.map(jnp.zeros_like, trainable_params)
-    (grads, model_state), metrics = jax.lax.scan(one, (zeros, model_state),
-                                                 (micro, jnp.arange(accum)))
-    return (jax.tree.map(lambda g: g / accum, grads), model_state,
-            jax.tree.map(lambda m: m.mean(axis=0), metrics))
-
   def train_step(state: TrainState, batch: Any) -> tuple[TrainState, dict]:
     rng = jax.random.fold_in(base_rng, state.step)
     trainable_params, frozen_params = masks.partition(state.params, s.trainable)
-    grads, model_state, metrics = gradients(trainable_params, frozen_params, state.model_state,
-                                            batch, rng)
+    grads, model_state, metrics = accumulate.gradients(
+        s.objective, trainable_params, frozen_params, state.model_state, batch, rng,
+        trainable=s.trainable, step=state.step, accum=accum)
     updates, opt_state = s.tx.update(grads, state.opt_state, trainable_params)
     trainable_params = optax.apply_updates(trainable_params, updates)
     metrics = {**metrics, "grad_norm": optax.global_norm(grads), "lr": s.schedule(state.step)}

@@ -3,9 +3,11 @@
 The trainer (`jtl.train`) holds `TrainState(step, params, model_state, opt_state)` and, each step, calls
 
     grads, model_state, metrics = objective.gradients(trainable_params, frozen_params, model_state,
-                                                      batch, rng, trainable=mask)
+                                                      batch, rng, trainable=mask, step=step)
 
-then applies the optimizer to the trainable subtree. Evaluation calls `objective.eval_metrics`. How the
+then applies the optimizer to the trainable subtree. `step` is a `Step`: the optimizer step, the
+step's PRNG key and which micro-batch this call sees (see "One optimizer step" below). Evaluation
+calls `objective.eval_metrics`. How the
 paradigms still to come map onto this, with no change to the trainer:
 
 * **Several models** (teacher + student, image + text tower, one tower per task): the objective owns
@@ -26,22 +28,111 @@ paradigms still to come map onto this, with no change to the trainer:
   subtree only; an override may take several `jax.grad`s or a `jax.jacrev` over per-task losses and
   combine them, returning one gradient tree shaped like `trainable_params`.
 
+One optimizer step is one step for every objective (gradient accumulation, `jtl.accumulate`). With
+`grad_accum_steps = k` the trainer splits the batch into k micro-batches (rows i, i + k, ...) and calls
+`gradients` once per micro-batch, every call with the SAME starting `model_state`, the same
+`step.step` and `step.rng`, its own `rng` (`fold_in(rng, i)`) and `step.micro_index = i`. Then:
+* gradients and metrics are the mean over the micro-batches;
+* the new `model_state`: a floating leaf is `old + mean_i(new_i - old)` (the mean of the k states
+  the calls returned), an integer or bool leaf is the last call's value (they all agree, because every
+  call starts from the same state and step). With k = 1 this is exactly the call's own result.
+What that means for each kind of state (tests/test_accumulation.py asserts each, for every objective
+and every weighting and aggregator):
+* **Counters and schedules** (DANN's lambda, the multitask successive-training phase, the
+  `started` flags and window counters of DWA/GradNorm/FAMO) advance once per optimizer step: they are
+  functions of `step.step` or of the starting state, never counted per call. DANN's lambda and the
+  successive phase read `step.step` (the trainer's, checkpointed, so resume is exact); their
+  `model_state` counters hold `step.step + 1` for inspection. Called without a `step` (a direct call
+  in a test or a notebook) they fall back to their own counters.
+  An objective whose `loss`/`gradients` does not take `step` (written before it existed) is
+  called without it; the same-starting-state rule still keeps its counters at one per step.
+* **Randomness drawn once per step** (RLW's task weights, PCGrad's projection orders) comes from
+  `step.rng`, so every micro-batch of a step uses the same draw; per-example randomness (augmented
+  views, dropout, CLIP caption templates) uses the call's `rng`.
+* **Loss-history weightings** (DWA's window sums, FAMO's previous losses, GradNorm's initial
+  losses): their state is updated from each micro-batch's mean losses and averaged, so a state that
+  is linear in the losses (DWA's sums and means, the losses FAMO and GradNorm remember) sees the
+  step's mean losses exactly. The weights applied come from the step's starting state (equal,
+  static, uncertainty, DWA, RLW, GradNorm): the accumulated gradient equals the full batch's.
+  FAMO's weights divide by the micro-batch's own losses, and GradNorm's weight update uses the
+  micro-batch's gradient norms: for these the result is the mean of the k per-micro-batch results.
+* **Gradient aggregators** (PCGrad, MGDA, CAGrad, IMTL, Nash-MTL, UPGrad): the aggregator runs on each
+  micro-batch's per-task gradients and the k combined gradients are averaged (mean of aggregates,
+  not the aggregate of the mean gradients; the two agree for k = 1 only).
+* **BatchNorm statistics**: each micro-batch is normalised by its own statistics (as a device is
+  under per-device BatchNorm), and the running averages take one EMA update per optimizer step with
+  the mean of the micro-batch statistics (the mean of the k updated averages): the running mean equals
+  the full batch's update, the running variance misses the between-micro-batch variance.
+* **Contrastive losses with gradient caching** (SimCLR, SupCon, CLIP, SigLIP:
+  `accumulated_gradients`): the loss of the whole batch with every negative, at the activation memory
+  of one micro-batch; without BatchNorm or dropout the gradient equals one step on the whole batch
+  (jtl/objectives/contrastive.py, clip.py).
+* **Other batch-level losses** (CORAL/MMD statistics; ProtoNet/MAML are unaffected, episodes are
+  whole): each micro-batch's loss sees that micro-batch only; the gradient is the mean of the k
+  micro-batch gradients.
+* **Linear objectives** (a mean over examples with no BatchNorm: supervised, distillation, DANN, and
+  the multitask weightings above whose weights come from the starting state): the accumulated update
+  equals one step on the whole batch to float rounding.
+
 Metrics returned from a step are scalars, averaged over the logging window by the trainer. Metrics from
 `eval_metrics` are per-example arrays `[B]`; the evaluator averages them over real (unpadded) examples.
 """
 from __future__ import annotations
 
 import abc
+import inspect
 from typing import Any
 
+import flax
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from jtl import masks
 from jtl.models import layers
 
 PyTree = Any
 Metrics = dict[str, jax.Array]
+
+
+@flax.struct.dataclass
+class Step:
+  """What an objective knows of the optimizer step a call belongs to.
+
+  `step`: the optimizer step (int32, the trainer's `TrainState.step`, the same for every micro-batch);
+  `rng`: the step's PRNG key, the same for every micro-batch (draw once-per-step randomness from
+  it); `micro_index`: which micro-batch this call sees (int32, 0 without accumulation);
+  `micro_count`: how many micro-batches the step has (static).
+  """
+  step: jax.Array
+  rng: jax.Array
+  micro_index: jax.Array
+  micro_count: int = flax.struct.field(pytree_node=False, default=1)
+
+  @classmethod
+  def single(cls, step: Any, rng: jax.Array) -> "Step":
+    """The step of an un-accumulated call (one micro-batch, the whole batch)."""
+    return cls(jnp.asarray(step, jnp.int32), rng, jnp.zeros((), jnp.int32), 1)
+
+
+def step_or_counter(step: Step | None, counter: jax.Array) -> jax.Array:
+  """The optimizer step if the trainer gave one, else the objective's own counter (direct calls)."""
+  return counter if step is None else step.step
+
+
+def takes_step(method: Any) -> bool:
+  """Whether an objective's `loss` or `gradients` accepts `step=` (objectives written before `Step`
+  existed are still called, without it)."""
+  try:
+    parameters = inspect.signature(method).parameters.values()
+  except (TypeError, ValueError):
+    return True
+  return any(p.name == "step" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+
+
+def step_rng(step: Step | None, rng: jax.Array) -> jax.Array:
+  """The step's key for once-per-step draws; the call's `rng` when called without a `Step`."""
+  return rng if step is None else step.rng
 
 
 class Objective(abc.ABC):
@@ -53,22 +144,35 @@ class Objective(abc.ABC):
 
   @abc.abstractmethod
   def loss(self, params: PyTree, model_state: PyTree, batch: PyTree, rng: jax.Array, *,
-           trainable: PyTree) -> tuple[jax.Array, tuple[PyTree, Metrics]]:
-    """Training loss: `(loss, (new_model_state, metrics))`; `trainable` is the static bool mask."""
+           trainable: PyTree, step: Step | None = None) -> tuple[jax.Array, tuple[PyTree, Metrics]]:
+    """Training loss: `(loss, (new_model_state, metrics))`; `trainable` is the static bool mask,
+    `step` the optimizer step of the call (None outside the trainer)."""
 
   @abc.abstractmethod
   def eval_metrics(self, params: PyTree, model_state: PyTree, batch: PyTree) -> Metrics:
     """Per-example metrics `{name: [B]}` in inference mode."""
 
   def gradients(self, trainable_params: PyTree, frozen_params: PyTree, model_state: PyTree,
-                batch: PyTree, rng: jax.Array, *, trainable: PyTree
+                batch: PyTree, rng: jax.Array, *, trainable: PyTree, step: Step | None = None
                 ) -> tuple[PyTree, PyTree, Metrics]:
     """Gradients w.r.t. the trainable subtree only, so no backward pass runs through frozen weights."""
+    extra = {"step": step} if takes_step(self.loss) else {}
     def loss_of_trainable(tp):
-      return self.loss(masks.merge(tp, frozen_params), model_state, batch, rng, trainable=trainable)
+      return self.loss(masks.merge(tp, frozen_params), model_state, batch, rng, trainable=trainable,
+                       **extra)
     (loss, (model_state, metrics)), grads = jax.value_and_grad(loss_of_trainable, has_aux=True)(
         trainable_params)
     return grads, model_state, {"loss": loss, **metrics}
+
+  def accumulated_gradients(self, trainable_params: PyTree, frozen_params: PyTree,
+                            model_state: PyTree, batch: PyTree, rng: jax.Array, *,
+                            trainable: PyTree, step: jax.Array, accum: int
+                            ) -> tuple[PyTree, PyTree, Metrics] | None:
+    """The whole step under `grad_accum_steps = accum > 1`, for an objective whose loss is not a mean
+    over micro-batches (contrastive gradient caching); `rng` is the step's key. None (the default):
+    `jtl.accumulate` calls `gradients` once per micro-batch."""
+    del trainable_params, frozen_params, model_state, batch, rng, trainable, step, accum
+    return None
 
 
 def apply_model(model: nn.Module, params: PyTree, model_state: PyTree, x: jax.Array, *,

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jtl import augment, models, sharding
+from jtl import accumulate, augment, masks, models, sharding
 from jtl import config as config_lib
 from jtl import data as data_lib
 from jtl import text as tokenizer
@@ -94,6 +94,11 @@ class CLIPModel(nn.Module):
   def embed_text(self, tokens: jnp.ndarray, train: bool = False) -> jnp.ndarray:
     del train  # no dropout or BatchNorm in the text tower
     return self.text(tokens)
+
+  @property
+  def scalars_names(self) -> tuple[str, ...]:
+    """The loss's learnable scalars (top-level params)."""
+    return ("log_scale",) if self.loss_type == "softmax" else ("log_t", "bias")
 
   def scalars(self) -> dict[str, jnp.ndarray]:
     if self.loss_type == "softmax":
@@ -189,7 +194,7 @@ class CLIP(Objective):
       rows = contrastive_losses.siglip_loss(image_emb, text_emb, scalars["log_t"], scalars["bias"])
     return jnp.mean(rows)
 
-  def loss(self, params, model_state, batch, rng, *, trainable):
+  def loss(self, params, model_state, batch, rng, *, trainable, step=None):
     images, labels = batch["image"], batch["label"]
     if self.augment_config is not None:
       images = augment.augment(images, jax.random.fold_in(rng, 0), self.augment_config)
@@ -205,6 +210,64 @@ class CLIP(Objective):
     metrics = {"batch_i2t_accuracy": jnp.mean(hit.astype(jnp.float32)),
                **{k: v.astype(jnp.float32) for k, v in scalars.items()}}
     return loss, (model_state, metrics)
+
+  def accumulated_gradients(self, trainable_params, frozen_params, model_state, batch, rng, *,
+                            trainable, step, accum):
+    """Gradient caching under `grad_accum_steps = accum` (as `Contrastive.accumulated_gradients`):
+    the CLIP/SigLIP loss of the whole batch, every negative included, at the activation memory of
+    one micro-batch. Images are augmented and captions drawn for the whole batch exactly as one
+    un-accumulated step does; both towers embed each micro-batch in a scan without keeping
+    activations; the loss gradient w.r.t. all image and text embeddings and the loss's scalars is
+    taken on the whole batch; one forward and backward pass per micro-batch then carries it into the
+    towers. Equal to one step on the whole batch without BatchNorm or dropout."""
+    del step  # (no schedule)
+    images, labels = batch["image"], batch["label"]
+    if self.augment_config is not None:
+      images = augment.augment(images, jax.random.fold_in(rng, 0), self.augment_config)
+    tokens = batch["tokens"] if "tokens" in batch else self.captions(labels,
+                                                                     jax.random.fold_in(rng, 1))
+    micro = accumulate.micro_batches({"image": images, "tokens": tokens}, accum)
+    model_rng = jax.random.fold_in(rng, 2)
+
+    def forward(tp, part, index):
+      return apply_model(self.model, masks.merge(tp, frozen_params), model_state,
+                         (part["image"], part["tokens"]), train=True, trainable=trainable,
+                         rng=jax.random.fold_in(model_rng, index))
+
+    def embed(_, inputs):
+      part, index = inputs
+      (image_emb, text_emb, _), _ = forward(trainable_params, part, index)
+      return None, jax.lax.stop_gradient((image_emb, text_emb))
+    _, (micro_image, micro_text) = jax.lax.scan(embed, None,
+                                                (micro, jnp.arange(accum, dtype=jnp.int32)))
+
+    def whole(x):  # [k, b, E] -> [B, E]: micro-batch i holds rows i, i + k, ...
+      return x.swapaxes(0, 1).reshape((-1,) + x.shape[2:])
+
+    def split(x):  # [B, E] -> [k, b, E]
+      return x.reshape((-1, accum) + x.shape[1:]).swapaxes(0, 1)
+    scalars = {k: masks.merge(trainable_params, frozen_params)[k] for k in self.model.scalars_names}
+    image_emb, text_emb = whole(micro_image), whole(micro_text)
+    loss, (d_image, d_text, _) = jax.value_and_grad(self.pair_loss, argnums=(0, 1, 2))(
+        image_emb, text_emb, scalars)
+
+    def call(inputs, index):
+      part, cot_image, cot_text = inputs
+      def surrogate(tp):
+        (micro_image_emb, micro_text_emb, own_scalars), new_state = forward(tp, part, index)
+        value = jnp.sum(micro_image_emb * cot_image) + jnp.sum(micro_text_emb * cot_text)
+        # The loss's scalars get their gradient from the whole batch's loss, once per step (each
+        # of the k calls adds it, the scan divides by k); the embeddings are constants there.
+        return value * accum + self.pair_loss(image_emb, text_emb, own_scalars), new_state
+      grads, new_state = jax.grad(surrogate, has_aux=True)(trainable_params)
+      return grads, new_state, {}
+    grads, new_state, _ = accumulate.scan_micro_batches(
+        call, trainable_params, model_state, (micro, split(d_image), split(d_text)), accum)
+    sims = contrastive_losses.l2_normalize(image_emb) @ contrastive_losses.l2_normalize(text_emb).T
+    hit = labels[jnp.argmax(sims, axis=1)] == labels
+    metrics = {"loss": loss, "batch_i2t_accuracy": jnp.mean(hit.astype(jnp.float32)),
+               **{k: v.astype(jnp.float32) for k, v in scalars.items()}}
+    return grads, new_state, metrics
 
   def eval_metrics(self, params, model_state, batch) -> Metrics:
     """Per example: zero-shot correctness with the held-out prompts of the objective's classes."""

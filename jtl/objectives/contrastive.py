@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from jtl import augment, losses, models
+from jtl import accumulate, augment, losses, masks, models
 from jtl import config as config_lib
 from jtl.errors import ConfigError
 from jtl.losses import contrastive as contrastive_losses
@@ -155,7 +155,7 @@ class Contrastive(Objective):
     alignment = jnp.sum(unit[:, 0] * unit[:, -1], axis=-1)
     return loss, {"view_alignment": jnp.mean(alignment)}
 
-  def loss(self, params, model_state, batch, rng, *, trainable):
+  def loss(self, params, model_state, batch, rng, *, trainable, step=None):
     images = batch["image"]
     batch_size = images.shape[0]
     views = augment.views(images, jax.random.fold_in(rng, 0), self.augment_config, self.num_views)
@@ -174,6 +174,67 @@ class Contrastive(Objective):
       metrics["probe_accuracy"] = losses.accuracy(logits, view_labels).mean()
       loss = loss + probe_loss  # the probe sees stop_gradient(features): no effect on the encoder
     return loss, (model_state, metrics)
+
+  def accumulated_gradients(self, trainable_params, frozen_params, model_state, batch, rng, *,
+                            trainable, step, accum):
+    """Gradient caching under `grad_accum_steps = accum` (Gao et al. 2021, "Scaling Deep Contrastive
+    Learning Batch Size under Memory Limited Setup"): the loss of the WHOLE batch, every negative
+    included, at the activation memory of one micro-batch.
+
+    1. the views of the whole batch, drawn exactly as one un-accumulated step draws them;
+    2. the embeddings of each micro-batch (rows i, i + k, ...) in a scan, no activations kept;
+    3. the contrastive loss and its gradient with respect to the [B, V, E] embeddings;
+    4. per micro-batch, one forward and backward pass of `sum(embeddings * their cotangent)` (plus
+       the online probe's loss / k, a mean over examples), summed in `jtl.accumulate`'s scan.
+    Without BatchNorm or dropout the gradient equals the un-accumulated one to float rounding;
+    BatchNorm normalises each micro-batch by its own statistics (both passes alike), dropout draws
+    per micro-batch. The model state merges as for every objective (jtl/objectives/base.py).
+    """
+    del step  # (no schedule)
+    images, labels = batch["image"], batch.get("label")
+    views = augment.views(images, jax.random.fold_in(rng, 0), self.augment_config, self.num_views)
+    micro = accumulate.micro_batches({"views": views, **({"label": labels} if labels is not None
+                                                          else {})}, accum)
+    model_rng = jax.random.fold_in(rng, 1)
+
+    def forward(tp, part, index):
+      """(embeddings [b, V, E], (probe loss, new state, probe accuracy)) of one micro-batch."""
+      v = part["views"]
+      flat = v.reshape((v.shape[0] * self.num_views,) + v.shape[2:])
+      (_, embeddings, logits), new_state = apply_model(
+          self.model, masks.merge(tp, frozen_params), model_state, flat, train=True,
+          trainable=trainable, rng=jax.random.fold_in(model_rng, index))
+      probe = {}
+      if logits is not None:
+        view_labels = jnp.repeat(part["label"], self.num_views)
+        probe = {"probe_loss": losses.softmax_cross_entropy(logits, view_labels).mean(),
+                 "probe_accuracy": losses.accuracy(logits, view_labels).mean()}
+      return embeddings.reshape(v.shape[0], self.num_views, -1), (probe, new_state)
+
+    def embed(_, inputs):
+      part, index = inputs
+      return None, jax.lax.stop_gradient(forward(trainable_params, part, index)[0])
+    _, micro_embeddings = jax.lax.scan(embed, None, (micro, jnp.arange(accum, dtype=jnp.int32)))
+    k, b = micro_embeddings.shape[:2]
+    # Micro-batch i holds rows i, i + k, ...: row j * k + i of the batch is [i, j].
+    embeddings = micro_embeddings.swapaxes(0, 1).reshape((k * b,) + micro_embeddings.shape[2:])
+    (loss, metrics), cotangent = jax.value_and_grad(self._loss_and_metrics, has_aux=True)(
+        embeddings, labels)
+    micro_cotangent = cotangent.reshape((b, k) + cotangent.shape[1:]).swapaxes(0, 1)
+
+    def call(inputs, index):
+      part, cot = inputs
+      def surrogate(tp):
+        embeddings, (probe, new_state) = forward(tp, part, index)
+        value = jnp.sum(embeddings * cot) * accum  # (the scan divides by k)
+        return value + probe.get("probe_loss", 0.0), (probe, new_state)
+      grads, (probe, new_state) = jax.grad(surrogate, has_aux=True)(trainable_params)
+      return grads, new_state, probe
+    grads, new_state, probe_metrics = accumulate.scan_micro_batches(
+        call, trainable_params, model_state, (micro, micro_cotangent), accum)
+    metrics = {**metrics, "contrastive_loss": loss, **probe_metrics}
+    total = loss + probe_metrics.get("probe_loss", 0.0)
+    return grads, new_state, {"loss": total, **metrics}
 
   def eval_metrics(self, params, model_state, batch) -> Metrics:
     """Per example: cosine similarity of two fixed augmented views' embeddings and, with the

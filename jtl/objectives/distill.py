@@ -204,7 +204,7 @@ class Distill(Objective):
     return apply_model(self.teacher, params["teacher"], model_state["teacher"], images, train=True,
                        trainable=teacher_mask, rng=rng)
 
-  def loss(self, params, model_state, batch, rng, *, trainable):
+  def loss(self, params, model_state, batch, rng, *, trainable, step=None):
     parts = self._parts(batch)
     images = jnp.concatenate([part["image"] for _, part in parts])
     student_logits, student_state = apply_model(

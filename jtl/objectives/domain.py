@@ -17,8 +17,10 @@ Losses, on the backbone's pooled features f (`jtl.losses.domain`), added to the 
   classifier (MLP `params/domain_classifier`, `domain.hidden`, one logit: target vs source) reads
   f through the gradient reversal layer and minimises the binary cross-entropy of the domain labels,
   while the backbone receives -lambda_p times that gradient: one loss, CE_s + BCE_d, one backward pass.
-  lambda_p = weight * (2 / (1 + exp(-gamma p)) - 1) with p = step / config.total_steps, the step
-  counted in `model_state/domain/step` (checkpointed, so resume is exact).
+  lambda_p = weight * (2 / (1 + exp(-gamma p)) - 1) with p = step / config.total_steps, the
+  trainer's optimizer step (`Step.step`: once per step whatever `grad_accum_steps`, checkpointed, so
+  resume is exact); `model_state/domain/step` holds step + 1 for inspection (and is the step of a
+  direct call to `loss` without a `Step`).
 * coral: Sun & Saenko 2016, weight * ||C_s - C_t||_F^2 / (4 d^2) (eq. 1).
 * mmd: weight * squared multi-kernel Gaussian MMD (Gretton et al. 2012; Long et al. 2015), estimator
   `domain.mmd_estimator` ('biased' V-statistic by default: >= 0 and exactly 0 for equal batches;
@@ -46,7 +48,7 @@ from jtl import losses, models
 from jtl import config as config_lib
 from jtl.errors import ConfigError
 from jtl.losses import domain as domain_losses
-from jtl.objectives.base import Metrics, Objective, PyTree, apply_model
+from jtl.objectives.base import Metrics, Objective, PyTree, apply_model, step_or_counter
 
 METHODS = ("dann", "coral", "mmd")
 DOMAINS = ("source", "target")
@@ -177,7 +179,7 @@ class DomainAdaptation(Objective):
 
   # --- training --------------------------------------------------------------------------------
 
-  def loss(self, params, model_state, batch, rng, *, trainable):
+  def loss(self, params, model_state, batch, rng, *, trainable, step=None):
     source = batch["source"]
     n_source = source["image"].shape[0]
     if not self.forward_target:
@@ -201,12 +203,14 @@ class DomainAdaptation(Objective):
                                multipliers=self.mmd_multipliers)
       metrics["mmd"] = term
       return ce + self.weight * term, (new_state, metrics)
-    step = model_state[_OWN_STATE]["step"]
-    lam = self.weight * domain_losses.dann_lambda(step / self.total_steps, self.gamma)
+    # The optimizer step, never a count of calls: with grad_accum_steps = k the objective is called
+    # k times per step (jtl/objectives/base.py, "One optimizer step").
+    current = step_or_counter(step, model_state[_OWN_STATE]["step"])
+    lam = self.weight * domain_losses.dann_lambda(current / self.total_steps, self.gamma)
     domain_logits = self._domain_logits(params, domain_losses.gradient_reversal(features, lam))
     is_target = (jnp.arange(images.shape[0]) >= n_source).astype(jnp.float32)
     domain_loss = jnp.mean(optax.sigmoid_binary_cross_entropy(domain_logits, is_target))
-    new_state[_OWN_STATE] = {"step": step + 1}
+    new_state[_OWN_STATE] = {"step": current + 1}
     metrics.update({"domain_loss": domain_loss, "lambda": lam, "domain_accuracy": jnp.mean(
         ((domain_logits > 0) == (is_target > 0.5)).astype(jnp.float32))})
     return ce + domain_loss, (new_state, metrics)

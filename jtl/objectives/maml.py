@@ -171,7 +171,7 @@ class MAML(Objective):
     return (losses.softmax_cross_entropy(logits, labels).mean(),
             losses.accuracy(logits, labels).mean(), model_state)
 
-  def loss(self, params, model_state, batch, rng, *, trainable):
+  def loss(self, params, model_state, batch, rng, *, trainable, step=None):
     require_episodes(batch, "maml")
     num_episodes = batch["query"]["label"].shape[0]
 

@@ -45,7 +45,8 @@ from jtl.errors import ConfigError
 from jtl.losses import likelihood
 from jtl.multitask import aggregators, archs, weighting
 from jtl.multitask.tasks import Task, parse_tasks
-from jtl.objectives.base import Metrics, Objective, PyTree, apply_model
+from jtl.objectives.base import (Metrics, Objective, PyTree, Step, apply_model, step_or_counter,
+                                 step_rng)
 
 GRAD_SPACES = ("representation", "shared_params")
 # Top-level params/model_state entries that are not the architecture's (flax) variables.
@@ -178,29 +179,34 @@ class Multitask(Objective):
       out.append(likelihood.task_error(t.kind, outputs[t.name][rows], y, t.label_noise).mean())
     return jnp.stack(out)
 
-  def _phase(self, model_state: PyTree, params: PyTree) -> tuple[jax.Array, jax.Array, PyTree]:
+  def _phase(self, model_state: PyTree, params: PyTree, step: Step | None = None
+             ) -> tuple[jax.Array, jax.Array, PyTree]:
     """(task mask [T], successive penalty, new successive state) of the joint many-task schedule."""
     if not self.phase_steps:
       return jnp.ones(len(self.tasks)), jnp.zeros(()), None
     state = model_state["successive"]
+    # The optimizer step (once per step under grad_accum_steps; base.py "One optimizer step").
+    current = step_or_counter(step, state["step"])
     order = sorted(range(len(self.tasks)), key=lambda i: (self.tasks[i].depth or 10**6, i))
-    phase = (state["step"] // self.phase_steps) % len(self.tasks)
+    phase = (current // self.phase_steps) % len(self.tasks)
     active = jnp.asarray(order)[phase]
     mask = jax.nn.one_hot(active, len(self.tasks))
     shared = self._shared(params)
-    starting = state["step"] % self.phase_steps == 0
+    starting = current % self.phase_steps == 0
     snapshot = jax.tree.map(lambda new, old: jnp.where(starting, jax.lax.stop_gradient(new), old),
                             shared, state["snapshot"])
     penalty = self.successive_weight * sum(
         jnp.sum((a - b) ** 2) for a, b in zip(jax.tree.leaves(shared), jax.tree.leaves(snapshot)))
-    return mask, penalty, {"step": state["step"] + 1, "snapshot": snapshot}
+    return mask, penalty, {"step": current + 1, "snapshot": snapshot}
 
-  def _combine(self, losses, params, model_state, rng, grad_norms=None):
+  def _combine(self, losses, params, model_state, rng, grad_norms=None, step=None):
     """Total loss of the loss weighting (masked by the phase), new non-arch state, metrics."""
-    mask, successive, phase_state = self._phase(model_state, params)
+    mask, successive, phase_state = self._phase(model_state, params, step)
+    # RLW draws its weights once per optimizer step: every micro-batch of a step uses the same draw.
     total, w_state, metrics = self.weighting.total(
         losses * mask, params=params.get("weighting", {}), state=model_state.get("weighting", {}),
-        rng=rng, step=jnp.zeros((), jnp.int32), grad_norms=grad_norms)
+        rng=step_rng(step, rng), step=step_or_counter(step, jnp.zeros((), jnp.int32)),
+        grad_norms=grad_norms)
     own = {}
     if w_state:
       own["weighting"] = w_state
@@ -216,28 +222,29 @@ class Multitask(Objective):
             **{f"penalty_{k}": v for k, v in penalties.items()},
             **{names.get(k, k): v for k, v in extra.items()}}
 
-  def loss(self, params, model_state, batch, rng, *, trainable, grad_norms=None):
+  def loss(self, params, model_state, batch, rng, *, trainable, grad_norms=None, step=None):
     x, targets = self._inputs(batch)
     outputs, penalties, arch_state = self._apply(params, model_state, x, train=True,
                                                  trainable=trainable, rng=rng)
     losses = self._task_losses(outputs, targets)
-    total, own, metrics = self._combine(losses, params, model_state, rng, grad_norms)
+    total, own, metrics = self._combine(losses, params, model_state, rng, grad_norms, step)
     total = total + sum(penalties.values(), jnp.zeros(()))
     return total, ({**arch_state, **own}, self._metrics(losses, penalties, metrics))
 
   # --- gradients -------------------------------------------------------------------------------
 
-  def gradients(self, trainable_params, frozen_params, model_state, batch, rng, *, trainable):
+  def gradients(self, trainable_params, frozen_params, model_state, batch, rng, *, trainable,
+                step=None):
     if self.aggregate is None and not self.weighting.needs_grad_norms:
       return super().gradients(trainable_params, frozen_params, model_state, batch, rng,
-                               trainable=trainable)
+                               trainable=trainable, step=step)
     if self.grad_space == "representation":
       jac = self._representation_jacobian(trainable_params, frozen_params, model_state, batch, rng,
-                                          trainable)
+                                          trainable, step)
       gram = _gram(jax.tree.map(lambda r: r[:-1], jac.rows_z))
     else:
       jac = self._parameter_jacobian(trainable_params, frozen_params, model_state, batch, rng,
-                                     trainable)
+                                     trainable, step)
       shared = [g.reshape(g.shape[0], -1) for g in _select(jac.rows_params, shared=True)]
       if not shared:
         raise ConfigError(f"weighting {self.method!r} needs parameters shared by the tasks, and "
@@ -247,11 +254,12 @@ class Multitask(Objective):
       grad_norms = jax.lax.stop_gradient(jnp.sqrt(jnp.maximum(jnp.diag(gram), 0.0)))
       def loss_of_trainable(tp):
         return self.loss(masks.merge(tp, frozen_params), model_state, batch, rng,
-                         trainable=trainable, grad_norms=grad_norms)
+                         trainable=trainable, grad_norms=grad_norms, step=step)
       (loss, (new_state, metrics)), grads = jax.value_and_grad(loss_of_trainable, has_aux=True)(
           trainable_params)
       return grads, new_state, {"loss": loss, **metrics}
-    w, agg_metrics = self.aggregate(gram, jax.random.fold_in(rng, 7))
+    # PCGrad's random orders: one draw per optimizer step, shared by its micro-batches.
+    w, agg_metrics = self.aggregate(gram, jax.random.fold_in(step_rng(step, rng), 7))
     w = jax.lax.stop_gradient(w)
     if self.grad_space == "representation":
       cot_z = jax.tree.map(lambda r: jnp.einsum("t,t...->...", w, r[:-1],
@@ -276,7 +284,8 @@ class Multitask(Objective):
       state["successive"] = phase_state
     return state
 
-  def _parameter_jacobian(self, tp, fp, model_state, batch, rng, trainable) -> "_Jacobian":
+  def _parameter_jacobian(self, tp, fp, model_state, batch, rng, trainable, step=None
+                          ) -> "_Jacobian":
     """Per-task gradients of every trainable parameter (rows: tasks, then the penalty sum)."""
     x, targets = self._inputs(batch)
 
@@ -284,7 +293,7 @@ class Multitask(Objective):
       params = masks.merge(tp, fp)
       outputs, penalties, arch_state = self._apply(params, model_state, x, train=True,
                                                    trainable=trainable, rng=rng)
-      mask, successive, phase_state = self._phase(model_state, params)
+      mask, successive, phase_state = self._phase(model_state, params, step)
       losses = self._task_losses(outputs, targets) * mask
       if phase_state is not None:
         penalties = {**penalties, "successive": successive}
@@ -294,7 +303,8 @@ class Multitask(Objective):
     rows_params, (losses, penalties, state) = jax.jacrev(rows, has_aux=True)(tp)
     return _Jacobian(None, rows_params, losses, penalties, state, None, None)
 
-  def _representation_jacobian(self, tp, fp, model_state, batch, rng, trainable) -> "_Jacobian":
+  def _representation_jacobian(self, tp, fp, model_state, batch, rng, trainable, step=None
+                               ) -> "_Jacobian":
     """One forward to z; per-task gradients w.r.t. z and the heads from T VJPs through the heads."""
     x, targets = self._inputs(batch)
 
@@ -309,7 +319,7 @@ class Multitask(Objective):
       outputs, pen_h, arch_state = self._apply(params, {**model_state, **feature_state}, z,
                                                train=True, trainable=trainable, rng=rng,
                                                method="heads")
-      mask, successive, phase_state = self._phase(model_state, params)
+      mask, successive, phase_state = self._phase(model_state, params, step)
       losses = self._task_losses(outputs, targets) * mask
       if phase_state is not None:
         pen_h = {**pen_h, "successive": successive}

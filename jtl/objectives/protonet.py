@@ -110,7 +110,7 @@ class ProtoNet(Objective):
                                        embeddings[num_support:], query["label"], self.ways)
     return loss, accuracy, model_state
 
-  def loss(self, params, model_state, batch, rng, *, trainable):
+  def loss(self, params, model_state, batch, rng, *, trainable, step=None):
     del rng  # no randomness: the episodes are the sample
     require_episodes(batch, "protonet")
 

@@ -31,7 +31,7 @@ class Supervised(Objective):
     params = variables.pop("params")
     return params, dict(variables)
 
-  def loss(self, params, model_state, batch, rng, *, trainable):
+  def loss(self, params, model_state, batch, rng, *, trainable, step=None):
     logits, model_state = apply_model(self.model, params, model_state, batch["image"], train=True,
                                       trainable=trainable, rng=rng)
     loss = losses.softmax_cross_entropy(logits, batch["label"], self.label_smoothing).mean()
