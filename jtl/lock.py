@@ -318,6 +318,16 @@ class WorkdirLock:
     self.release()
 
 
+def live_holder(workdir: str | os.PathLike) -> dict[str, Any] | None:
+  """The record of the trainer holding `workdir`'s lock if it looks alive, else None. Reads only:
+  the evaluator uses it to say whether a trainer is still coming."""
+  try:
+    record = WorkdirLock(workdir).read()
+  except OSError:
+    return None
+  return record if record is not None and why_gone(record) is None else None
+
+
 @contextlib.contextmanager
 def _sigterm_unwinds() -> Iterator[None]:
   """While held outside the training loop (set-up, compilation, the final save), SIGTERM would kill
