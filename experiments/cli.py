@@ -27,6 +27,9 @@ import re
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before TensorFlow is first imported
+from jtl import startup_notices  # noqa: E402
+
+startup_notices.import_tensorflow()  # its start-up notices once, not twice
 from collections.abc import Callable  # noqa: E402
 
 import ml_collections  # noqa: E402

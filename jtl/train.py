@@ -23,7 +23,7 @@ from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jtl import (checkpoint, compile_cache, data, keep, loop, masks, objectives, optim, phases,
-                 sharding)
+                 progress, sharding)
 from jtl import config as config_lib
 from jtl import lock as workdir_lock
 from jtl.errors import ConfigError
@@ -294,6 +294,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
     return _write_and_run(config, workdir, s, example, schedule, loaded, batches_from)
 
 
+def _step_name(s: Setup, schedule: list[phases.Phase]) -> str:
+  return "the train step" + (f" of phase {s.phase.index + 1} of {len(schedule)}"
+                             if len(schedule) > 1 else "")
+
+
 def _write_and_run(config: ml_collections.ConfigDict, workdir: epath.Path, s: Setup, example: Any,
                    schedule: list[phases.Phase], loaded: tuple[Any, Any] | None,
                    batches_from: Callable[[int], Iterator[Any]]) -> TrainState:
@@ -323,7 +328,8 @@ def _write_and_run(config: ml_collections.ConfigDict, workdir: epath.Path, s: Se
         next_setup = setup(config, example, phase)
         state = switch_phase(s, next_setup, state)
         s = next_setup
-      state = loop.run(config, state, make_train_step(s), device_batches, writer,
+      step_fn = progress.announce_first_call(make_train_step(s), _step_name(s, schedule))
+      state = loop.run(config, state, step_fn, device_batches, writer,
                        until=phase.end, keeper=keeper)
       if int(state.step) < phase.end:  # stopped by a signal
         break

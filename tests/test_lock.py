@@ -248,6 +248,11 @@ def test_two_trainers_together_one_runs_then_kill_9_and_rerun_resumes(tmp_path, 
   assert rerun.returncode == 0, output[-3000:]
   assert "took over the workdir lock" in output and f"PID {winner.pid} no longer runs" in output
   assert f"resumed from step {resume_from}" in output
+  # What a run says on the way (tests/test_progress.py): the compilation, start-up notices once.
+  assert "compiling the train step (the first step waits for XLA)" in output
+  assert "compiled the train step in " in output
+  assert output.count("oneDNN custom operations are on") <= 1, output[:3000]
+  assert output.count("before absl::InitializeLog() is called") <= 1, output[:3000]
   steps = steps_logged(workdir)
   assert len(steps) == len(set(steps)) and steps == sorted(steps) and steps[-1] == resume_from + 5
   assert not (workdir / lock_lib.LOCK_FILE).exists()
