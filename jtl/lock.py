@@ -201,8 +201,11 @@ class WorkdirLock:
     return self._verify_after_settle()
 
   def _verify_after_settle(self) -> bool:
-    time.sleep(self.settle)  # let a racing writer's object land before we read back
+    self._settle_wait()
     return (self.read() or {}).get("token") == self.token
+
+  def _settle_wait(self) -> None:
+    time.sleep(self.settle)  # let a racing writer's object land before we read back
 
   def _replace(self, stale: dict[str, Any]) -> bool:
     """Replaces the lock file iff it still holds `stale` (so two restarters do not both win)."""

@@ -16,7 +16,8 @@ from jtl.errors import ConfigError
 from jtl.metric_writer import read_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LIMIT_S = 600  # outer limit for events on a busy machine; the tests wait on events, not on time
+LIMIT_S = 600  # outer limit for a trainer's events on a busy machine: the tests wait on events
+IN_PROCESS_LIMIT_S = 60  # the same for a thread in this process (a heartbeat every 10 ms)
 
 
 def wait_until(condition, what, limit=LIMIT_S):
@@ -119,9 +120,10 @@ def test_the_heartbeat_is_refreshed_and_notices_a_lost_lock(tmp_path):
   with lock_lib.WorkdirLock(tmp_path, heartbeat_every=0.01) as held:
     path = tmp_path / lock_lib.LOCK_FILE
     first = json.loads(path.read_text())["heartbeat"]
-    wait_until(lambda: json.loads(path.read_text())["heartbeat"] > first, "heartbeat")
+    wait_until(lambda: json.loads(path.read_text())["heartbeat"] > first, "heartbeat",
+               IN_PROCESS_LIMIT_S)
     write_record(tmp_path, machine="elsewhere", token="thief")
-    wait_until(lambda: held.lost_to is not None, "lost-lock notice")
+    wait_until(lambda: held.lost_to is not None, "lost-lock notice", IN_PROCESS_LIMIT_S)
     assert held.lost_to["token"] == "thief"
   assert json.loads(path.read_text())["token"] == "thief"  # release leaves another's lock alone
 
@@ -158,6 +160,32 @@ def test_racing_acquirers_exactly_one_wins(tmp_path, stale, local):
   finally:
     for one in locks:
       one.release()
+
+
+@pytest.mark.parametrize("local", [True, False], ids=["local", "remote-protocol"])
+def test_a_stale_lock_is_replaced_only_while_it_is_still_the_stale_one(tmp_path, local):
+  """Two restarters read the same stale lock; the second must not replace the first's new one."""
+  stale = write_record(tmp_path, pid=dead_pid())
+  first, second = (lock_lib.WorkdirLock(tmp_path, settle=0.01) for _ in range(2))
+  first.local = second.local = local
+  assert first._replace(first.read())
+  assert not second._replace(stale)
+  assert json.loads((tmp_path / lock_lib.LOCK_FILE).read_text())["token"] == first.token
+
+
+@pytest.mark.parametrize("stale", [False, True], ids=["fresh", "stale"])
+def test_remote_protocol_a_writer_overwritten_within_the_settle_window_backs_off(tmp_path, stale):
+  """gs:// has no exclusive create: a trainer whose write was overwritten by a racing trainer's
+  before it read back stops with the error naming the racer."""
+  if stale:
+    write_record(tmp_path, pid=dead_pid())
+  racer = lock_lib.WorkdirLock(tmp_path)
+  racer.local = False
+  racer._settle_wait = lambda: write_record(tmp_path, machine="elsewhere", host="racer", pid=77,
+                                            token="racer")
+  with pytest.raises(ConfigError, match="in use by another trainer \\(host racer, PID 77"):
+    racer.acquire()
+  assert json.loads((tmp_path / lock_lib.LOCK_FILE).read_text())["token"] == "racer"
 
 
 def test_hold_releases_on_an_exception(tmp_path):

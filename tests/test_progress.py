@@ -18,16 +18,19 @@ def test_the_first_call_is_announced_and_timed_once(caplog):
   assert len(lines) == 2
 
 
-def test_printed_digits_render_lazily_and_say_how_far(monkeypatch, caplog):
+def test_printed_digits_render_lazily_and_say_how_far(monkeypatch, caplog, tmp_path):
+  """The builder hands TFDS each example as it is rendered (so its progress bar counts), and a line
+  says how far rendering got."""
   caplog.set_level(logging.INFO, logger="absl")
+  monkeypatch.setattr(printed_digits, "PROGRESS_EVERY_S", 0.0)
   rendered = []
   real = printed_digits.render_example
   monkeypatch.setattr(printed_digits, "render_example",
                       lambda *a, **k: rendered.append(a[1]) or real(*a, **k))
-  examples = printed_digits.iterate("train", printed_digits.ELASTIC, progress_every_s=0.0)
-  first_three = list(itertools.islice(examples, 3))
-  assert len(rendered) == 3  # one example rendered per example taken: TFDS's bar moves
-  assert [label for _, label, _ in first_three] == [0, 1, 2]
+  builder = printed_digits.PrintedDigits(config="elastic", data_dir=str(tmp_path))
+  first_three = list(itertools.islice(builder._generate_examples("train"), 3))
+  assert len(rendered) == 3  # one example rendered per example taken, not all 10,000 first
+  assert [example["label"] for _, example in first_three] == [0, 1, 2]
   lines = [r.getMessage() for r in caplog.records]
   assert lines[0].startswith("printed_digits/elastic train: 1 of 10000 examples rendered (")
   assert "s to go)" in lines[0] and len(lines) >= 2

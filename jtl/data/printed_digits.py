@@ -217,11 +217,10 @@ def check_fonts() -> None:
                        "without real digit glyphs); install a matplotlib that ships them")
 
 
-def iterate(split: str, variant: Variant = PLAIN, progress_every_s: float = PROGRESS_EVERY_S
-            ) -> Iterator[tuple[np.ndarray, int, str]]:
+def iterate(split: str, variant: Variant = PLAIN) -> Iterator[tuple[np.ndarray, int, str]]:
   """`split`'s examples one at a time, as rendered: (image uint8 [8, 8, 1], label, font). A line
-  says how far rendering got at most every `progress_every_s` seconds (elastic's 10,000 take 35-90 s,
-  and TFDS's own bar only counts what it has written)."""
+  says how far rendering got at most every `PROGRESS_EVERY_S` seconds (elastic's 10,000 take
+  35-90 s)."""
   if split not in SPLIT_SIZES:
     raise ValueError(f"unknown split {split!r}; use one of {list(SPLIT_SIZES)}")
   rng = np.random.default_rng((_SEED, list(SPLIT_SIZES).index(split)))  # One stream per split.
@@ -233,7 +232,7 @@ def iterate(split: str, variant: Variant = PLAIN, progress_every_s: float = PROG
       counts = render_example(font, label, rng, variant)
       yield np.round(counts * 255.0 / 16.0).astype(np.uint8)[..., None], label, font
       now = time.monotonic()
-      if now - last >= progress_every_s and i + 1 < n:
+      if now - last >= PROGRESS_EVERY_S and i + 1 < n:
         logging.info("printed_digits/%s %s: %d of %d examples rendered (%.0f s, about %.0f s to go)",
                      variant.name, split, i + 1, n, now - start, (now - start) * (n - i - 1) / (i + 1))
         last = now
