@@ -149,7 +149,7 @@ def _parse(flag_values: FlagValues, argv: list[str]) -> list[str] | int:
   try:
     return flag_values(argv)
   except flags.Error as e:
-    message = _config_file_problem(argv) or _one_line(e)
+    message = _one_line(e)
     named = re.match(r"flag --([\w.]+)=", message)
     if named and "must have a value other than None" in message:
       return _fail(f"--{named[1]} is required; pass --{named[1]}=...")
