@@ -291,7 +291,9 @@ class WorkdirLock:
     while not self._stop.wait(self.heartbeat_every):
       try:
         record = self.read()
-        if (record or {}).get("token") != self.token:
+        if record == {}:  # unreadable: someone is writing it by hand; look again at the next beat
+          continue
+        if (record or {}).get("token") != self.token:  # taken over, or deleted to take it over
           self.lost_to = record or {}
           logging.error("the workdir lock %s was taken over by %s: another trainer may now write "
                         "to this workdir; stop one of them", self.path, describe(record or {}))

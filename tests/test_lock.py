@@ -122,8 +122,12 @@ def test_the_heartbeat_is_refreshed_and_notices_a_lost_lock(tmp_path):
     first = json.loads(path.read_text())["heartbeat"]
     wait_until(lambda: json.loads(path.read_text())["heartbeat"] > first, "heartbeat",
                IN_PROCESS_LIMIT_S)
-    write_record(tmp_path, machine="elsewhere", token="thief")
-    wait_until(lambda: held.lost_to is not None, "lost-lock notice", IN_PROCESS_LIMIT_S)
+
+    def steal():  # atomically, and again until noticed (a beat may have read just before)
+      (tmp_path / "stolen").write_text(json.dumps({"machine": "elsewhere", "token": "thief"}))
+      os.replace(tmp_path / "stolen", path)
+      return held.lost_to is not None
+    wait_until(steal, "lost-lock notice", IN_PROCESS_LIMIT_S)
     assert held.lost_to["token"] == "thief"
   assert json.loads(path.read_text())["token"] == "thief"  # release leaves another's lock alone
 
