@@ -27,6 +27,9 @@ import re
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before TensorFlow is first imported
+from jtl import startup_notices  # noqa: E402
+
+startup_notices.import_tensorflow()  # its start-up notices once, not twice
 from collections.abc import Callable  # noqa: E402
 
 import ml_collections  # noqa: E402
@@ -79,9 +82,11 @@ def _config_as_written(spec: str) -> ml_collections.ConfigDict:
   path, *arg = spec.split(":", 1)
   module_spec = importlib.util.spec_from_file_location("jtl_config_reference", path)
   if module_spec is None or not os.path.isfile(path):
-    raise ConfigError(f"config file {path!r} does not exist; check --config")
+    raise ConfigError(_missing_config(path))
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
+  if not callable(getattr(module, "get_config", None)):
+    raise ConfigError(_no_get_config(path))
   return module.get_config(*arg)
 
 
@@ -114,6 +119,32 @@ def _fail(message: str, status: int = EXIT_BAD_INPUT) -> int:
   return status
 
 
+def _config_file_problem(argv: list[str]) -> str | None:
+  """What is wrong with the `--config` file itself (absl's own words for it name a module
+  `config_config`, or only "an earlier failure" once an override is given), or None."""
+  spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")),
+              next((b for a, b in zip(argv, argv[1:]) if a == "--config"), None))
+  if not spec:
+    return None
+  path = spec.split(":", 1)[0]
+  if not os.path.isfile(path):
+    return _missing_config(path)
+  with open(path) as f:
+    if not re.search(r"\bget_config\b", f.read()):  # (only asked once loading it failed)
+      return _no_get_config(path)
+  return None
+
+
+def _no_get_config(path: str) -> str:
+  return (f"config file {path!r} defines no get_config(); a config file is a Python file with "
+          "`def get_config(arg=None)` returning an ml_collections.ConfigDict (see experiments/configs/)")
+
+
+def _missing_config(path: str) -> str:
+  where = "" if os.path.isabs(path) else f" (relative to {os.getcwd()})"
+  return f"config file {path!r} does not exist{where}; check the --config path"
+
+
 def _parse(flag_values: FlagValues, argv: list[str]) -> list[str] | int:
   try:
     return flag_values(argv)
@@ -127,7 +158,7 @@ def _parse(flag_values: FlagValues, argv: list[str]) -> list[str] | int:
                    f"{flag_values[named[1]].flag_type()}")
     return _fail(message)
   except (ConfigError, ValueError, TypeError, KeyError, AttributeError, OSError) as e:
-    return _fail(_one_line(e))
+    return _fail(_config_file_problem(argv) or _one_line(e))
 
 
 def _start_distributed(flag_values: FlagValues) -> None:

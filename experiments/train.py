@@ -4,6 +4,7 @@
       [--config.total_steps=500 ...]
 
 Re-running the same command resumes from the latest checkpoint; SIGTERM/SIGINT saves and exits 0.
+One trainer per workdir: a second one stops with an error naming the first (docs/workdir_lock.md).
 The workdir may be relative, absolute or remote (gs://...).
 """
 import jax
@@ -17,12 +18,15 @@ def define_flags(flag_values: flags.FlagValues, argv: list[str]) -> None:
   cli.define_config_flag(flag_values, argv, "Experiment config file (path[:args]).")
   flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and config.json go (local or gs://).",
                       flag_values=flag_values)
+  flags.DEFINE_bool("take_over_lock", False, "Take the workdir's lock (WORKDIR/trainer.lock) even "
+                    "if its holder looks alive; only when you are sure that trainer is gone.",
+                    flag_values=flag_values)
   flags.mark_flags_as_required(["config", "workdir"], flag_values=flag_values)
 
 
 def main(flag_values: flags.FlagValues) -> None:
   config = cli.load_config(flag_values)
-  train.train(config, flag_values.workdir)
+  train.train(config, flag_values.workdir, take_over_lock=flag_values.take_over_lock)
   # An objective may draw something from the finished run (style transfer: plots/*.png).
   after = getattr(objectives.OBJECTIVES.get(config.get("objective", "supervised")), "after_training",
                   None)

@@ -20,7 +20,8 @@ from absl import logging
 from etils import epath
 from jtl import checkpoint, compile_cache, data, evaluators, keep
 from jtl import config as config_lib
-from jtl.errors import ConfigError
+from jtl import lock as workdir_lock
+from jtl.errors import ConfigError, RunError
 from jtl.metric_writer import MetricWriter, read_jsonl
 from jtl.models import cpu_ops
 from jtl.train import Setup, setup
@@ -105,6 +106,7 @@ def evaluate_checkpoints(config: ml_collections.ConfigDict | None, workdir: str 
   done = {row["step"] for row in read_jsonl(writer.path)}
   broken: set[int] = set()  # skipped with a warning, never recorded as evaluated
   new_rows = []
+  said_waiting = False
   try:
     while True:
       available = checkpoint.completed_steps(workdir)
@@ -134,8 +136,18 @@ def evaluate_checkpoints(config: ml_collections.ConfigDict | None, workdir: str 
         if watch:
           keep.report_evaluator_progress(workdir, t)
       finished = (step in done) if step is not None else (config.total_steps in done)
-      if not watch or finished or time.time() > deadline:
+      if not todo and not new_rows and (finished or not watch):
+        logging.info("%s", _nothing_to_do(workdir, writer.path, step, done, available))
+      if not watch or finished:
         break
+      target = config.total_steps if step is None else step
+      if time.time() > deadline:  # the run's last step never came: not a success
+        raise RunError(_gave_up(workdir, target, timeout, available, done))
+      if todo:
+        said_waiting = False
+      elif not said_waiting:  # once per stretch of waiting, so a silent wait says why
+        logging.info("%s", _waiting(workdir, target, available, timeout))
+        said_waiting = True
       keep.report_evaluator_progress(workdir, max(done, default=-1))  # heartbeat
       time.sleep(poll_every)
   finally:
@@ -143,3 +155,36 @@ def evaluate_checkpoints(config: ml_collections.ConfigDict | None, workdir: str 
     if watch and jax.process_index() == 0:  # no longer watching: the trainer need not wait for us
       (workdir / keep.EVALUATOR_FILE).unlink(missing_ok=True)
   return new_rows
+
+
+def _nothing_to_do(workdir: epath.Path, record: epath.Path, step: int | None, done: set[int],
+                   available: list[int]) -> str:
+  if step is not None:
+    return (f"step {step} of {workdir} was already evaluated (its row is in {record}); nothing to "
+            "do (delete that row to evaluate it again)")
+  evaluated = sorted(t for t in available if t in done)
+  span = f" (steps {evaluated[0]}..{evaluated[-1]})" if evaluated else ""
+  return (f"all {len(evaluated)} checkpoints of {workdir}{span} already evaluated (rows in "
+          f"{record}); nothing to do")
+
+
+def _trainer_state(workdir: epath.Path) -> str:
+  holder = workdir_lock.live_holder(workdir)
+  if holder is None:
+    return "no trainer is running there (no live trainer.lock): it finished early, was stopped " \
+           "or preempted"
+  return f"a trainer still holds it ({workdir_lock.describe(holder)})"
+
+
+def _waiting(workdir: epath.Path, target: int, available: list[int], timeout: float) -> str:
+  newest = f"newest checkpoint: step {available[-1]}" if available else "no checkpoint yet"
+  return (f"waiting for step {target} of {workdir} ({newest}; {_trainer_state(workdir)}); giving "
+          f"up after --timeout={timeout:g} s")
+
+
+def _gave_up(workdir: epath.Path, target: int, timeout: float, available: list[int],
+             done: set[int]) -> str:
+  newest = f"its newest checkpoint is step {available[-1]}" if available else "it has no checkpoint"
+  return (f"--watch gave up after --timeout={timeout:g} s: step {target} of {workdir} never "
+          f"appeared ({newest}, {len(done)} evaluated; {_trainer_state(workdir)}); rerun the "
+          "training command to resume the run, then watch again (or raise --timeout)")

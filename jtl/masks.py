@@ -127,7 +127,17 @@ def trainable_mask(params: PyTree, rules: Rules | str, prefix: str = "params") -
   other bare pattern means: that trains, nothing else does."""
   rules = preset_rules(rules, params, prefix)
   default = False if isinstance(rules, str) else _NO_DEFAULT
-  mask = match(params, rules, prefix=prefix, default=default, what="trainable rule")
+  try:
+    mask = match(params, rules, prefix=prefix, default=default, what="trainable rule")
+  except ConfigError as e:
+    if not isinstance(rules, str):
+      raise
+    # A bare word that matches nothing was most likely meant as a preset: name them.
+    raise ConfigError(
+        f"trainable={rules!r} is neither a preset ({', '.join(PRESETS)}) nor a pattern that "
+        f"matches a parameter ({str(e).split('; ', 1)[-1]}); pass a preset, e.g. "
+        "--config.trainable=head_only, or a regex over parameter paths such as 'params/head/.*'"
+        ) from e
   for leaf in jax.tree.leaves(mask):
     if not isinstance(leaf, (bool, np.bool_)):
       raise ConfigError(f"trainable rules must map to True/False, got {leaf!r}; fix config.trainable")

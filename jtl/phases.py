@@ -48,6 +48,8 @@ def schedule(config: ml_collections.ConfigDict) -> list[Phase]:
                         f"{entry!r} (--config.phases)")
     start = entry[0]
     previous = out[-1].start if out else -1
+    if i and isinstance(start, int) and start > previous and start >= total:
+      raise ConfigError(_ends_before_phase(total, i, entries))
     if not isinstance(start, int) or isinstance(start, bool) or start <= previous or start >= total:
       raise ConfigError(f"phases[{i}] starts at {start!r}; starts must be increasing integers in "
                         f"[0, total_steps={total}), the first 0 (--config.phases)")
@@ -55,6 +57,19 @@ def schedule(config: ml_collections.ConfigDict) -> list[Phase]:
       raise ConfigError(f"the first phase must start at step 0, not {start} (--config.phases)")
     out.append(Phase(i, start, total, entry[1], entry[2] if len(entry) == 3 else None))
   return [dataclasses.replace(p, end=nxt.start) for p, nxt in zip(out, out[1:])] + [out[-1]]
+
+
+def _ends_before_phase(total: int, i: int, entries: Any) -> str:
+  """The message for a run too short for its phases, in the terms the user changed: total_steps
+  (shortening a run), or the config file's phase-length argument (finetune configs: lp_steps,
+  unfreeze_every), not the phases table they never wrote."""
+  starts = [entry[0] for entry in entries if isinstance(entry, (tuple, list)) and entry]
+  return (f"total_steps={total} ends before phase {i + 1} of {len(entries)} begins (at step "
+          f"{entries[i][0]}; this run's phases start at steps {', '.join(map(str, starts))}); "
+          f"raise --config.total_steps above {starts[-1]}, or shorten the phases with the config "
+          "file's argument (finetune configs: lp_steps= for method=lpft, unfreeze_every= for "
+          "method=unfreeze, e.g. --config=experiments/configs/finetune_digits.py:method=lpft,"
+          "lp_steps=10)")
 
 
 def at(phases: list[Phase], step: int) -> Phase:

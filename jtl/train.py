@@ -22,9 +22,10 @@ from absl import logging
 from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jtl import (accumulate, checkpoint, compile_cache, data, keep, loop, masks, objectives, optim, phases,
-                 sharding)
+from jtl import (accumulate, checkpoint, compile_cache, data, keep, loop, masks, objectives, optim,
+                 phases, progress, sharding)
 from jtl import config as config_lib
+from jtl import lock as workdir_lock
 from jtl.errors import ConfigError
 from jtl.metric_writer import MetricWriter
 from jtl.models import cpu_ops
@@ -247,10 +248,13 @@ def _write_run_files(s: Setup, workdir: epath.Path) -> None:
                       "--workdir") from e
 
 
-def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> TrainState:
+def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
+          take_over_lock: bool = False) -> TrainState:
   """Runs (or resumes) training in `workdir` (relative, absolute or remote); returns the final state.
 
-  Everything that can be wrong with the input is checked before the workdir is first written.
+  Everything that can be wrong with the input is checked before the workdir is first written. The
+  run holds the workdir's lock (jtl/lock.py) from its first write to its end; `take_over_lock` takes
+  it even from a holder that looks alive.
   """
   config = config_lib.prepare(config)
   workdir = epath.Path(config_lib.resolve_path(os.fspath(workdir)))
@@ -266,6 +270,19 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Trai
   example = next(batches_from(0))
   s = setup(config, example, schedule[0])
   loaded = None if checkpoint.completed_steps(workdir) else load_transfer_source(s)
+  with workdir_lock.hold(workdir, take_over=take_over_lock):
+    return _write_and_run(config, workdir, s, example, schedule, loaded, batches_from)
+
+
+def _step_name(s: Setup, schedule: list[phases.Phase]) -> str:
+  return "the train step" + (f" of phase {s.phase.index + 1} of {len(schedule)}"
+                             if len(schedule) > 1 else "")
+
+
+def _write_and_run(config: ml_collections.ConfigDict, workdir: epath.Path, s: Setup, example: Any,
+                   schedule: list[phases.Phase], loaded: tuple[Any, Any] | None,
+                   batches_from: Callable[[int], Iterator[Any]]) -> TrainState:
+  """The part of `train` that writes the workdir (under its lock)."""
   # Validation is over: from here on the workdir is written.
   _write_run_files(s, workdir)
   mgr = checkpoint.manager(workdir, keep=None, cleanup_tmp=True)
@@ -291,7 +308,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Trai
         next_setup = setup(config, example, phase)
         state = switch_phase(s, next_setup, state)
         s = next_setup
-      state = loop.run(config, state, make_train_step(s), device_batches, writer,
+      step_fn = progress.announce_first_call(make_train_step(s), _step_name(s, schedule))
+      state = loop.run(config, state, step_fn, device_batches, writer,
                        until=phase.end, keeper=keeper)
       if int(state.step) < phase.end:  # stopped by a signal
         break

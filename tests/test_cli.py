@@ -7,8 +7,11 @@
 """
 import contextlib
 import io
+import json
+import logging
 import os
 import shutil
+import time
 
 import pytest
 
@@ -16,11 +19,14 @@ from experiments import cli
 from experiments import evaluate as evaluate_entry
 from experiments import train as train_entry
 from jtl import config as config_lib
+from jtl import lock as lock_lib
 from jtl.metric_writer import read_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRETRAIN = os.path.join(ROOT, "experiments/configs/pretrain_digits.py")
 TRANSFER = os.path.join(ROOT, "experiments/configs/transfer_digits.py")
+FINETUNE = os.path.join(ROOT, "experiments/configs/finetune_digits.py")
+NOT_A_CONFIG = os.path.join(ROOT, "jtl/errors.py")  # a Python file without get_config
 SMALL = ("--config.total_steps=4", "--config.batch_size=16", "--config.optim.warmup_steps=0",
          "--config.model.widths=(8,16)", "--config.checkpoint_every=2", "--config.log_every=2")
 
@@ -96,6 +102,23 @@ BAD_INPUTS = [
      "dont_load pattern 'x/.*' matches no parameter"),
     ("train", TRANSFER + ":mode=bogus", [], "unknown mode 'bogus'"),
     ("train", PRETRAIN + "x", [], "does not exist"),
+    ("train", PRETRAIN + "x", ["--config.total_steps=5"],
+     f"config file '{PRETRAIN}x' does not exist; check the --config path"),
+    ("train", NOT_A_CONFIG, [], "defines no get_config(); a config file is a Python file with"),
+    ("train", NOT_A_CONFIG, ["--config.total_steps=5"], "defines no get_config()"),
+    ("train", FINETUNE + ":method=lpft,pretrain={pre}", ["--config.total_steps=20"],
+     "total_steps=20 ends before phase 2 of 2 begins (at step 50; this run's phases start at steps "
+     "0, 50); raise --config.total_steps above 50, or shorten the phases with the config file's "
+     "argument (finetune configs: lp_steps= for method=lpft"),
+    ("train", FINETUNE + ":method=unfreeze,pretrain={pre}", ["--config.total_steps=60"],
+     "total_steps=60 ends before phase 3 of 4 begins (at step 80"),
+    ("train", FINETUNE + ":method=lora,rank=0,pretrain={pre}", [],
+     "method=lora needs rank >= 1 adapters, got rank=0; pass e.g. :method=lora,rank=4"),
+    ("train", PRETRAIN, ["--config.trainable=foo"],
+     "trainable='foo' is neither a preset (head_only, bitfit, lora) nor a pattern that matches a "
+     "parameter"),
+    ("train", PRETRAIN, [*SMALL, "--workdir={locked}"], "is in use by another trainer (host "
+     "elsewhere, PID 4321, since "),
     ("train", PRETRAIN, ["--workdirr=x"], "Did you mean: workdir"),
     ("train", PRETRAIN, ["--workdir=/proc/jtl_run"], "cannot write to workdir /proc/jtl_run"),
     ("train", PRETRAIN, [*SMALL[:-1], "--config.model.widths=(8,32)", "--workdir={pre}"],
@@ -113,18 +136,90 @@ def test_bad_input_is_one_line_exit_2_nothing_written(pretrained, tmp_path, entr
                                                       expected):
   empty = tmp_path / "empty"
   empty.mkdir()
+  locked = tmp_path / "locked"  # a run whose trainer still runs, on another machine
+  shutil.copytree(pretrained, locked)
+  (locked / lock_lib.LOCK_FILE).write_text(json.dumps({
+      "host": "elsewhere", "pid": 4321, "machine": "elsewhere", "started": time.time() - 60,
+      "heartbeat": time.time(), "token": "theirs"}))
   work = str(tmp_path / "run")
-  args = [a.format(pre=pretrained, empty=empty) for a in extra]
+  args = [a.format(pre=pretrained, empty=empty, locked=locked) for a in extra]
   if config:
     args.insert(0, "--config=" + config.format(pre=pretrained))
   if entry == "train" and not any(a.startswith("--workdir") for a in args):
     args.append(f"--workdir={work}")
-  watched = [work, pretrained, str(empty)]
+  watched = [work, pretrained, str(empty), str(locked)]
   before = [snapshot(p) for p in watched]
   status, errors = run(train_entry if entry == "train" else evaluate_entry, *args)
   assert status == 2 and len(errors) == 1, (status, errors)
   assert expected in errors[0], errors[0]
   assert [snapshot(p) for p in watched] == before
+
+
+@pytest.fixture(scope="module")
+def evaluated(pretrained, tmp_path_factory):
+  """A copy of the pretrained run with both checkpoints evaluated."""
+  workdir = tmp_path_factory.mktemp("cli") / "evaluated"
+  shutil.copytree(pretrained, workdir)
+  assert run(evaluate_entry, f"--workdir={workdir}")[0] == 0
+  return workdir
+
+
+@pytest.fixture()
+def preempted(pretrained, tmp_path):
+  """A run stopped (SIGTERM) at step 4 of 8: checkpoints 2 and 4, total_steps 8, no trainer."""
+  workdir = tmp_path / "preempted"
+  shutil.copytree(pretrained, workdir)
+  recorded = json.loads(config_lib.run_config_path(workdir).read_text())
+  recorded["total_steps"] = 8
+  config_lib.run_config_path(workdir).write_text(json.dumps(recorded))
+  return workdir
+
+
+# Not bad input, but no silent outcome either: (arguments, exit status, what stderr/the log says).
+# "{evaluated}" is a run whose checkpoints are all evaluated, "{preempted}" one stopped before its end.
+SAID_NOT_SILENT = [
+    (["--workdir={evaluated}", "--step=2"], 0,
+     "step 2 of {evaluated} was already evaluated (its row is in {evaluated}/eval_metrics.jsonl); "
+     "nothing to do (delete that row to evaluate it again)"),
+    (["--workdir={evaluated}"], 0, "all 2 checkpoints of {evaluated} (steps 2..4) already evaluated"),
+    (["--workdir={evaluated}", "--watch"], 0, "all 2 checkpoints of {evaluated} (steps 2..4) already "
+     "evaluated (rows in {evaluated}/eval_metrics.jsonl); nothing to do"),
+    (["--workdir={preempted}", "--watch", "--timeout=60", "--poll_every=5"], 3,
+     "waiting for step 8 of {preempted} (newest checkpoint: step 4; no trainer is running there (no "
+     "live trainer.lock): it finished early, was stopped or preempted); giving up after "
+     "--timeout=60 s"),
+    (["--workdir={preempted}", "--watch", "--timeout=60", "--poll_every=5"], 3,
+     "error: --watch gave up after --timeout=60 s: step 8 of {preempted} never appeared (its newest "
+     "checkpoint is step 4, 2 evaluated; no trainer is running there"),
+]
+
+
+class FakeClock:
+  """The evaluator's `time`: sleeping advances the clock at once, so a watch times out on cue."""
+
+  def __init__(self):
+    self.now = 1e9
+
+  def time(self):
+    return self.now
+
+  def sleep(self, seconds):
+    self.now += seconds
+
+
+@pytest.mark.parametrize("extra, status, expected", SAID_NOT_SILENT,
+                         ids=[" ".join(x) for x, _, _ in SAID_NOT_SILENT])
+def test_evaluator_says_what_it_did_not_do(evaluated, preempted, caplog, monkeypatch, extra, status,
+                                          expected):
+  import jtl.evaluate
+  monkeypatch.setattr(jtl.evaluate, "time", FakeClock())
+  caplog.set_level(logging.INFO, logger="absl")
+  names = dict(evaluated=evaluated, preempted=preempted)
+  got, errors = run(evaluate_entry, *[a.format(**names) for a in extra])
+  assert got == status, (got, errors)
+  assert len(errors) == (status != 0)
+  said = caplog.text + "\n".join(errors)
+  assert said.count(expected.format(**names)) == 1, said[-2000:]  # said, and said once
 
 
 def test_tfds_dataset_not_prepared_offline(tmp_path, monkeypatch):

@@ -79,6 +79,9 @@ def apply_method(c: ml_collections.ConfigDict, method: str, *, rank: int = 4, lp
   elif method == "unfreeze":
     c.phases = unfreezing_phases(unfreeze_every)
   elif method == "lora":
+    if not isinstance(rank, int) or rank < 1:  # else alpha = 2 * rank = 0 is what fails, far away
+      raise ValueError(f"method=lora needs rank >= 1 adapters, got rank={rank!r}; pass e.g. "
+                       ":method=lora,rank=4 (or choose another method, e.g. method=linear_probe)")
     c.trainable = "lora"
     c.lora.rules, c.lora.rank, c.lora.alpha = LORA_RULES, rank, 2.0 * rank
     c.init_from.dont_load = tuple(c.init_from.dont_load) + (ADAPTERS,)

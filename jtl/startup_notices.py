@@ -1,0 +1,57 @@
+"""TensorFlow's start-up notices once per run, not twice.
+
+`import tensorflow` loads two shared libraries that each carry their own copy of absl's C++ logging
+and of TF's `port.cc`, so each prints "WARNING: All log messages before absl::InitializeLog() is
+called are written to STDERR" and the "oneDNN custom operations are on" notice: twice per process.
+`TF_CPP_MIN_LOG_LEVEL` cannot silence them, because absl writes them before TF's own logging is set
+up. `import_tensorflow()` imports TF with file descriptor 2 captured and writes what it printed back,
+each line once (lines compared without absl's time stamp and thread id). Entry points call it before
+anything else imports TF; later calls, and processes where TF is already imported, do nothing.
+"""
+from __future__ import annotations
+
+import os
+import re
+import sys
+import threading
+
+_PREFIX = re.compile(rb"^[IWEF]\d{4} [\d:.]+\s+\d+ ")  # absl's "I0000 00:00:1796.5  10871 "
+
+
+def dedupe(output: bytes) -> bytes:
+  """`output` with every line after its first occurrence dropped (absl's time stamp ignored)."""
+  seen, kept = set(), []
+  for line in output.splitlines(keepends=True):
+    key = _PREFIX.sub(b"", line).strip()
+    if key and key in seen:
+      continue
+    seen.add(key)
+    kept.append(line)
+  return b"".join(kept)
+
+
+def import_tensorflow() -> None:
+  """Imports tensorflow, each line it prints on stderr written once (see the module docstring)."""
+  if "tensorflow" in sys.modules:
+    return
+  sys.stderr.flush()
+  chunks: list[bytes] = []
+  read_end, write_end = os.pipe()
+  saved = os.dup(2)
+
+  def drain() -> None:  # a full pipe would block the import
+    while chunk := os.read(read_end, 65536):
+      chunks.append(chunk)
+  reader = threading.Thread(target=drain, daemon=True)
+  reader.start()
+  os.dup2(write_end, 2)
+  os.close(write_end)
+  try:
+    import tensorflow  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+  finally:
+    sys.stderr.flush()
+    os.dup2(saved, 2)  # the pipe's last write end closes: the reader sees the end
+    os.close(saved)
+    reader.join()
+    os.close(read_end)
+    os.write(2, dedupe(b"".join(chunks)))
