@@ -6,24 +6,7 @@ import numpy as np
 
 from jtl import checkpoint, data, evaluate, train
 from jtl.metric_writer import read_jsonl
-from tests.helpers import digits_config
-
-
-def hand_metrics(config, params, model_state):
-  """Mean cross-entropy and accuracy over the test split's real examples, from the model's logits
-  on the whole split at once (one batch of exactly its size: no padding) and numpy."""
-  n = data.num_examples(config.data, "test")
-  make_batches, num_batches = data.eval_iterator(config.data, split="test", global_batch_size=n)
-  assert num_batches == 1
-  (batch,) = list(make_batches())
-  assert batch["mask"].all()
-  s = train.setup(config, {k: v[:config.batch_size] for k, v in batch.items()})
-  logits = np.float64(jax.jit(lambda p, ms, x: s.objective.model.apply(
-      {"params": p, **ms}, x, train=False))(params, model_state, batch["image"]))
-  logits -= logits.max(axis=1, keepdims=True)
-  log_p = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
-  labels = batch["label"]
-  return -log_p[np.arange(n), labels].mean(), (logits.argmax(axis=1) == labels).mean()
+from tests.helpers import digits_config, hand_split_metrics
 
 
 def test_every_checkpoint_once_and_equal_to_in_process(tmp_path):
@@ -45,7 +28,10 @@ def test_every_checkpoint_once_and_equal_to_in_process(tmp_path):
   # ... and to the hand computation over the real examples only: 180 = 11 * 16 + 4, so the last
   # batch holds 12 padding rows (zero images, label 0) that must not count.
   assert config.batch_size == 16
-  loss, accuracy = hand_metrics(config, *jax.device_get((state.params, state.model_state)))
+  params, model_state = jax.device_get((state.params, state.model_state))
+  loss, accuracy, n = hand_split_metrics(s.objective.model, {"params": params, **model_state},
+                                         config.data, "test")
+  assert n == 180
   np.testing.assert_allclose(final["test/loss"], loss, rtol=1e-5)
   np.testing.assert_allclose(final["test/accuracy"], accuracy, rtol=1e-6)
 
