@@ -22,6 +22,7 @@ import dataclasses
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -228,8 +229,13 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per mutation's tests")
   parser.add_argument("--baseline", action="store_true",
                       help="first run every selected mutation's tests unmutated (they must pass)")
+  parser.add_argument("--shard", default=None,
+                      help="I/N: every N-th mutation from the I-th (0-based), to split a run in N")
   args = parser.parse_args(argv)
   selected = [m for m in MUTATIONS if args.only is None or re.search(args.only, m.name)]
+  if args.shard:
+    index, count = (int(x) for x in args.shard.split("/"))
+    selected = selected[index::count]
   names = [m.name for m in MUTATIONS]
   if len(set(names)) != len(names):
     print("error: two mutations share a name", file=sys.stderr)
@@ -242,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"error: no mutation matches --only={args.only!r} (--list shows them)", file=sys.stderr)
     return 2
 
+  # SIGTERM ends the run through the `finally` blocks below: the copy is removed, the file restored.
+  signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
   work = tempfile.mkdtemp(prefix="jtl_mutants_")
   copy_root = os.path.join(work, "repo")
   shutil.copytree(ROOT, copy_root, ignore=COPY_IGNORE)
