@@ -186,6 +186,10 @@ MUTATIONS: tuple[Mutation, ...] = (
       "jtl/evaluators/base.py", '    keep = np.asarray(out.pop("__mask__"))',
       '    keep = np.ones_like(np.asarray(out.pop("__mask__")))',
       ("tests/test_representation_evaluators.py",)),
+    M("nonfinite-exit-status", "a non-finite loss ends the run with exit status 3 (not 2)",
+      "experiments/cli.py", "EXIT_BAD_INPUT, EXIT_RUN_FAILED = 2, 3", "EXIT_BAD_INPUT, EXIT_RUN_FAILED = 2, 2",
+      ("tests/test_reliability.py::test_nonfinite_loss_from_the_cli_is_exit_status_3_and_one_error_"
+       "line",)),
 )
 
 
