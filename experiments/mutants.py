@@ -129,7 +129,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     M("lora-b-not-zero", "LoRA's B starts at zero: the untrained adapter is the base model",
       "jtl/lora.py", '"lora_b", nn.initializers.zeros, (rank, d_out)',
       '"lora_b", nn.initializers.normal(0.02), (rank, d_out)',
-      ("tests/test_lora.py::test_untrained_adapter_is_the_base_model_and_merge_matches_the_adapter",)),
+      ("tests/test_lora.py::test_dense_adapter_is_x_w_plus_scaled_low_rank_update",)),
     M("frozen-batchnorm-updates", "frozen BatchNorms keep their running statistics",
       "jtl/objectives/base.py",
       "  frozen = masks.frozen_modules(trainable) if (train and trainable is not None) else frozenset()",
