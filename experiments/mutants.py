@@ -185,7 +185,9 @@ MUTATIONS: tuple[Mutation, ...] = (
     M("eval-collect-keeps-padding", "representation evaluators read real examples only",
       "jtl/evaluators/base.py", '    keep = np.asarray(out.pop("__mask__"))',
       '    keep = np.ones_like(np.asarray(out.pop("__mask__")))',
-      ("tests/test_representation_evaluators.py",)),
+      ("tests/test_representation_evaluators.py::test_collect_returns_the_real_examples_of_a_split_"
+       "in_order_without_padding",
+       "tests/test_contrastive.py::test_knn_and_probe_from_the_checkpoint_equal_numpy_references")),
     M("nonfinite-exit-status", "a non-finite loss ends the run with exit status 3 (not 2)",
       "experiments/cli.py", "EXIT_BAD_INPUT, EXIT_RUN_FAILED = 2, 3", "EXIT_BAD_INPUT, EXIT_RUN_FAILED = 2, 2",
       ("tests/test_reliability.py::test_nonfinite_loss_from_the_cli_is_exit_status_3_and_one_error_"
