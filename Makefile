@@ -1,4 +1,4 @@
-# make demo | make test | make bench — each installs what it needs into $(VENV) first.
+# make demo | make test | make bench | make mutants — each installs what it needs into $(VENV) first.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 WORKDIR ?= workdirs/demo
 TEST_WORKERS ?= 2
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo bench mutants clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	TF_CPP_MIN_LOG_LEVEL=3 $(PY) -m experiments.bench.train_step
+
+# Not part of `make test` or CI: slow (each mutation runs its tests in a copy). docs/mutants.md.
+mutants: $(STAMP)
+	nice -n 10 $(PY) -m experiments.mutants
 
 clean:
 	rm -rf $(VENV) workdirs *.egg-info

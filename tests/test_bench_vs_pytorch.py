@@ -91,12 +91,16 @@ def test_torch_mirror_has_jtl_parameter_count(name):
   assert torch_side.num_params == jtl_count
 
 
-@pytest.mark.parametrize("name", ["mlp", "cnn"])
+# The README's tolerance: logits equal within 2e-6 after loading the same weights.
+PARITY_TOLERANCE = 2e-6
+
+
+@pytest.mark.parametrize("name", vs_pytorch.MODELS)
 def test_torch_step_and_same_function(name):
   torch = pytest.importorskip("torch")
   batch = vs_pytorch.make_batch(4, 8)
   jtl_side = vs_pytorch.JtlSide(name, batch)
   torch_side = torch_models.TorchSide(torch, name, batch)
-  assert vs_pytorch.max_logit_difference(torch, name, jtl_side, torch_side) < 1e-4
+  assert vs_pytorch.max_logit_difference(torch, name, jtl_side, torch_side) < PARITY_TOLERANCE
   metrics = torch_side.run(2)
   assert np.isfinite(float(metrics["loss"])) and torch_side.sched.last_epoch == 2

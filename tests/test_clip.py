@@ -16,9 +16,11 @@ from jtl.errors import ConfigError
 from jtl.models.text import TextTransformer
 from jtl.objectives import build as build_objective
 from jtl.objectives import clip
+from jtl.objectives.base import apply_model
 from tests import test_representation_evaluators as references
 from tests.helpers import compile_fast  # noqa: F401  (autouse: this module compiles fast)
-from tests.helpers import assert_mesh_equals_one_device, digits_config, loss_before_and_after
+from tests.helpers import (assert_mesh_equals_one_device, digits_config, fixed_batch,
+                           loss_before_and_after)
 
 STEPS = 6
 
@@ -185,3 +187,42 @@ def test_bad_options_are_one_line_config_errors(key, value, message):
   config.clip[key] = value
   with pytest.raises(ConfigError, match=message):
     build_objective(config)
+
+
+def np_clip_loss(image, text, log_scale):
+  """CLIP's symmetric cross-entropy (Radford et al. 2021, Fig. 3), pair i = (image i, text i)."""
+  image = image / np.linalg.norm(image, axis=1, keepdims=True)
+  text = text / np.linalg.norm(text, axis=1, keepdims=True)
+  logits = np.exp(log_scale) * image @ text.T
+
+  def ce_of_the_diagonal(z):
+    z = z - z.max(axis=1, keepdims=True)
+    return -(np.diag(z) - np.log(np.exp(z).sum(axis=1)))
+  return np.mean((ce_of_the_diagonal(logits) + ce_of_the_diagonal(logits.T)) / 2)
+
+
+def test_each_image_is_paired_with_its_own_caption():
+  """The training loss is CLIP's loss of (image i, caption i) pairs, the captions those `captions`
+  draws for the batch's labels: recomputed in numpy from the two towers' embeddings, and different
+  from the loss of captions shifted by one example."""
+  config = clip_config(mesh__axes=(("data", 1),))
+  obj = build_objective(config)
+  batch = jax.device_put(fixed_batch(config))
+  params, model_state = jax.jit(obj.init)(jax.random.key(0), batch)
+  trainable = masks.trainable_mask(params, config.trainable)
+  rng = jax.random.key(3)
+
+  @jax.jit
+  def loss_and_embeddings(params):
+    loss, _ = obj.loss(params, model_state, batch, rng, trainable=trainable)
+    tokens = obj.captions(batch["label"], jax.random.fold_in(rng, 1))
+    outputs, _ = apply_model(obj.model, params, model_state, (batch["image"], tokens),
+                             train=True, trainable=trainable, rng=jax.random.fold_in(rng, 2))
+    return loss, outputs
+
+  loss, (image_emb, text_emb, scalars) = jax.device_get(loss_and_embeddings(params))
+  image_emb, text_emb = np.float64(image_emb), np.float64(text_emb)
+  expected = np_clip_loss(image_emb, text_emb, float(scalars["log_scale"]))
+  shifted = np_clip_loss(image_emb, np.roll(text_emb, 1, axis=0), float(scalars["log_scale"]))
+  assert abs(shifted - expected) > 1e-3 * expected  # the pairing shows in the loss
+  np.testing.assert_allclose(loss, expected, rtol=1e-5)

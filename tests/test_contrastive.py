@@ -148,11 +148,28 @@ def np_nt_xent(z, t):
   return total / len(flat)
 
 
-@pytest.mark.parametrize("objective", ["simclr", "supcon"])
+def np_supcon_out(z, labels, t):
+  """Khosla et al. eq. 2 for z [B, V, D], averaged over the B*V anchors (float64 loops): each anchor
+  averages -log softmax over its positives, every other embedding of its label."""
+  z = z / np.linalg.norm(z, axis=-1, keepdims=True)
+  flat, flat_labels = z.reshape(-1, z.shape[-1]), np.repeat(labels, z.shape[1])
+  total = 0.0
+  for i in range(len(flat)):
+    others = [j for j in range(len(flat)) if j != i]
+    log_denominator = np.log(np.sum([np.exp(flat[i] @ flat[j] / t) for j in others]))
+    positives = [j for j in others if flat_labels[j] == flat_labels[i]]
+    total -= np.mean([flat[i] @ flat[p] / t - log_denominator for p in positives])
+  return total / len(flat)
+
+
+@pytest.mark.parametrize("objective", ["simclr", "supcon", "supcon_shared_labels"])
 def test_loss_matches_a_reference_on_independently_computed_views(objective):
   """The objective's views, projections and loss, against views from `augment.views` run through the
   model one view at a time and a plain loss (NT-Xent here; SupCon with each example its own class,
-  where it reduces to NT-Xent). The online probe's loss adds, but never reaches the encoder."""
+  where it reduces to NT-Xent; SupCon with two examples per class against eq. 2 written out, which
+  differs from NT-Xent there). The online probe's loss adds, but never reaches the encoder."""
+  shared_labels = objective == "supcon_shared_labels"
+  objective = "supcon" if shared_labels else objective
   # An MLP without BatchNorm: examples are independent, so the views can go one at a time.
   config = contrastive_config(objective, model__name="mlp", model__widths=None)
   config.model.hidden = (16,)
@@ -161,9 +178,11 @@ def test_loss_matches_a_reference_on_independently_computed_views(objective):
   images = fixed_batch(config)["image"][:6]
   labels = np.arange(6, dtype=np.int32) % 5  # the online probe has model.num_classes = 5 classes
   batch = {"image": images, "label": labels}
-  if objective == "supcon":  # distinct labels: the positives are the other views only
+  if objective == "supcon" and not shared_labels:  # distinct: the positives are the other views
     batch["label"] = np.arange(6, dtype=np.int32)
     obj.model = obj.model.clone(probe_classes=6)
+  if shared_labels:  # classes 0 1 2 0 1 2: three positives per anchor
+    batch["label"] = np.arange(6, dtype=np.int32) % 3
   params, model_state = jax.jit(obj.init)(jax.random.key(0), batch)  # eager init: ~50 compiles
   rng = jax.random.key(3)
   trainable = jax.tree.map(lambda _: True, params)
@@ -179,7 +198,13 @@ def test_loss_matches_a_reference_on_independently_computed_views(objective):
     return total, metrics, probe_grads, z
 
   total, metrics, probe_grads, z = jax.device_get(objective_and_reference_views(params))
-  np.testing.assert_allclose(metrics["contrastive_loss"], np_nt_xent(np.float64(z), 0.5), rtol=1e-4)
+  if shared_labels:
+    expected = np_supcon_out(np.float64(z), batch["label"], 0.5)
+    # The labels matter here: the two differ by far more than the tolerance below.
+    assert abs(expected - np_nt_xent(np.float64(z), 0.5)) > 20 * 1e-4 * expected
+  else:
+    expected = np_nt_xent(np.float64(z), 0.5)
+  np.testing.assert_allclose(metrics["contrastive_loss"], expected, rtol=1e-4)
   np.testing.assert_allclose(total, metrics["contrastive_loss"] + metrics["probe_loss"], rtol=1e-6)
   # The probe trains (its own gradient) on stop_gradient(features): nothing reaches the encoder.
   assert np.abs(probe_grads["online_probe"]["kernel"]).max() > 1e-3

@@ -139,6 +139,18 @@ def test_unlabelled_members_are_distilled_with_alpha_one_and_their_labels_unread
   expected = (np.sum((1 - alpha) * ce + alpha * kd[:8]) + np.sum(kd[8:])) / 16
   np.testing.assert_allclose(loss, expected, rtol=1e-5)
   np.testing.assert_allclose(metrics["ce_loss"], ce.mean(), rtol=1e-5)
+  # Accuracies over the labelled rows, each from its own model's logits.
+  labels = plain["label"][:8]
+  teacher_hits, student_hits = (np.argmax(z[:8], 1) == labels for z in (teacher, student))
+  assert teacher_hits.mean() != student_hits.mean()  # so the two checks below can tell them apart
+  np.testing.assert_allclose(metrics["teacher_accuracy"], teacher_hits.mean(), rtol=1e-6)
+  np.testing.assert_allclose(metrics["accuracy"], student_hits.mean(), rtol=1e-6)
+  # ... and per example in evaluation.
+  per_example = jax.jit(objective.eval_metrics)(params, model_state, batch)
+  np.testing.assert_array_equal(per_example["labelled/teacher_accuracy"], teacher_hits)
+  np.testing.assert_array_equal(per_example["labelled/accuracy"], student_hits)
+  np.testing.assert_array_equal(per_example["labelled/agreement"],
+                                np.argmax(teacher[:8], 1) == np.argmax(student[:8], 1))
 
 
 def test_training_keeps_the_teacher_bit_identical_and_evaluates_the_student(teacher_dir, batches,
@@ -163,7 +175,12 @@ def test_training_keeps_the_teacher_bit_identical_and_evaluates_the_student(teac
   exported = read_jsonl(tmp_path / "student" / "eval_metrics.jsonl")[-1]
   assert exported["step"] == row["step"] == 4
   assert exported["test/accuracy"] == pytest.approx(row["test/accuracy"], abs=1e-6)
-  assert row["test/teacher_accuracy"] >= 0.0 and "test/agreement" in row
+  # The teacher's accuracy is the one its own (supervised) evaluation gives on the same split.
+  evaluate.evaluate_checkpoints(None, str(teacher_dir))
+  teacher_row = read_jsonl(teacher_dir / "eval_metrics.jsonl")[-1]
+  assert row["test/num_examples"] == teacher_row["test/num_examples"]
+  assert row["test/teacher_accuracy"] == pytest.approx(teacher_row["test/accuracy"], abs=1e-6)
+  assert row["test/teacher_accuracy"] != pytest.approx(row["test/accuracy"], abs=1e-3)
   # ... and is an init_from source for a supervised run of the same model.
   s = train.setup(distill_objective.student_config(config), batches[0])
   loaded, _, report = checkpoint.transfer_init(

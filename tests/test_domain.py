@@ -14,9 +14,10 @@ import pytest
 from experiments.configs import coral_digits, dann_digits
 from jtl import data, evaluate, objectives, train
 from jtl.errors import ConfigError
-from jtl.losses import domain as domain_losses
 from jtl.metric_writer import read_jsonl
 from jtl.sharding import to_global
+from tests.helpers import hand_split_metrics
+from tests.test_losses_domain import np_mmd
 
 MLP = dict(name="mlp", num_classes=10, hidden=(16,))
 MLP_BN = dict(MLP, use_bn=True)
@@ -50,8 +51,18 @@ def test_dann_trains_through_the_trainer_and_evaluates_on_both_domains(tmp_path)
   evaluate.evaluate_checkpoints(None, str(tmp_path))
   row = read_jsonl(tmp_path / "eval_metrics.jsonl")[-1]
   assert row["test/target/num_examples"] == 359 and row["test/source/num_examples"] == 500
-  for key in ("target/accuracy", "source/accuracy", "target/domain_accuracy"):
-    assert 0.0 <= row[f"test/{key}"] <= 1.0
+  # Each domain's accuracy and loss equal the classifier's own logits on that member's test split,
+  # by hand (the domain step counter is no model variable).
+  s = train.setup(config, next(data.train_iterator(config.data, global_batch_size=16, seed=0)))
+  params, model_state = jax.device_get((state.params, state.model_state))
+  variables = {"params": {k: params[k] for k in ("backbone", "head")},
+               **{k: v for k, v in model_state.items() if k != "domain"}}
+  for name, member in data.mixture_members(config.data).items():
+    loss, accuracy, n = hand_split_metrics(s.objective.model, variables, member, "test")
+    assert row[f"test/{name}/num_examples"] == n
+    assert row[f"test/{name}/accuracy"] == pytest.approx(accuracy, abs=1e-6)
+    assert row[f"test/{name}/loss"] == pytest.approx(loss, rel=1e-5)
+  assert 0.0 <= row["test/target/domain_accuracy"] <= 1.0
 
 
 @pytest.fixture(scope="module")
@@ -160,9 +171,18 @@ def test_source_only_ignores_the_target_and_coral_mmd_add_their_term(dann, batch
   loss, (_, metrics) = objective.loss(params, {}, poisoned, jax.random.key(0), trainable=trainable)
   np.testing.assert_allclose(loss, ce, rtol=1e-5)
   assert sorted(metrics) == ["source_accuracy", "source_ce"]
-  features = objective.model.apply({"params": params}, np.concatenate(
-      [batch["source"]["image"], batch["target"]["image"]]), method="features")
-  for method, discrepancy in (("coral", domain_losses.coral), ("mmd", domain_losses.mmd)):
+  features = np.float64(objective.model.apply({"params": params}, np.concatenate(
+      [batch["source"]["image"], batch["target"]["image"]]), method="features"))
+  # Independent numpy references (test_losses_domain): CORAL from np.cov, the default MMD (biased,
+  # bandwidths 0.25..4 x the mean squared distance of distinct pooled pairs) by loops over pairs.
+  def np_coral(a, b):
+    return np.sum((np.cov(a, rowvar=False) - np.cov(b, rowvar=False)) ** 2) / (4 * a.shape[1] ** 2)
+
+  def np_default_mmd(a, b):
+    pooled = np.concatenate([a, b])
+    d2 = [np.sum((x - y) ** 2) for i, x in enumerate(pooled) for j, y in enumerate(pooled) if i != j]
+    return np_mmd(a, b, [m * np.mean(d2) for m in (0.25, 0.5, 1.0, 2.0, 4.0)], "biased")
+  for method, discrepancy in (("coral", np_coral), ("mmd", np_default_mmd)):
     objective = objectives.build(tiny(coral_digits.get_config(f"method={method},weight=0.5")))
     loss, (_, metrics) = objective.loss(params, {}, batch, jax.random.key(0), trainable=trainable)
     term = discrepancy(features[:n], features[n:])

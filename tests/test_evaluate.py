@@ -1,11 +1,12 @@
 """Checkpoint-based evaluation: every checkpoint exactly once, numbers equal to in-process evaluation."""
 import threading
 
+import jax
 import numpy as np
 
 from jtl import checkpoint, data, evaluate, train
 from jtl.metric_writer import read_jsonl
-from tests.helpers import digits_config
+from tests.helpers import digits_config, hand_split_metrics
 
 
 def test_every_checkpoint_once_and_equal_to_in_process(tmp_path):
@@ -24,6 +25,15 @@ def test_every_checkpoint_once_and_equal_to_in_process(tmp_path):
   assert final["test/num_examples"] == data.num_examples(config.data, "test") == 180  # digits 0-4
   np.testing.assert_allclose(final["test/accuracy"], in_process["test/accuracy"], rtol=1e-6)
   np.testing.assert_allclose(final["test/loss"], in_process["test/loss"], rtol=1e-6)
+  # ... and to the hand computation over the real examples only: 180 = 11 * 16 + 4, so the last
+  # batch holds 12 padding rows (zero images, label 0) that must not count.
+  assert config.batch_size == 16
+  params, model_state = jax.device_get((state.params, state.model_state))
+  loss, accuracy, n = hand_split_metrics(s.objective.model, {"params": params, **model_state},
+                                         config.data, "test")
+  assert n == 180
+  np.testing.assert_allclose(final["test/loss"], loss, rtol=1e-5)
+  np.testing.assert_allclose(final["test/accuracy"], accuracy, rtol=1e-6)
 
 
 def test_watch_follows_a_running_job(tmp_path):

@@ -12,9 +12,10 @@ from experiments import cli
 from experiments import evaluate as evaluate_entry
 from experiments import train as train_entry
 from jtl import config as config_lib
-from jtl import data
+from jtl import checkpoint, data, objectives
 from jtl.data import folder
 from jtl.metric_writer import read_jsonl
+from tests.helpers import hand_split_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FOLDER_CONFIG = os.path.join(ROOT, "experiments/configs/finetune_folder.py")
@@ -57,7 +58,15 @@ def test_own_images_train_and_evaluate_from_the_cli_with_a_relative_path(tmp_pat
   assert config.model.num_classes == 3
   assert run(evaluate_entry, "--workdir=runs/mine")[0] == 0
   rows = read_jsonl(tmp_path / "runs/mine/eval_metrics.jsonl")
-  assert [r["step"] for r in rows] == [4] and 0 <= rows[0]["test/accuracy"] <= 1
+  assert [r["step"] for r in rows] == [4]
+  # The evaluation equals the model's own logits on the three test images, by hand.
+  _, variables = checkpoint.load_variables(tmp_path / "runs/mine")
+  loss, accuracy, n = hand_split_metrics(
+      objectives.build(config).model, {"params": variables["params"], **variables.get("model_state", {})},
+      config.data, "test")
+  assert rows[0]["test/num_examples"] == n == 3
+  assert rows[0]["test/accuracy"] == pytest.approx(accuracy, abs=1e-6)
+  assert rows[0]["test/loss"] == pytest.approx(loss, rel=1e-5)
   # 4 images per class, held-out fraction 0.2: one test image per class.
   assert (data.num_examples(config.data, "train"), data.num_examples(config.data, "test")) == (9, 3)
 

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import jax
@@ -22,7 +23,11 @@ STEPS = 240
 ARGS = ("--config=experiments/configs/pretrain_digits.py", f"--config.total_steps={STEPS}",
         "--config.batch_size=16", "--config.log_every=10", "--config.checkpoint_every=8",
         "--config.optim.warmup_steps=2", "--config.model.widths=(8,16)")
-TIMEOUT_S = 300
+# Only a hang guard: every wait below is for an event (a log row, a checkpoint, an exit), and a busy
+# machine may take many times the idle duration to reach it. No assertion is about elapsed time but
+# the heartbeat bound the README states.
+TIMEOUT_S = 1800
+HEARTBEAT_TIMEOUT_S = 10
 
 
 def start(workdir, *extra, devices=1, module="experiments.train"):
@@ -44,6 +49,36 @@ def finish(process, deadline, expect=0):
   if expect is not None:
     assert process.returncode == expect, f"exit {process.returncode}:\n{output[-3000:]}"
   return output
+
+
+class Lines:
+  """A process's output read line by line as it comes, each line with the monotonic time it arrived."""
+
+  def __init__(self, process):
+    self.process, self.lines = process, []
+    self.thread = threading.Thread(target=self._read, daemon=True)
+    self.thread.start()
+
+  def _read(self):
+    for line in self.process.stdout:
+      self.lines.append((time.monotonic(), line))
+
+  def first(self, text):
+    """The arrival time of the first line containing `text`, or None."""
+    return next((t for t, line in self.lines if text in line), None)
+
+  def wait(self, deadline):
+    """The whole output once the process has exited (AssertionError at the hang guard)."""
+    try:
+      self.process.wait(timeout=max(deadline - time.monotonic(), 1))
+    except subprocess.TimeoutExpired:
+      self.process.kill()
+      raise AssertionError("still running at the hang guard:\n" + self.text()[-3000:]) from None
+    self.thread.join()
+    return self.text()
+
+  def text(self):
+    return "".join(line for _, line in self.lines)
 
 
 def wait_for(condition, process, deadline, what):
@@ -113,7 +148,8 @@ def pair(workdir, module="experiments.train"):
   address = f"127.0.0.1:{free_port()}"
   extra = [f"--config.total_steps={PAIR_STEPS}"] if module == "experiments.train" else []
   return [start(workdir, f"--coordinator_address={address}", "--num_processes=2",
-                f"--process_id={i}", "--heartbeat_timeout=10", *extra, devices=2, module=module)
+                f"--process_id={i}", f"--heartbeat_timeout={HEARTBEAT_TIMEOUT_S}", *extra,
+                devices=2, module=module)
           for i in range(2)]
 
 
@@ -126,12 +162,18 @@ def test_two_hosts_train_like_one_a_dead_one_stops_its_peer_and_the_pair_resumes
   try:
     wait_for(lambda: len(checkpoint.completed_steps(workdir)) >= 1, processes[0], deadline,
              "a checkpoint")
+    survivor = Lines(processes[0])  # from here on its output is timed line by line
     processes[1].send_signal(signal.SIGKILL)
     processes[1].communicate()
-    killed_at = time.monotonic()
-    output = finish(processes[0], killed_at + 90, expect=None)
+    killed_at = time.monotonic()  # the peer is dead (reaped) from here
+    output = survivor.wait(deadline)
     assert processes[0].returncode != 0, output[-2000:]
-    assert "another task died" in output, output[-2000:]
+    # The README's bound: the survivor stops within --heartbeat_timeout of the peer's death. Its
+    # stop is the coordination service's report (the process then aborts); how long the abort and
+    # the reading of its output take on a busy machine is not part of the claim.
+    noticed = survivor.first("another task died")
+    assert noticed is not None, output[-2000:]
+    assert noticed - killed_at <= HEARTBEAT_TIMEOUT_S, (noticed - killed_at, output[-2000:])
     restarted = pair(workdir)
     processes += restarted
     outputs = [finish(p, deadline) for p in restarted]

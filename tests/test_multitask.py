@@ -4,6 +4,7 @@ import itertools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from experiments import cli
@@ -208,3 +209,50 @@ def test_delta_m_against_single_task_references(tmp_path):
   expected = 50 * ((row["test/left/accuracy"] - 0.5) / 0.5
                    + (row["test/right/accuracy"] - reference_right) / reference_right)
   np.testing.assert_allclose(row["test/delta_m"], expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["mgda", "pcgrad"])
+def test_the_trainer_applies_the_aggregated_gradient_not_the_equal_weight_one(method):
+  """One trainer step moves the parameters by the optimizer's update of the hand-aggregated gradient
+  (per-task gradients w.r.t. z by their own jax.grad, the aggregator's weights from their Gram
+  matrix), which differs from the update of the plain (equal-weight) gradient of the loss."""
+  # SGD: the update is linear in the gradient. An MLP: no max-pool, whose gradient at the ties of a
+  # digit's flat background is a choice (jit and op-by-op may route it to different inputs).
+  config = small(f"weighting={method}", model__name="mlp", model__widths=None, model__hidden=(32,),
+                 mesh__axes=(("data", 1),), optim__name="sgd", optim__lr=0.1,
+                 optim__schedule="constant")
+  s, params, model_state, batch = prepared(config)
+  obj, rng = s.objective, step_rng(config)
+  params = jax.device_get(params)
+  x, targets = obj._inputs(batch)
+  z, _, _ = obj._apply(params, model_state, x, train=True, method="features")
+
+  def task_loss(z, t):
+    outputs, _, _ = obj._apply(params, model_state, z, train=True, method="heads")
+    return obj._task_losses(outputs, targets)[t]
+  per_task = [np.asarray(jax.grad(task_loss)(z, t), np.float64).ravel() for t in range(2)]
+  gram = np.array([[a @ b for b in per_task] for a in per_task])
+  w, _ = aggregators.AGGREGATORS[method](jnp.asarray(gram, jnp.float32), jax.random.fold_in(rng, 7))
+  w = np.asarray(w)
+
+  def weighted(params, weights):
+    outputs, _, _ = obj._apply(params, model_state, x, train=True)
+    return jnp.sum(weights * obj._task_losses(outputs, targets))
+  reference = {**jax.grad(weighted)(params, jnp.ones(2)),
+               "backbone": jax.grad(weighted)(params, jnp.asarray(w))["backbone"]}
+  equal = jax.grad(weighted)(params, jnp.full(2, 0.5))
+
+  def moved(grads):  # the parameters after the optimizer's first update with these gradients
+    tp, _ = masks.partition(params, s.trainable)
+    updates, _ = s.tx.update(masks.partition(grads, s.trainable)[0], s.tx.init(tp), tp)
+    return jax.device_get(optax.apply_updates(tp, updates))["backbone"]
+
+  state = train.initial_state(s, params, model_state)
+  state, _ = train.make_train_step(s)(state, batch)
+  got = jax.device_get(state.params)["backbone"]
+  expected, equal_weight = moved(reference), moved(equal)
+  gap = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(expected),
+                                                         jax.tree.leaves(equal_weight)))
+  assert gap > 1e-4, (method, w)  # the aggregator changes the update: the check below can fail
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=gap / 20)

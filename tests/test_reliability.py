@@ -1,5 +1,7 @@
 """Reliability, in-process: corrupt checkpoints, non-finite losses, elastic resume, FSDP, and a watching
 evaluator that never loses a checkpoint. (Killed processes: tests/test_kill.py.)"""
+import contextlib
+import io
 import itertools
 import json
 import threading
@@ -9,6 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from experiments import cli
+from experiments import train as train_entry
 from jtl import checkpoint, data, evaluate, keep, train
 from jtl.errors import NonFiniteError
 from jtl.metric_writer import read_jsonl
@@ -103,6 +107,20 @@ def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint
   assert checkpoint.completed_steps(tmp_path) == [4]
   _, saved = variables(tmp_path)
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(saved))
+
+
+def test_nonfinite_loss_from_the_cli_is_exit_status_3_and_one_error_line(tmp_path, monkeypatch):
+  monkeypatch.setattr(data, "train_iterator", nan_at(7))
+  err = io.StringIO()
+  with contextlib.redirect_stderr(err):
+    status = cli.execute(train_entry.define_flags, train_entry.main, [
+        "train", "--config=experiments/configs/pretrain_digits.py", f"--workdir={tmp_path}",
+        "--config.total_steps=20", "--config.batch_size=16", "--config.checkpoint_every=4",
+        "--config.log_every=10", "--config.model.widths=(8,16)", "--config.optim.warmup_steps=2"])
+  errors = [line for line in err.getvalue().splitlines() if line.startswith("error:")]
+  assert status == 3, err.getvalue()[-2000:]  # README: a failed run, not bad input (2)
+  assert len(errors) == 1 and "step 8" in errors[0] and "loss=nan" in errors[0], errors
+  assert checkpoint.completed_steps(tmp_path) == [4]
 
 
 def test_skip_nonfinite_updates_refuses_the_update_and_counts_it(tmp_path, monkeypatch):

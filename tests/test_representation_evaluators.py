@@ -147,3 +147,21 @@ def test_unknown_evaluator_option_is_a_config_error():
   config = digits_config(evals={"e": {"type": "knn", "kk": 3}})
   with pytest.raises(ConfigError, match="did you mean 'k'"):
     evaluators.build(types.SimpleNamespace(config=config, objective=None))
+
+
+def test_collect_returns_the_real_examples_of_a_split_in_order_without_padding():
+  """What kNN, probes, zero-shot and retrieval read: 180 test digits in batches of 16 (the last one
+  holds 4 real rows and 12 padding rows), against the split read as one unpadded batch."""
+  from jtl import data, train
+  from jtl.evaluators import base
+  config = digits_config()
+  make_batches, _ = data.eval_iterator(config.data, split="test", global_batch_size=180)
+  (whole,) = list(make_batches())
+  assert whole["mask"].all()
+  s = train.setup(config, {k: v[:16] for k, v in whole.items()})
+  padded, num_batches = base.split_batches(s, config.data, "test", 16)
+  assert num_batches == 12  # 11 full batches and 4 real examples
+  out = base.collect(s, lambda batch: {"label": batch["label"],
+                                       "ink": batch["image"].sum(axis=(1, 2, 3))}, padded)
+  np.testing.assert_array_equal(out["label"], whole["label"])
+  np.testing.assert_allclose(out["ink"], whole["image"].sum(axis=(1, 2, 3)), rtol=1e-5)

@@ -1,0 +1,317 @@
+"""Mutation harness: does the test suite notice when a mechanism the README claims is removed?
+
+Each mutation names one claim, one exact replacement in one file (the mechanism removed, its sign
+flipped or an option ignored) and the test files (or test ids) that should notice. For each, the
+replacement is applied to a private copy of the repository and only those tests run there
+(PYTHONPATH = the copy): a failing run means the mutation is KILLED, a passing one that it SURVIVED,
+i.e. no test can tell the mechanism from its absence. A replacement whose old text is not found
+exactly once is an error (the code moved on; fix the entry), never a silent pass.
+
+  python -m experiments.mutants                 # all, one line per mutation, a table at the end
+  python -m experiments.mutants --list          # names only
+  python -m experiments.mutants --only remat    # those whose name matches a regex
+  make mutants                                  # all, at low priority
+
+Slow (each mutation compiles its tests afresh): see docs/mutants.md for the timing and the last
+table. Exit status 0 when every mutation selected is killed, 1 when one survives, 2 on a bad entry.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COPY_IGNORE = shutil.ignore_patterns(".git", ".venv", "workdirs", "__pycache__", ".pytest_cache",
+                                     "*.egg-info", "demo_workdir")
+
+
+@dataclasses.dataclass(frozen=True)
+class Mutation:
+  """One claim removed: in `path`, the single occurrence of `old` becomes `new`; `tests` (files or
+  pytest ids, relative to the repository root) must then fail."""
+  name: str
+  claim: str
+  path: str
+  old: str
+  new: str
+  tests: tuple[str, ...]
+
+
+M = Mutation
+T_MULTITASK = "tests/test_multitask.py::"
+T_PRECISION = "tests/test_precision_memory.py::"
+REMAT = T_PRECISION + "test_rematerialisation_is_in_the_step_and_gives_the_same_training"
+MUTATIONS: tuple[Mutation, ...] = (
+    # --- the six the issue found surviving -----------------------------------------------------
+    M("gradient-override-ignored", "the trainer uses the objective's `gradients` (aggregators)",
+      "jtl/train.py",
+      "      return s.objective.gradients(trainable_params, frozen_params, model_state, batch, rng,\n"
+      "                                   trainable=s.trainable)",
+      "      from jtl.objectives.base import Objective\n"
+      "      return Objective.gradients(s.objective, trainable_params, frozen_params, model_state,\n"
+      "                                 batch, rng, trainable=s.trainable)",
+      (T_MULTITASK + "test_the_trainer_applies_the_aggregated_gradient_not_the_equal_weight_one",)),
+    M("remat-ignored-cnn", "model.remat rematerialises cnn_small's stages", "jtl/models/small.py",
+      "stage = nn.remat(ConvBNReLU, static_argnums=(2,)) if self.remat else ConvBNReLU",
+      "stage = ConvBNReLU", (REMAT + "[model2]",)),
+    M("remat-ignored-resnet", "model.remat rematerialises ResNet blocks", "jtl/models/resnet.py",
+      "block = nn.remat(ResidualBlock, static_argnums=(2,)) if self.remat else ResidualBlock",
+      "block = ResidualBlock", (REMAT + "[model0]",)),
+    M("remat-ignored-vit", "model.remat rematerialises ViT blocks", "jtl/models/vit.py",
+      "block = nn.remat(EncoderBlock, static_argnums=(2,)) if self.remat else EncoderBlock",
+      "block = EncoderBlock", (REMAT + "[model1]",)),
+    M("teacher-accuracy-from-student-eval", "distillation's eval teacher_accuracy is the teacher's",
+      "jtl/objectives/distill.py",
+      'f"{prefix}teacher_accuracy": losses.accuracy(teacher_logits, labels),',
+      'f"{prefix}teacher_accuracy": losses.accuracy(student_logits, labels),',
+      ("tests/test_distill.py::test_unlabelled_members_are_distilled_with_alpha_one_and_their_labels"
+       "_unread",
+       "tests/test_distill.py::test_training_keeps_the_teacher_bit_identical_and_evaluates_the_student")),
+    M("teacher-accuracy-from-student-train", "distillation's logged teacher_accuracy is the teacher's",
+      "jtl/objectives/distill.py",
+      "teacher_accuracy=jnp.mean(losses.accuracy(t_logits, y)))",
+      "teacher_accuracy=jnp.mean(losses.accuracy(s_logits, y)))",
+      ("tests/test_distill.py::test_unlabelled_members_are_distilled_with_alpha_one_and_their_labels"
+       "_unread",)),
+    M("supcon-ignores-labels", "SupCon's positives are the examples of the anchor's class",
+      "jtl/objectives/contrastive.py",
+      "per_anchor, valid = contrastive_losses.supcon(embeddings, labels, self.temperature,",
+      "per_anchor, valid = contrastive_losses.supcon(\n"
+      "          embeddings, jnp.arange(embeddings.shape[0]), self.temperature,",
+      ("tests/test_contrastive.py::test_loss_matches_a_reference_on_independently_computed_views",)),
+    M("eval-padding-mask-ignored", "the evaluator averages over real examples only (padding masked)",
+      "jtl/evaluators/metrics.py", '        mask = batch["mask"]',
+      '        mask = jnp.ones_like(batch["mask"])',
+      ("tests/test_evaluate.py::test_every_checkpoint_once_and_equal_to_in_process",)),
+    M("clip-captions-shifted", "CLIP pairs image i with caption i", "jtl/objectives/clip.py",
+      "        self.model, params, model_state, (images, tokens), train=True",
+      "        self.model, params, model_state, (images, jnp.roll(tokens, 1, axis=0)), train=True",
+      ("tests/test_clip.py::test_each_image_is_paired_with_its_own_caption",)),
+    # --- the README's other claims ---------------------------------------------------------------
+    M("kd-no-t-squared", "distillation's KD term is scaled by T^2 (Hinton et al.)",
+      "jtl/losses/distill.py", "  return t * t * soft_target_kl(student_logits, teacher_logits, t)",
+      "  return soft_target_kl(student_logits, teacher_logits, t)",
+      ("tests/test_distill.py::test_kd_loss_equals_t_squared_kl_of_the_softened_distributions",)),
+    M("grl-sign", "DANN's gradient reversal multiplies the gradient by -lambda",
+      "jtl/losses/domain.py", "  return (-lam.astype(g.dtype) * g, jnp.zeros_like(lam))",
+      "  return (lam.astype(g.dtype) * g, jnp.zeros_like(lam))",
+      ("tests/test_domain.py::test_dann_gradients_are_ce_minus_lambda_times_the_domain_gradient_on_"
+       "the_backbone",)),
+    M("dann-schedule", "DANN's lambda_p = 2 / (1 + exp(-10 p)) - 1", "jtl/losses/domain.py",
+      "  return jnp.tanh(0.5 * gamma * p)", "  return jnp.tanh(gamma * p)",
+      ("tests/test_losses_domain.py::test_dann_lambda_schedule_matches_the_paper_formula",)),
+    M("coral-scale", "Deep CORAL divides by 4 d^2", "jtl/losses/domain.py",
+      "  return jnp.sum(jnp.square(diff)) / (4.0 * d * d)",
+      "  return jnp.sum(jnp.square(diff)) / (4.0 * d)",
+      ("tests/test_domain.py::test_source_only_ignores_the_target_and_coral_mmd_add_their_term",)),
+    M("mmd-cross-term", "MMD^2 subtracts twice the cross-domain kernel mean", "jtl/losses/domain.py",
+      "    return jnp.mean(k_ss) + jnp.mean(k_tt) - 2.0 * jnp.mean(k_st)",
+      "    return jnp.mean(k_ss) + jnp.mean(k_tt) - jnp.mean(k_st)",
+      ("tests/test_domain.py::test_source_only_ignores_the_target_and_coral_mmd_add_their_term",)),
+    M("pcgrad-projection", "PCGrad removes the conflicting component (projection vectors)",
+      "jtl/multitask/aggregators.py",
+      "    return coeffs.at[jnp.arange(n), j].add(-factor), projections + jnp.sum(conflict)",
+      "    return coeffs.at[jnp.arange(n), j].add(factor), projections + jnp.sum(conflict)",
+      ("tests/test_aggregators.py::test_pcgrad_two_tasks_projections_no_longer_conflict",)),
+    M("uncertainty-weighting-regulariser", "uncertainty weighting adds s_t / 2",
+      "jtl/multitask/weighting.py",
+      "    total = jnp.sum(weights * losses.astype(jnp.float32) + 0.5 * log_variance)",
+      "    total = jnp.sum(weights * losses.astype(jnp.float32))",
+      ("tests/test_weighting.py::test_uncertainty_gradients_match_analytic",)),
+    M("lora-b-not-zero", "LoRA's B starts at zero: the untrained adapter is the base model",
+      "jtl/lora.py", '"lora_b", nn.initializers.zeros, (rank, d_out)',
+      '"lora_b", nn.initializers.normal(0.02), (rank, d_out)',
+      ("tests/test_lora.py::test_dense_adapter_is_x_w_plus_scaled_low_rank_update",)),
+    M("frozen-batchnorm-updates", "frozen BatchNorms keep their running statistics",
+      "jtl/objectives/base.py",
+      "  frozen = masks.frozen_modules(trainable) if (train and trainable is not None) else frozenset()",
+      "  frozen = frozenset()",
+      ("tests/test_train.py::test_frozen_params_and_batchnorm_statistics_are_bit_identical",)),
+    M("no-optimizer-state-pruning", "frozen parameters hold no optimizer state (mask pruning)",
+      "jtl/train.py",
+      "    opt_state = s.tx.init(masks.partition(params, s.trainable)[0])",
+      "    opt_state = s.tx.init(params)",
+      ("tests/test_train.py::test_no_optimizer_state_for_frozen_params",)),
+    M("resume-fresh-optimizer", "a resumed run restores the optimizer state", "jtl/train.py",
+      "    state = TrainState(jnp.asarray(step, jnp.int32), **restored)",
+      "    state = TrainState(jnp.asarray(step, jnp.int32), restored['params'],\n"
+      "                       restored['model_state'],\n"
+      "                       s.tx.init(masks.partition(restored['params'], s.trainable)[0]))",
+      ("tests/test_train.py::test_resume_after_preemption_gives_identical_params",)),
+    M("phase-state-not-carried", "phases carry optimizer state over; only a joining group is fresh",
+      "jtl/train.py",
+      "    return state.replace(opt_state=phases.carry_over(state.opt_state, fresh))",
+      "    return state.replace(opt_state=fresh)",
+      ("tests/test_finetune.py::test_lpft_phase_one_compiles_a_linear_probe_and_state_carries_over",)),
+    M("fsdp-not-applied", "mesh rules 'fsdp' shard params and optimizer state", "jtl/sharding.py",
+      "    return NamedSharding(mesh, PartitionSpec(*spec))",
+      "    return NamedSharding(mesh, PartitionSpec())",
+      ("tests/test_reliability.py::test_fsdp_equals_replicated_with_less_memory_per_device_and_"
+       "checkpoints_cross_over",)),
+    M("bf16-compute-ignored", "precision=bfloat16 computes convolutions in bf16",
+      "jtl/models/small.py",
+      "dtype=self.dtype, conv_general_dilated=cpu_ops.conv_general_dilated,",
+      "dtype=jnp.float32, conv_general_dilated=cpu_ops.conv_general_dilated,",
+      (T_PRECISION + "test_bfloat16_computes_in_bf16_and_keeps_f32_params_and_optimizer_state_close_"
+       "to_f32",)),
+    M("compile-cache-off", "the persistent compilation cache is written and read back",
+      "jtl/compile_cache.py", '  if not path or path.lower() == "none":', "  if True:",
+      (T_PRECISION + "test_compilation_cache_is_written_then_reused",)),
+    M("skip-nonfinite-applies-update", "skip_nonfinite_updates refuses a non-finite update",
+      "jtl/train.py",
+      "      new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)\n",
+      "",
+      ("tests/test_reliability.py::test_skip_nonfinite_updates_refuses_the_update_and_counts_it",)),
+    M("fomaml-keeps-second-order", "first_order=True drops the second-order term (FOMAML)",
+      "jtl/objectives/maml.py", "      grads = jax.lax.stop_gradient(grads)", "      pass",
+      ("tests/test_maml.py::test_fomaml_drops_exactly_the_second_order_term_on_a_quadratic",)),
+    M("protonet-distance", "ProtoNet logits are negative squared Euclidean distances",
+      "jtl/objectives/protonet.py",
+      "  return jnp.sum(jnp.square(queries[:, None, :] - centres[None, :, :]), axis=-1)",
+      "  return jnp.sum(jnp.abs(queries[:, None, :] - centres[None, :, :]), axis=-1)",
+      ("tests/test_protonet.py::test_loss_equals_a_hand_computation_on_constructed_embeddings",)),
+    M("layer-decay-exponent", "layer-wise lr decay gives depth d the factor decay ** d",
+      "jtl/layer_decay.py", "  return jax.tree.map(lambda i: float(decay) ** (top - i), ids)",
+      "  return jax.tree.map(lambda i: float(decay) ** max(top - i - 1, 0), ids)",
+      ("tests/test_finetune.py::test_layer_decay_resnet18",)),
+    M("eval-collect-keeps-padding", "representation evaluators read real examples only",
+      "jtl/evaluators/base.py", '    keep = np.asarray(out.pop("__mask__"))',
+      '    keep = np.ones_like(np.asarray(out.pop("__mask__")))',
+      ("tests/test_representation_evaluators.py::test_collect_returns_the_real_examples_of_a_split_"
+       "in_order_without_padding",
+       "tests/test_contrastive.py::test_knn_and_probe_from_the_checkpoint_equal_numpy_references")),
+    M("nonfinite-exit-status", "a non-finite loss ends the run with exit status 3 (not 2)",
+      "experiments/cli.py", "EXIT_BAD_INPUT, EXIT_RUN_FAILED = 2, 3", "EXIT_BAD_INPUT, EXIT_RUN_FAILED = 2, 2",
+      ("tests/test_reliability.py::test_nonfinite_loss_from_the_cli_is_exit_status_3_and_one_error_"
+       "line",)),
+)
+
+
+class EntryError(Exception):
+  """A mutation whose old text is not in its file exactly once."""
+
+
+def apply(copy_root: str, m: Mutation) -> str:
+  """Applies `m` inside `copy_root`; returns the file's original text (to restore it)."""
+  path = os.path.join(copy_root, m.path)
+  if not os.path.exists(path):
+    raise EntryError(f"mutation {m.name!r}: no file {m.path}")
+  with open(path) as f:
+    text = f.read()
+  count = text.count(m.old)
+  if count != 1:
+    raise EntryError(f"mutation {m.name!r}: its old text occurs {count} times in {m.path} (must be "
+                     "exactly once; update the entry in experiments/mutants.py)")
+  with open(path, "w") as f:
+    f.write(text.replace(m.old, m.new))
+  return text
+
+
+def run_tests(copy_root: str, tests: tuple[str, ...], env: dict[str, str], timeout: float
+              ) -> tuple[int, str]:
+  """(pytest exit status, last lines of its output) for `tests` run inside the copy."""
+  command = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests]
+  try:
+    done = subprocess.run(command, cwd=copy_root, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+  except subprocess.TimeoutExpired:
+    return -1, "timed out"
+  lines = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
+  return done.returncode, "\n".join(lines[-3:])
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--only", default=None, help="regex: run the mutations whose name matches")
+  parser.add_argument("--list", action="store_true", help="print the names and claims, run nothing")
+  parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per mutation's tests")
+  parser.add_argument("--baseline", action="store_true",
+                      help="first run every selected mutation's tests unmutated (they must pass)")
+  parser.add_argument("--shard", default=None,
+                      help="I/N: every N-th mutation from the I-th (0-based), to split a run in N")
+  args = parser.parse_args(argv)
+  selected = [m for m in MUTATIONS if args.only is None or re.search(args.only, m.name)]
+  if args.shard:
+    index, count = (int(x) for x in args.shard.split("/"))
+    selected = selected[index::count]
+  names = [m.name for m in MUTATIONS]
+  if len(set(names)) != len(names):
+    print("error: two mutations share a name", file=sys.stderr)
+    return 2
+  if args.list:
+    for m in selected:
+      print(f"{m.name:40s} {m.claim}")
+    return 0
+  if not selected:
+    print(f"error: no mutation matches --only={args.only!r} (--list shows them)", file=sys.stderr)
+    return 2
+
+  # SIGTERM ends the run through the `finally` blocks below: the copy is removed, the file restored.
+  signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+  work = tempfile.mkdtemp(prefix="jtl_mutants_")
+  copy_root = os.path.join(work, "repo")
+  shutil.copytree(ROOT, copy_root, ignore=COPY_IGNORE)
+  env = {**os.environ, "PYTHONPATH": copy_root,
+         "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "TF_CPP_MIN_LOG_LEVEL": "3",
+         "JAX_PLATFORMS": "cpu",
+         # Shared by every run: datasets built once, unmutated programs compiled once.
+         "TFDS_DATA_DIR": os.path.join(work, "tfds"),
+         "JTL_COMPILATION_CACHE": os.path.join(work, "xla_cache")}
+  try:
+    for m in selected:  # every entry checked before anything slow runs
+      original = apply(copy_root, m)
+      with open(os.path.join(copy_root, m.path), "w") as f:
+        f.write(original)
+  except EntryError as e:
+    print(f"error: {e}", file=sys.stderr)
+    shutil.rmtree(work, ignore_errors=True)
+    return 2
+
+  if args.baseline:
+    tests = tuple(dict.fromkeys(t for m in selected for t in m.tests))
+    status, tail = run_tests(copy_root, tests, env, args.timeout * 4)
+    if status != 0:
+      print(f"error: the tests fail without any mutation:\n{tail}", file=sys.stderr)
+      shutil.rmtree(work, ignore_errors=True)
+      return 2
+    print("baseline: every mapped test passes unmutated", flush=True)
+
+  results = []
+  try:
+    for m in selected:
+      original = apply(copy_root, m)
+      start = time.time()
+      try:
+        status, tail = run_tests(copy_root, m.tests, env, args.timeout)
+      finally:
+        with open(os.path.join(copy_root, m.path), "w") as f:
+          f.write(original)
+      # pytest: 0 all passed; 1 some failed; 2-4 interrupted/usage; 5 nothing collected.
+      verdict = "SURVIVED" if status == 0 else "KILLED"
+      if status == 5 or status == -1:
+        verdict = "ERROR"
+      results.append((m, verdict, time.time() - start))
+      print(f"{verdict:8s} {m.name:40s} {time.time() - start:6.0f} s", flush=True)
+      if verdict != "KILLED":
+        print("         " + tail.replace("\n", "\n         "), flush=True)
+  finally:
+    shutil.rmtree(work, ignore_errors=True)
+
+  print("\n| mutation | claim | result | s |\n|---|---|---|---|")
+  for m, verdict, seconds in results:
+    print(f"| `{m.name}` | {m.claim} | {verdict} | {seconds:.0f} |")
+  killed = sum(v == "KILLED" for _, v, _ in results)
+  print(f"\n{killed}/{len(results)} killed")
+  return 0 if killed == len(results) else 1
+
+
+if __name__ == "__main__":
+  sys.exit(main())
