@@ -52,12 +52,11 @@ REMAT = T_PRECISION + "test_rematerialisation_is_in_the_step_and_gives_the_same_
 MUTATIONS: tuple[Mutation, ...] = (
     # --- the six the issue found surviving -----------------------------------------------------
     M("gradient-override-ignored", "the trainer uses the objective's `gradients` (aggregators)",
-      "jtl/train.py",
-      "      return s.objective.gradients(trainable_params, frozen_params, model_state, batch, rng,\n"
-      "                                   trainable=s.trainable)",
-      "      from jtl.objectives.base import Objective\n"
-      "      return Objective.gradients(s.objective, trainable_params, frozen_params, model_state,\n"
-      "                                 batch, rng, trainable=s.trainable)",
+      "jtl/accumulate.py",
+      "    return objective.gradients(trainable_params, frozen_params, model_state, batch, rng,\n"
+      "                               trainable=trainable, **extra)",
+      "    return Objective.gradients(objective, trainable_params, frozen_params, model_state, batch,\n"
+      "                               rng, trainable=trainable, **extra)",
       (T_MULTITASK + "test_the_trainer_applies_the_aggregated_gradient_not_the_equal_weight_one",)),
     M("remat-ignored-cnn", "model.remat rematerialises cnn_small's stages", "jtl/models/small.py",
       "stage = nn.remat(ConvBNReLU, static_argnums=(2,)) if self.remat else ConvBNReLU",
