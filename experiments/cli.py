@@ -34,7 +34,7 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from jtl.config import unknown_override_error  # noqa: E402
-from jtl.errors import ConfigError, RunError  # noqa: E402
+from jtl.errors import ConfigError, RunError, storage_problem  # noqa: E402
 
 FlagValues = flags.FlagValues
 Define = Callable[[FlagValues, list[str]], None]
@@ -151,6 +151,12 @@ def _guarded(main: Main, flag_values: FlagValues) -> int:
   except RunError as e:
     logging.flush()
     return _fail(_one_line(e), EXIT_RUN_FAILED)
+  except Exception as e:  # full disk, quota, ulimit -f, lost permissions: whoever raised it (orbax...)
+    message = storage_problem(e)
+    if message is None:
+      raise
+    logging.flush()
+    return _fail(message)
   return 0
 
 
@@ -166,13 +172,16 @@ def execute(define_flags: Define, main: Main, argv: list[str]) -> int:
 
 
 class _OwnInfoOnly(py_logging.Filter):
-  """INFO lines from jtl itself; libraries (orbax, tfds, XLA) only from WARNING up. --verbosity=1
-  shows everything."""
+  """INFO lines from jtl itself; libraries (orbax, tfds, XLA) only from WARNING up, without
+  tracebacks. --verbosity=1 shows everything."""
 
   def filter(self, record: py_logging.LogRecord) -> bool:
-    if record.levelno >= py_logging.WARNING or logging.get_verbosity() >= logging.DEBUG:
+    if logging.get_verbosity() >= logging.DEBUG:
       return True
-    return any(part in record.pathname for part in ("/jtl/", "/experiments/"))
+    own = any(part in record.pathname for part in ("/jtl/", "/experiments/"))
+    if not own and record.exc_info:  # a library thread's traceback (orbax on a full disk: dozens):
+      record.exc_info, record.exc_text = None, None  # its one-line message stays; the run's own
+    return own or record.levelno >= py_logging.WARNING  # error line says what to do
 
 
 def run(define_flags: Define, main: Main) -> None:

@@ -1,7 +1,8 @@
 """Which checkpoints a run keeps: integrity checks, quarantine of broken ones, and the keep policy.
 
 * **Integrity.** `problem(workdir, step)` is a structural check (metadata that parses, every item folder
-  with its metadata and non-empty files); `verify` reads a checkpoint back to the host. A broken
+  with its metadata and non-empty files); `verify` also checks the files against the checkpoint's
+  checksum manifest (`jtl.checkpoint`) and reads it back to the host. A broken
   checkpoint is never deleted and never used: it is moved aside to `checkpoints/corrupt-<step>` with a
   warning naming it, so resuming falls back to the newest good one and the evaluator skips it.
 * **Keep policy.** Orbax's own `max_to_keep` would delete old checkpoints when a new one is written,
@@ -66,8 +67,9 @@ def problem(workdir: str | epath.Path, step: int) -> str | None:
 
 
 def verify(workdir: str | epath.Path, step: int) -> str | None:
-  """Why checkpoint `step` cannot be read back (every item, onto one host device), or None."""
-  why = problem(workdir, step)
+  """Why checkpoint `step` is damaged (structure, then its checksum manifest if it has one) or cannot
+  be read back (every item, onto one host device), or None."""
+  why = problem(workdir, step) or checkpoint.checksum_problem(workdir, step)
   if why:
     return why
   folder = checkpoint.checkpoint_dir(workdir) / str(step)
@@ -98,6 +100,36 @@ def quarantine(workdir: str | epath.Path, step: int, why: str) -> None:
     (folder / str(step)).rename(target)
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices(f"jtl_quarantine_{step}")
+
+
+def quarantined(workdir: str | epath.Path) -> list[str]:
+  """Names of the checkpoints moved aside as broken (`corrupt-<step>[-n]`), oldest step first."""
+  folder = checkpoint.checkpoint_dir(workdir)
+  if not folder.exists():
+    return []
+  names = [p.name for p in folder.iterdir() if p.name.startswith("corrupt-")]
+  return sorted(names, key=lambda n: [int(x) if x.isdigit() else x for x in n.split("-")[1:]])
+
+
+def set_aside(workdir: str | epath.Path, checkpoints: list[str], files: tuple[str, ...]
+              ) -> epath.Path:
+  """Moves the named checkpoint folders and workdir files into a new `before-restart-<n>` folder
+  (process 0; every process waits); returns it. Nothing is deleted."""
+  workdir = epath.Path(workdir)
+  n = 1
+  while (workdir / f"before-restart-{n}").exists():
+    n += 1
+  target = workdir / f"before-restart-{n}"
+  if jax.process_index() == 0:
+    (target / "checkpoints").mkdir(parents=True)
+    for name in checkpoints:
+      (checkpoint.checkpoint_dir(workdir) / name).rename(target / "checkpoints" / name)
+    for name in files:
+      if (workdir / name).exists():
+        (workdir / name).rename(target / name)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("jtl_set_aside")
+  return target
 
 
 def good_steps(workdir: str | epath.Path) -> list[int]:
@@ -149,6 +181,11 @@ class Keeper:
     self.mgr.wait_until_finished()
     steps = [s for s in checkpoint.completed_steps(self.workdir) if not problem(self.workdir, s)]
     return steps[-1] if steps else None
+
+  def last_good_info(self) -> tuple[int | None, bool]:
+    """(`last_good()`, whether it carries a checksum manifest)."""
+    step = self.last_good()
+    return step, step is not None and checkpoint.has_manifest(self.workdir, step)
 
   def save(self, step: int, state: Any) -> None:
     """Prunes once the previous (asynchronous) save is complete, then saves `step`."""
