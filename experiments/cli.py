@@ -141,6 +141,16 @@ def _start_distributed(flag_values: FlagValues) -> None:
                                heartbeat_timeout_seconds=flag_values.heartbeat_timeout)
 
 
+def _quiet_shutdown() -> None:
+  """After a storage error: the write threads that hit it too (orbax, tensorstore callbacks into a
+  closed event loop) would print their own tracebacks while the process exits; the error line says
+  it all."""
+  import threading  # pylint: disable=g-import-not-at-top
+  sys.unraisablehook = lambda unraisable: None
+  threading.excepthook = lambda args: None
+  sys.excepthook = lambda *args: None
+
+
 def _guarded(main: Main, flag_values: FlagValues) -> int:
   try:
     _start_distributed(flag_values)
@@ -156,6 +166,7 @@ def _guarded(main: Main, flag_values: FlagValues) -> int:
     if message is None:
       raise
     logging.flush()
+    _quiet_shutdown()
     return _fail(message)
   return 0
 

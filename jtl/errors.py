@@ -39,6 +39,7 @@ _STORAGE_TEXT = (("No space left on device", errno.ENOSPC), ("Disk quota exceede
                  ("File too large", errno.EFBIG), ("Read-only file system", errno.EROFS),
                  ("Permission denied", errno.EACCES), ("Operation not permitted", errno.EPERM))
 _QUOTED_PATH = re.compile(r"""["'](/[^"']+)["']""")  # the last one is the file (tensorstore's style)
+_BARE_PATH = re.compile(r"(?<![\w.])(/[^\s\"':;,]+/[^\s\"':;,]+)")  # /a/b, not a key like w/0.0.0
 
 
 def _chain(error: BaseException) -> list[BaseException]:
@@ -64,8 +65,8 @@ def storage_problem(error: BaseException) -> str | None:
       text = str(e)
       code = next((c for phrase, c in _STORAGE_TEXT if phrase in text), None)
       if code is not None:
-        quoted = _QUOTED_PATH.findall(text)
-        path = quoted[-1] if quoted else None
+        paths = _QUOTED_PATH.findall(text) or _BARE_PATH.findall(text)
+        path = paths[-1] if paths else None
     if code is not None:
       what, fix = _STORAGE_ERRNOS[code]
       where = f" writing {path}" if path else ""
