@@ -12,7 +12,9 @@
 * **A watching evaluator** (`experiments.evaluate --watch`) writes `WORKDIR/evaluator.json` (the last
   step it evaluated and a heartbeat). While its heartbeat is fresh, checkpoints it has not evaluated yet
   are kept too, up to `max_unevaluated` of them (a warning names what is dropped when it falls further
-  behind), so a learning curve gets every point.
+  behind), so a learning curve gets every point. It registers before anything else (`register_evaluator`,
+  before its own set-up), so a trainer started in the same second deletes nothing it will want, and
+  when it is done with a finished run it deletes what was kept only for it (`catch_up`).
 """
 from __future__ import annotations
 
@@ -155,6 +157,37 @@ def evaluator_progress(workdir: str | epath.Path) -> int | None:
   if time.time() - float(info.get("heartbeat", 0)) > HEARTBEAT_FRESH_S:
     return None
   return int(info.get("evaluated", -1))
+
+
+def register_evaluator(workdir: str | epath.Path) -> None:
+  """A watching evaluator's first act (before any set-up): its progress so far (the steps already in
+  `eval_metrics.jsonl`; -1 if none) and a heartbeat, so the keep policy keeps every checkpoint it has
+  not evaluated from the start. Creates the workdir if the trainer has not yet."""
+  from jtl.metric_writer import read_jsonl  # pylint: disable=g-import-not-at-top  (no cycle)
+  workdir = epath.Path(workdir)
+  if jax.process_index() == 0:
+    workdir.mkdir(parents=True, exist_ok=True)
+  done = [row["step"] for row in read_jsonl(workdir / "eval_metrics.jsonl")]
+  report_evaluator_progress(workdir, max(done, default=-1))
+
+
+def catch_up(workdir: str | epath.Path, keep: int | None, evaluated: set[int]) -> None:
+  """After a watching evaluator is done with a finished run: deletes the checkpoints the trainer's
+  keep policy kept only for it (evaluated, older than the newest `keep` good ones). Nothing that was
+  not evaluated, nothing damaged, nothing if `keep` is None."""
+  if keep is None:
+    return
+  good = [s for s in checkpoint.completed_steps(workdir) if not problem(workdir, s)]
+  doomed = [s for s in good[:-keep] if s in evaluated]
+  if not doomed:
+    return
+  with checkpoint.manager(workdir, keep=None, async_save=False, create=False) as mgr:
+    for step in doomed:
+      try:
+        mgr.delete(step)
+      except (FileNotFoundError, ValueError):  # the trainer's own pruning got there first
+        pass
+  logging.info("the evaluator is done: deleted checkpoints %s (keep_checkpoints=%d)", doomed, keep)
 
 
 def report_evaluator_progress(workdir: str | epath.Path, evaluated: int) -> None:

@@ -8,6 +8,7 @@ import json
 import os
 import pathlib
 import threading
+import time
 
 import jax
 import jax.numpy as jnp
@@ -332,3 +333,28 @@ def test_skip_nonfinite_updates_is_bit_identical_while_nothing_is_skipped():
   (plain, _), (guarded, skipped) = run(0), run(3)
   assert float(skipped) == 0.0
   assert_trees_equal(plain, guarded)
+
+
+def test_an_evaluator_started_with_the_trainer_evaluates_every_checkpoint_once(tmp_path, monkeypatch):
+  """`--watch` started in the same second as the trainer, keep 2, a checkpoint every 5 steps. The
+  evaluator's set-up is held back until the trainer has written 3 checkpoints (the slow case): it
+  registered before its set-up, so nothing is deleted under it; afterwards only `keep` are left."""
+  config = digits_config(total_steps=30, checkpoint_every=5, keep_checkpoints=2, log_every=5)
+  real_setup = evaluate.setup_for_eval
+
+  def slow_setup(*args, **kwargs):
+    deadline = time.monotonic() + 300
+    while len(checkpoint.completed_steps(tmp_path)) < 3 and time.monotonic() < deadline:
+      time.sleep(0.05)
+    return real_setup(*args, **kwargs)
+  monkeypatch.setattr(evaluate, "setup_for_eval", slow_setup)
+  watcher = threading.Thread(target=evaluate.evaluate_checkpoints, args=(config, str(tmp_path)),
+                             kwargs=dict(watch=True, timeout=600, poll_every=0.05), daemon=True)
+  watcher.start()
+  train.train(config, str(tmp_path))
+  watcher.join(timeout=300)
+  assert not watcher.is_alive()
+  steps = [r["step"] for r in read_jsonl(tmp_path / "eval_metrics.jsonl")]
+  assert steps == list(range(5, 31, 5)), steps
+  assert checkpoint.completed_steps(tmp_path) == [25, 30]  # the keep policy caught up
+  assert not (tmp_path / keep.EVALUATOR_FILE).exists()
