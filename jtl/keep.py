@@ -139,6 +139,8 @@ def good_steps(workdir: str | epath.Path) -> list[int]:
   out = []
   for step in checkpoint.completed_steps(workdir):
     why = problem(workdir, step)
+    if why and not (checkpoint.checkpoint_dir(workdir) / str(step)).exists():
+      continue  # deleted meanwhile (a finished evaluator's catch-up): gone, not broken
     if why:
       quarantine(workdir, step, why)
     else:
@@ -256,5 +258,11 @@ class Keeper:
       doomed = [int(s) for s in multihost_utils.broadcast_one_to_all(
           np.asarray(doomed + [-1] * (len(good) - len(doomed)), np.int64)) if s >= 0]
     for step in doomed:
-      mgr.delete(step)
-    mgr.reload()
+      try:
+        mgr.delete(step)
+      except (FileNotFoundError, ValueError):  # deleted meanwhile by a finished evaluator's catch-up
+        pass
+    try:
+      mgr.reload()
+    except FileNotFoundError:  # (the same: a step that vanished while orbax listed it)
+      mgr.reload()
