@@ -37,7 +37,7 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from jtl.config import unknown_override_error  # noqa: E402
-from jtl.errors import ConfigError, RunError  # noqa: E402
+from jtl.errors import ConfigError, RunError, storage_problem  # noqa: E402
 
 FlagValues = flags.FlagValues
 Define = Callable[[FlagValues, list[str]], None]
@@ -174,6 +174,16 @@ def _start_distributed(flag_values: FlagValues) -> None:
                  jax.process_count(), jax.local_device_count(), jax.device_count())
 
 
+def _quiet_shutdown() -> None:
+  """After a storage error: the write threads that hit it too (orbax, tensorstore callbacks into a
+  closed event loop) would print their own tracebacks while the process exits; the error line says
+  it all."""
+  import threading  # pylint: disable=g-import-not-at-top
+  sys.unraisablehook = lambda unraisable: None
+  threading.excepthook = lambda args: None
+  sys.excepthook = lambda *args: None
+
+
 def _guarded(main: Main, flag_values: FlagValues) -> int:
   try:
     _start_distributed(flag_values)
@@ -184,6 +194,13 @@ def _guarded(main: Main, flag_values: FlagValues) -> int:
   except RunError as e:
     logging.flush()
     return _fail(_one_line(e), EXIT_RUN_FAILED)
+  except Exception as e:  # full disk, quota, ulimit -f, lost permissions: whoever raised it (orbax...)
+    message = storage_problem(e)
+    if message is None:
+      raise
+    logging.flush()
+    _quiet_shutdown()
+    return _fail(message)
   return 0
 
 
@@ -199,13 +216,16 @@ def execute(define_flags: Define, main: Main, argv: list[str]) -> int:
 
 
 class _OwnInfoOnly(py_logging.Filter):
-  """INFO lines from jtl itself; libraries (orbax, tfds, XLA) only from WARNING up. --verbosity=1
-  shows everything."""
+  """INFO lines from jtl itself; libraries (orbax, tfds, XLA) only from WARNING up, without
+  tracebacks. --verbosity=1 shows everything."""
 
   def filter(self, record: py_logging.LogRecord) -> bool:
-    if record.levelno >= py_logging.WARNING or logging.get_verbosity() >= logging.DEBUG:
+    if logging.get_verbosity() >= logging.DEBUG:
       return True
-    return any(part in record.pathname for part in ("/jtl/", "/experiments/"))
+    own = any(part in record.pathname for part in ("/jtl/", "/experiments/"))
+    if not own and record.exc_info:  # a library thread's traceback (orbax on a full disk: dozens):
+      record.exc_info, record.exc_text = None, None  # its one-line message stays; the run's own
+    return own or record.levelno >= py_logging.WARNING  # error line says what to do
 
 
 def run(define_flags: Define, main: Main) -> None:

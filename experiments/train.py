@@ -3,15 +3,15 @@
   python -m experiments.train --config=experiments/configs/pretrain_digits.py --workdir=runs/pre \
       [--config.total_steps=500 ...]
 
-Re-running the same command resumes from the latest checkpoint; SIGTERM/SIGINT saves and exits 0.
-One trainer per workdir: a second one stops with an error naming the first (docs/workdir_lock.md).
-The workdir may be relative, absolute or remote (gs://...).
+Re-running the same command resumes from the latest checkpoint; SIGTERM/SIGINT at any moment (start-up
+included) saves what there is to save and exits 0. One trainer per workdir: a second one stops with an
+error naming the first (docs/workdir_lock.md). The workdir may be relative, absolute or remote
+(gs://...). Exit codes: docs/reliability.md.
 """
-import jax
 from absl import flags
 
 from experiments import cli
-from jtl import objectives, train
+from jtl import signals
 
 
 def define_flags(flag_values: flags.FlagValues, argv: list[str]) -> None:
@@ -25,6 +25,9 @@ def define_flags(flag_values: flags.FlagValues, argv: list[str]) -> None:
 
 
 def main(flag_values: flags.FlagValues) -> None:
+  # pylint: disable=g-import-not-at-top  (after the signal handler, below)
+  import jax
+  from jtl import objectives, train
   config = cli.load_config(flag_values)
   train.train(config, flag_values.workdir, take_over_lock=flag_values.take_over_lock)
   # An objective may draw something from the finished run (style transfer: plots/*.png).
@@ -35,4 +38,5 @@ def main(flag_values: flags.FlagValues) -> None:
 
 
 if __name__ == "__main__":
+  signals.install()  # before jax and TensorFlow load: a SIGTERM during start-up stops cleanly too
   cli.run(define_flags, main)

@@ -4,10 +4,21 @@ Layout: `WORKDIR/checkpoints/<step>/{params,model_state,opt_state}`. Orbax write
 temporary folder and renames it only once complete, and `all_steps()` lists completed steps only, so a
 reader (the evaluator watching a running job) never sees a half-written checkpoint. Items with no
 leaves (e.g. no BatchNorm → empty model_state) are not written.
+
+**Checksums.** orbax and tensorstore check structure, not content: a flipped byte loads as a finite,
+wrong weight. So every checkpoint of an asynchronous manager carries `checksums.json`, the size and
+CRC-32 of every file of its items, written by orbax's `post_finalization_callback`: after every
+process's data is on disk and before the temporary folder is renamed to `<step>` (the commit), so a
+committed checkpoint always has its manifest. (A synchronous manager has no such hook: it writes the
+manifest right after the commit.) `restore` and `load_variables` check it before reading anything
+(`ChecksumError`); a checkpoint without a manifest (written with `checkpoint_checksums=False`, or by an
+older jtl) is read unverified.
 """
 from __future__ import annotations
 
+import json
 import re
+import zlib
 from typing import Any
 
 import jax
@@ -21,24 +32,117 @@ from jtl import masks
 from jtl.errors import ConfigError
 
 ITEMS = ("params", "model_state", "opt_state")
+MANIFEST = "checksums.json"
+_NOT_DATA = ("commit_success.txt",)  # written by orbax after the commit on some file systems
+_CHUNK = 16 << 20
+
+
+class ChecksumError(ValueError):
+  """A checkpoint's files do not match its manifest (damaged after it was written)."""
 
 
 def checkpoint_dir(workdir: str | epath.Path) -> epath.Path:
   return epath.Path(workdir) / "checkpoints"
 
 
+def _item_files(folder: epath.Path) -> dict[str, epath.Path]:
+  """{path relative to the step folder: path} of every data file of a step's items."""
+  out, todo = {}, [folder / name for name in ITEMS if (folder / name).exists()]
+  while todo:
+    for entry in todo.pop().iterdir():
+      if entry.is_dir():
+        todo.append(entry)
+      elif entry.name not in _NOT_DATA:
+        out[str(entry.relative_to(folder))] = entry
+  return out
+
+
+def _crc32(path: epath.Path) -> tuple[int, int]:
+  """(size, CRC-32) of a file, read in chunks."""
+  crc, size = 0, 0
+  with path.open("rb") as f:
+    while chunk := f.read(_CHUNK):
+      crc, size = zlib.crc32(chunk, crc), size + len(chunk)
+  return size, crc
+
+
+def write_manifest(folder: epath.Path) -> None:
+  """Writes `folder/checksums.json`: {relative path: [size, crc32]} for every item file."""
+  files = {rel: list(_crc32(path)) for rel, path in sorted(_item_files(folder).items())}
+  (folder / MANIFEST).write_text(json.dumps({"crc32": files}))
+
+
+def has_manifest(workdir: str | epath.Path, step: int) -> bool:
+  return (checkpoint_dir(workdir) / str(step) / MANIFEST).exists()
+
+
+def checksum_problem(workdir: str | epath.Path, step: int) -> str | None:
+  """Why checkpoint `step`'s files do not match its manifest, or None (also None without one).
+
+  Every process checks every file: what it reads is a subset (a multi-host restore reads shards
+  written by other processes)."""
+  folder = checkpoint_dir(workdir) / str(step)
+  try:
+    manifest = json.loads((folder / MANIFEST).read_text())["crc32"]
+  except FileNotFoundError:
+    return None
+  except (ValueError, KeyError, TypeError) as e:
+    return f"its {MANIFEST} is unreadable ({type(e).__name__})"
+  present = _item_files(folder)
+  for rel, (size, crc) in manifest.items():
+    if rel not in present:
+      return f"{rel} is missing (listed in {MANIFEST})"
+    if _crc32(present[rel]) != (size, crc):
+      return f"{rel} does not match its checksum in {MANIFEST}"
+  extra = sorted(set(present) - set(manifest))
+  if extra:
+    return f"{extra[0]} is not in {MANIFEST}"
+  return None
+
+
+class _Manager(ocp.CheckpointManager):
+  """A CheckpointManager that writes each checkpoint's checksum manifest (see the module docstring)."""
+
+  def __init__(self, directory: epath.Path, options: ocp.CheckpointManagerOptions, checksums: bool):
+    self.checksums, self.saving_step = checksums, None
+    super().__init__(directory, options=options)
+
+  def before_commit(self) -> None:
+    """orbax's post_finalization_callback: all data written, the step folder not yet renamed."""
+    if not self.checksums or self.saving_step is None:
+      return
+    prefix = f"{self.saving_step}{ocp.path.atomicity.TMP_DIR_SUFFIX}"
+    folders = [p for p in self.directory.iterdir() if p.name.startswith(prefix)]
+    if len(folders) == 1:  # (anything else: no manifest, and the checkpoint is read unverified)
+      write_manifest(folders[0])
+
+  def save(self, step: int, *args, **kwargs) -> bool:
+    self.saving_step = step
+    saved = super().save(step, *args, **kwargs)
+    if saved and self.checksums and not self._options.enable_async_checkpointing:
+      folder = self.directory / str(step)  # a synchronous save has committed already
+      if jax.process_index() == 0 and not (folder / MANIFEST).exists():
+        write_manifest(folder)
+    return saved
+
+
 def manager(workdir: str | epath.Path, *, keep: int | None = 3, save_every: int = 1,
-            async_save: bool = True, create: bool = True,
-            cleanup_tmp: bool = False) -> ocp.CheckpointManager:
+            async_save: bool = True, create: bool = True, cleanup_tmp: bool = False,
+            checksums: bool = True) -> ocp.CheckpointManager:
   """CheckpointManager over `WORKDIR/checkpoints`; `save(step, force=True)` ignores `save_every`.
 
   `keep=None`: orbax deletes nothing (the trainer's keep policy is `jtl.keep`). `cleanup_tmp`: remove
   half-written temporary folders that a killed run left (only the trainer, which owns them).
+  `checksums`: each saved checkpoint gets its manifest (`checkpoint_checksums`).
   """
+  holder: list[_Manager] = []
   options = ocp.CheckpointManagerOptions(
       max_to_keep=keep, save_interval_steps=save_every, enable_async_checkpointing=async_save,
-      create=create, cleanup_tmp_directories=cleanup_tmp)
-  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
+      create=create, cleanup_tmp_directories=cleanup_tmp,
+      async_options=ocp.AsyncOptions(post_finalization_callback=lambda: holder[0].before_commit())
+      if async_save else None)  # (orbax refuses the callback on a synchronous manager)
+  holder.append(_Manager(checkpoint_dir(workdir), options, checksums))
+  return holder[0]
 
 
 def save(mgr: ocp.CheckpointManager, step: int, state: Any, force: bool = False) -> bool:
@@ -48,8 +152,14 @@ def save(mgr: ocp.CheckpointManager, step: int, state: Any, force: bool = False)
   return mgr.save(step, args=ocp.args.Composite(**items), force=force)
 
 
-def restore(mgr: ocp.CheckpointManager, step: int, abstract: dict[str, Any]) -> dict[str, Any]:
-  """Restores the named items onto the shardings of their abstract (ShapeDtypeStruct) targets."""
+def restore(mgr: ocp.CheckpointManager, step: int, abstract: dict[str, Any],
+            verify: bool = True) -> dict[str, Any]:
+  """Restores the named items onto the shardings of their abstract (ShapeDtypeStruct) targets;
+  `verify`: first checks the files against the checkpoint's manifest (ChecksumError if damaged)."""
+  if verify:
+    why = checksum_problem(mgr.directory.parent, step)
+    if why:
+      raise ChecksumError(f"checkpoint {step}: {why}")
   args, restored = {}, {}
   for name, target in abstract.items():
     if jax.tree.leaves(target):
@@ -81,6 +191,10 @@ def load_variables(workdir: str | epath.Path, step: int | None = None) -> tuple[
   step = steps[-1] if step is None else int(step)
   if step not in steps:
     raise ConfigError(f"no checkpoint for step {step} in {checkpoint_dir(workdir)}; available: {steps}")
+  why = checksum_problem(workdir, step)
+  if why:
+    raise ConfigError(f"checkpoint {step} in {checkpoint_dir(workdir)} is damaged: {why}; pick "
+                      "another step (init_from.step)")
   present = [n for n in ("params", "model_state") if (checkpoint_dir(workdir) / str(step) / n).exists()]
   # Onto one local device: the saving run's topology (8 devices, 2 hosts) need not exist here.
   one_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])

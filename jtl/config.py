@@ -34,7 +34,8 @@ FOLDER_PREFIX = "folder:"
 # checkpoints and evaluates, where its data lives and on which devices (elastic resume).
 RESUMABLE_CHANGES = ("total_steps", "log_every", "checkpoint_every", "keep_checkpoints", "eval.*",
                      "evals.*", "mesh.*", "data.data_dir", "init_from.*", "checkpoint_verify",
-                     "checkpoint_initial", "skip_nonfinite_updates")
+                     "checkpoint_initial", "skip_nonfinite_updates", "checkpoint_checksums",
+                     "restart_from_scratch")
 
 
 def resolve_path(path: str) -> str:

@@ -90,6 +90,8 @@ def evaluate_checkpoints(config: ml_collections.ConfigDict | None, workdir: str 
   """
   workdir = epath.Path(config_lib.resolve_path(os.fspath(workdir)))
   deadline = time.time() + timeout
+  if watch:  # register first: from now on the trainer's keep policy keeps what we have not evaluated
+    keep.register_evaluator(workdir)
   if watch and config is None:  # started beside a trainer that has not written its config yet
     while not config_lib.run_config_path(workdir).exists() and time.time() < deadline:
       time.sleep(poll_every)
@@ -113,6 +115,9 @@ def evaluate_checkpoints(config: ml_collections.ConfigDict | None, workdir: str 
       todo = [t for t in available if t not in done | broken and (step is None or t == step)]
       for t in todo:
         why = keep.problem(workdir, t)
+        if why and not _still_there(workdir, t):
+          logging.warning("checkpoint %d vanished before it was evaluated; skipped", t)
+          continue
         if why:
           logging.warning("checkpoint %d is broken (%s); skipped, not recorded as evaluated", t, why)
           broken.add(t)
@@ -123,6 +128,9 @@ def evaluate_checkpoints(config: ml_collections.ConfigDict | None, workdir: str 
           logging.warning("checkpoint %d vanished before it was evaluated; skipped", t)
           continue
         except Exception:  # a damaged checkpoint? (orbax raises many types)
+          if not _still_there(workdir, t):  # deleted while we read it: gone, not broken
+            logging.warning("checkpoint %d vanished while it was evaluated; skipped", t)
+            continue
           why = keep.verify(workdir, t)
           if why is None:
             raise
@@ -154,6 +162,8 @@ def evaluate_checkpoints(config: ml_collections.ConfigDict | None, workdir: str 
     writer.close()
     if watch and jax.process_index() == 0:  # no longer watching: the trainer need not wait for us
       (workdir / keep.EVALUATOR_FILE).unlink(missing_ok=True)
+  if watch and config.total_steps in done:  # the trainer has finished: delete what it kept for us
+    keep.catch_up(workdir, config.get("keep_checkpoints", 3), evaluated=done)
   return new_rows
 
 
@@ -188,3 +198,7 @@ def _gave_up(workdir: epath.Path, target: int, timeout: float, available: list[i
   return (f"--watch gave up after --timeout={timeout:g} s: step {target} of {workdir} never "
           f"appeared ({newest}, {len(done)} evaluated; {_trainer_state(workdir)}); rerun the "
           "training command to resume the run, then watch again (or raise --timeout)")
+
+
+def _still_there(workdir: epath.Path, step: int) -> bool:
+  return (checkpoint.checkpoint_dir(workdir) / str(step)).exists()

@@ -1,7 +1,8 @@
 """Which checkpoints a run keeps: integrity checks, quarantine of broken ones, and the keep policy.
 
 * **Integrity.** `problem(workdir, step)` is a structural check (metadata that parses, every item folder
-  with its metadata and non-empty files); `verify` reads a checkpoint back to the host. A broken
+  with its metadata and non-empty files); `verify` also checks the files against the checkpoint's
+  checksum manifest (`jtl.checkpoint`) and reads it back to the host. A broken
   checkpoint is never deleted and never used: it is moved aside to `checkpoints/corrupt-<step>` with a
   warning naming it, so resuming falls back to the newest good one and the evaluator skips it.
 * **Keep policy.** Orbax's own `max_to_keep` would delete old checkpoints when a new one is written,
@@ -11,7 +12,9 @@
 * **A watching evaluator** (`experiments.evaluate --watch`) writes `WORKDIR/evaluator.json` (the last
   step it evaluated and a heartbeat). While its heartbeat is fresh, checkpoints it has not evaluated yet
   are kept too, up to `max_unevaluated` of them (a warning names what is dropped when it falls further
-  behind), so a learning curve gets every point.
+  behind), so a learning curve gets every point. It registers before anything else (`register_evaluator`,
+  before its own set-up), so a trainer started in the same second deletes nothing it will want, and
+  when it is done with a finished run it deletes what was kept only for it (`catch_up`).
 """
 from __future__ import annotations
 
@@ -66,8 +69,9 @@ def problem(workdir: str | epath.Path, step: int) -> str | None:
 
 
 def verify(workdir: str | epath.Path, step: int) -> str | None:
-  """Why checkpoint `step` cannot be read back (every item, onto one host device), or None."""
-  why = problem(workdir, step)
+  """Why checkpoint `step` is damaged (structure, then its checksum manifest if it has one) or cannot
+  be read back (every item, onto one host device), or None."""
+  why = problem(workdir, step) or checkpoint.checksum_problem(workdir, step)
   if why:
     return why
   folder = checkpoint.checkpoint_dir(workdir) / str(step)
@@ -100,11 +104,43 @@ def quarantine(workdir: str | epath.Path, step: int, why: str) -> None:
     multihost_utils.sync_global_devices(f"jtl_quarantine_{step}")
 
 
+def quarantined(workdir: str | epath.Path) -> list[str]:
+  """Names of the checkpoints moved aside as broken (`corrupt-<step>[-n]`), oldest step first."""
+  folder = checkpoint.checkpoint_dir(workdir)
+  if not folder.exists():
+    return []
+  names = [p.name for p in folder.iterdir() if p.name.startswith("corrupt-")]
+  return sorted(names, key=lambda n: [int(x) if x.isdigit() else x for x in n.split("-")[1:]])
+
+
+def set_aside(workdir: str | epath.Path, checkpoints: list[str], files: tuple[str, ...]
+              ) -> epath.Path:
+  """Moves the named checkpoint folders and workdir files into a new `before-restart-<n>` folder
+  (process 0; every process waits); returns it. Nothing is deleted."""
+  workdir = epath.Path(workdir)
+  n = 1
+  while (workdir / f"before-restart-{n}").exists():
+    n += 1
+  target = workdir / f"before-restart-{n}"
+  if jax.process_index() == 0:
+    (target / "checkpoints").mkdir(parents=True)
+    for name in checkpoints:
+      (checkpoint.checkpoint_dir(workdir) / name).rename(target / "checkpoints" / name)
+    for name in files:
+      if (workdir / name).exists():
+        (workdir / name).rename(target / name)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("jtl_set_aside")
+  return target
+
+
 def good_steps(workdir: str | epath.Path) -> list[int]:
   """Completed steps that pass the structural check (broken ones are quarantined on the way)."""
   out = []
   for step in checkpoint.completed_steps(workdir):
     why = problem(workdir, step)
+    if why and not (checkpoint.checkpoint_dir(workdir) / str(step)).exists():
+      continue  # deleted meanwhile (a finished evaluator's catch-up): gone, not broken
     if why:
       quarantine(workdir, step, why)
     else:
@@ -123,6 +159,37 @@ def evaluator_progress(workdir: str | epath.Path) -> int | None:
   if time.time() - float(info.get("heartbeat", 0)) > HEARTBEAT_FRESH_S:
     return None
   return int(info.get("evaluated", -1))
+
+
+def register_evaluator(workdir: str | epath.Path) -> None:
+  """A watching evaluator's first act (before any set-up): its progress so far (the steps already in
+  `eval_metrics.jsonl`; -1 if none) and a heartbeat, so the keep policy keeps every checkpoint it has
+  not evaluated from the start. Creates the workdir if the trainer has not yet."""
+  from jtl.metric_writer import read_jsonl  # pylint: disable=g-import-not-at-top  (no cycle)
+  workdir = epath.Path(workdir)
+  if jax.process_index() == 0:
+    workdir.mkdir(parents=True, exist_ok=True)
+  done = [row["step"] for row in read_jsonl(workdir / "eval_metrics.jsonl")]
+  report_evaluator_progress(workdir, max(done, default=-1))
+
+
+def catch_up(workdir: str | epath.Path, keep: int | None, evaluated: set[int]) -> None:
+  """After a watching evaluator is done with a finished run: deletes the checkpoints the trainer's
+  keep policy kept only for it (evaluated, older than the newest `keep` good ones). Nothing that was
+  not evaluated, nothing damaged, nothing if `keep` is None."""
+  if keep is None:
+    return
+  good = [s for s in checkpoint.completed_steps(workdir) if not problem(workdir, s)]
+  doomed = [s for s in good[:-keep] if s in evaluated]
+  if not doomed:
+    return
+  with checkpoint.manager(workdir, keep=None, async_save=False, create=False) as mgr:
+    for step in doomed:
+      try:
+        mgr.delete(step)
+      except (FileNotFoundError, ValueError):  # the trainer's own pruning got there first
+        pass
+  logging.info("the evaluator is done: deleted checkpoints %s (keep_checkpoints=%d)", doomed, keep)
 
 
 def report_evaluator_progress(workdir: str | epath.Path, evaluated: int) -> None:
@@ -149,6 +216,11 @@ class Keeper:
     self.mgr.wait_until_finished()
     steps = [s for s in checkpoint.completed_steps(self.workdir) if not problem(self.workdir, s)]
     return steps[-1] if steps else None
+
+  def last_good_info(self) -> tuple[int | None, bool]:
+    """(`last_good()`, whether it carries a checksum manifest)."""
+    step = self.last_good()
+    return step, step is not None and checkpoint.has_manifest(self.workdir, step)
 
   def save(self, step: int, state: Any) -> None:
     """Prunes once the previous (asynchronous) save is complete, then saves `step`."""
@@ -186,5 +258,11 @@ class Keeper:
       doomed = [int(s) for s in multihost_utils.broadcast_one_to_all(
           np.asarray(doomed + [-1] * (len(good) - len(doomed)), np.int64)) if s >= 0]
     for step in doomed:
-      mgr.delete(step)
-    mgr.reload()
+      try:
+        mgr.delete(step)
+      except (FileNotFoundError, ValueError):  # deleted meanwhile by a finished evaluator's catch-up
+        pass
+    try:
+      mgr.reload()
+    except FileNotFoundError:  # (the same: a step that vanished while orbax listed it)
+      mgr.reload()

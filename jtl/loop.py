@@ -9,7 +9,6 @@ state unchanged; `skipped` = 1 in its metrics) and the run stops only after N in
 """
 from __future__ import annotations
 
-import signal
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -19,35 +18,28 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from jtl import keep
+from jtl import keep, signals
 from jtl.errors import NonFiniteError
 from jtl.metric_writer import MetricWriter
 
 
 class StopFlag:
-  """Set by SIGTERM/SIGINT (preemption, Ctrl-C): the loop saves a checkpoint and exits cleanly."""
-
-  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+  """SIGTERM/SIGINT (preemption, Ctrl-C) seen by the loop: it saves a checkpoint and exits cleanly.
+  The handler itself is `jtl.signals` (installed from the start of a run, not only in the loop)."""
 
   def __init__(self, sync_every: int):
-    self.requested = False
     self.sync_every = sync_every
-    self._previous: dict[int, Any] = {}
+
+  @property
+  def requested(self) -> bool:
+    return signals.requested()
 
   def install(self) -> None:
-    for sig in self.SIGNALS:
-      self._previous[sig] = signal.signal(sig, self._handle)
+    signals.install()
 
   def uninstall(self) -> None:
     """Gives the signals back to whoever handled them before (a caller's own handler, or Python's)."""
-    for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
-    self._previous = {}
-
-  def _handle(self, signum, frame):
-    del frame
-    logging.warning("signal %d: saving a checkpoint and stopping", signum)
-    self.requested = True
+    signals.uninstall()
 
   def should_stop(self, step: int) -> bool:
     if jax.process_count() == 1:
@@ -63,8 +55,9 @@ class StopFlag:
 class Window:
   """Per-step metrics since the last log line; fetched from the devices only when checked."""
 
-  def __init__(self, max_skipped: int):
+  def __init__(self, max_skipped: int, resumed_from: int | None = None):
     self.max_skipped = max_skipped
+    self.resumed_from = resumed_from  # the checkpoint this run started from, if any
     self.pending: list[tuple[int, dict]] = []  # (step, device metrics), not yet checked
     self.checked: list[tuple[int, dict]] = []  # (step, host metrics)
     self.skipped_in_a_row = 0
@@ -72,8 +65,9 @@ class Window:
   def add(self, step: int, metrics: dict) -> None:
     self.pending.append((step, metrics))
 
-  def check(self, last_good: int | None) -> None:
-    """Fetches pending metrics; NonFiniteError at the first non-finite step (or skip streak)."""
+  def check(self, last_good: int | None, verified: bool = True) -> None:
+    """Fetches pending metrics; NonFiniteError at the first non-finite step (or skip streak).
+    `last_good`: the newest checkpoint on disk; `verified`: whether it carries checksums."""
     if not self.pending:
       return
     fetched = jax.device_get([m for _, m in self.pending])
@@ -84,13 +78,14 @@ class Window:
         if self.skipped_in_a_row >= self.max_skipped:
           raise NonFiniteError(
               f"{self.skipped_in_a_row} updates in a row had non-finite values, the last at step "
-              f"{step}; stopped (skip_nonfinite_updates={self.max_skipped}); {_advice(last_good)}")
+              f"{step}; stopped (skip_nonfinite_updates={self.max_skipped}); "
+              f"{self._advice(step - self.skipped_in_a_row + 1, last_good, verified)}")
       else:
         bad = sorted(k for k, v in metrics.items() if not np.all(np.isfinite(v)))
         if bad:
           values = ", ".join(f"{k}={np.asarray(metrics[k]).item():.4g}" for k in bad)
           raise NonFiniteError(f"non-finite values at step {step} ({values}); stopped before saving "
-                               f"anything from it; {_advice(last_good)}")
+                               f"anything from it; {self._advice(step, last_good, verified)}")
     self.checked += [(step, m) for (step, _), m in zip(self.pending, fetched)]
     self.pending = []
 
@@ -106,30 +101,47 @@ class Window:
     return out
 
 
-def _advice(last_good: int | None) -> str:
-  where = (f"the last good checkpoint is step {last_good} (rerunning resumes from it)"
-           if last_good is not None else "no checkpoint was written")
-  return (f"{where}; lower optim.lr, clip gradients (optim.clip_norm), or skip such updates "
-          "(--config.skip_nonfinite_updates=N)")
+  def _advice(self, first_bad: int, last_good: int | None, verified: bool) -> str:
+    """What is kept and what to do. A checkpoint is called good only if its checksums vouch for it;
+    if the very first step after resuming went bad, the checkpoint itself is the suspect."""
+    if last_good is None:
+      return ("no checkpoint was written; lower optim.lr, clip gradients (optim.clip_norm), or skip "
+              "such updates (--config.skip_nonfinite_updates=N)")
+    checked = ("its files match their checksums, so the values were saved like this"
+               if verified else "it carries no checksums, so it is unverified")
+    if self.resumed_from is not None and first_bad == self.resumed_from + 1 == last_good + 1:
+      return (f"that was the first step after resuming from checkpoint {last_good}, which may itself "
+              f"hold bad values ({checked}); rerunning resumes from it and fails the same way: "
+              f"evaluate it, or move checkpoints/{last_good} aside so that the one before it is used")
+    where = (f"the last good checkpoint is step {last_good}" if verified else
+             f"the last checkpoint is step {last_good} ({checked})")
+    return (f"{where} (rerunning resumes from it); lower optim.lr, clip gradients "
+            "(optim.clip_norm), or skip such updates (--config.skip_nonfinite_updates=N)")
 
 
 def run(config: Any, state: Any, step_fn: Callable, device_batches: Iterator[Any],
-        writer: MetricWriter, until: int, keeper: keep.Keeper) -> Any:
+        writer: MetricWriter, until: int, keeper: keep.Keeper,
+        resumed_from: int | None = None) -> Any:
   """Steps until `until` or a stop signal; logs every `log_every`, checkpoints every
-  `checkpoint_every`, at `total_steps` and on a signal. Signal handlers are the loop's only while it
-  runs. Returns the state (its step < `until` if a signal stopped it)."""
+  `checkpoint_every`, at `total_steps` and on a signal (a signal that came before the first step
+  stops it before stepping: the state it started from is on disk already, or is the init). Returns
+  the state (its step < `until` if a signal stopped it)."""
   stop = StopFlag(sync_every=config.log_every)
   step = int(state.step)
-  window = Window(int(config.get("skip_nonfinite_updates") or 0))
+  window = Window(int(config.get("skip_nonfinite_updates") or 0), resumed_from)
   last_time, last_step = time.perf_counter(), step
   stop.install()
   try:
+    if jax.process_count() == 1 and stop.requested:
+      logging.warning("stopped at step %d after a signal, before any step; resume by running the "
+                      "same command", step)
+      return state
     while step < until:
       state, metrics = step_fn(state, next(device_batches))
       step += 1
       window.add(step, metrics)  # device arrays: no sync per step
       if step % config.log_every == 0 or step == until:
-        window.check(keeper.last_good())
+        window.check(*keeper.last_good_info())
         means = window.means()
         now = time.perf_counter()
         rate = (step - last_step) / max(now - last_time, 1e-9)
@@ -141,7 +153,7 @@ def run(config: Any, state: Any, step_fn: Callable, device_batches: Iterator[Any
         last_time, last_step = now, step
       stopping = stop.should_stop(step)
       if step % config.checkpoint_every == 0 or step == config.total_steps or stopping:
-        window.check(keeper.last_good())  # never save a state that came from a non-finite step
+        window.check(*keeper.last_good_info())  # never save a state that came from a non-finite step
         keeper.save(step, state)
       if stopping:
         logging.warning("stopped at step %d after a signal; resume by running the same command",

@@ -23,7 +23,7 @@ from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jtl import (accumulate, checkpoint, compile_cache, data, keep, loop, masks, objectives, optim,
-                 phases, progress, sharding)
+                 phases, progress, sharding, signals)
 from jtl import config as config_lib
 from jtl import lock as workdir_lock
 from jtl.errors import ConfigError
@@ -131,7 +131,10 @@ def make_train_step(s: Setup) -> Callable[[TrainState, Any], tuple[TrainState, d
                            model_state, opt_state)
     if skip_nonfinite:
       finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(v)) for v in jax.tree.leaves(metrics)]))
-      new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+      # A conditional, not a jnp.where over the state: the select fused with the update changed how
+      # XLA rounded the moving averages (BatchNorm statistics, Adam moments 1e-7 off by step 20), so a
+      # run with the guard on did not continue bit-identically one without it while nothing is skipped.
+      new_state = jax.lax.cond(finite, lambda new, old: new, lambda new, old: old, new_state, state)
       new_state = new_state.replace(step=state.step + 1)
       metrics["skipped"] = jnp.logical_not(finite).astype(jnp.float32)
     return new_state, metrics
@@ -209,8 +212,9 @@ def _check_same_experiment(config: ml_collections.ConfigDict, workdir: epath.Pat
 
 def _resume(config: ml_collections.ConfigDict, workdir: epath.Path, example: Any,
             schedule: list[phases.Phase], mgr: Any) -> tuple[int, Setup, TrainState | None]:
-  """(step, setup, restored state) from the newest checkpoint that reads back; (0, setup, None)
-  without one. A broken checkpoint is moved aside with a warning and the next older one is tried."""
+  """(step, setup, restored state) from the newest checkpoint that reads back (and matches its
+  checksums); (0, setup, None) without one. A broken checkpoint is moved aside with a warning and the
+  next older one is tried."""
   candidates = keep.good_steps(workdir)  # structurally broken ones are moved aside here
   mgr.reload()
   for step in reversed(candidates):
@@ -218,7 +222,8 @@ def _resume(config: ml_collections.ConfigDict, workdir: epath.Path, example: Any
     s = setup(config, example, phases.at(schedule, max(step - 1, 0)))
     try:
       restored = checkpoint.restore(mgr, step, {
-          name: getattr(s.abstract_state, name) for name in checkpoint.ITEMS})
+          name: getattr(s.abstract_state, name) for name in checkpoint.ITEMS},
+          verify=config.get("checkpoint_checksums", True))
     except Exception as e:  # orbax/tensorstore raise many types
       why = keep.verify(workdir, step)
       if why is None:  # the files read fine: they are another state's, not damaged
@@ -229,8 +234,42 @@ def _resume(config: ml_collections.ConfigDict, workdir: epath.Path, example: Any
       mgr.reload()
       continue
     state = TrainState(jnp.asarray(step, jnp.int32), **restored)
+    if not checkpoint.has_manifest(workdir, step):
+      logging.warning("checkpoint %d carries no checksums (written with checkpoint_checksums=False "
+                      "or by an older jtl): its contents are not verified", step)
     return step, s, jax.device_put(state, s.state_shardings)
   return 0, setup(config, example, schedule[0]), None
+
+
+def _no_usable_checkpoint(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
+  """Called when nothing could be resumed. If damaged checkpoints were moved aside (now or by an
+  earlier attempt), starting over would silently throw the run away: a ConfigError says so, unless
+  `restart_from_scratch` asks for it, in which case the damaged checkpoints and the metrics files
+  move to `WORKDIR/before-restart-<n>/` and the run starts at step 0 in a clean workdir."""
+  damaged = keep.quarantined(workdir)
+  if not damaged:
+    return
+  if not config.get("restart_from_scratch", False):
+    raise ConfigError(
+        f"no usable checkpoint in {checkpoint.checkpoint_dir(workdir)}: every one is damaged and "
+        f"moved aside ({', '.join(damaged)}; the warnings above say why); nothing else was changed. "
+        "To start over from step 0, rerun with --config.restart_from_scratch=True (the damaged "
+        "checkpoints and the metrics files move to before-restart-N in the workdir), or use a new "
+        "--workdir")
+  aside = keep.set_aside(workdir, damaged, ("train_metrics.jsonl", "eval_metrics.jsonl"))
+  logging.warning("restart_from_scratch: no usable checkpoint; %s moved to %s; starting at step 0",
+                  ", ".join(damaged), aside)
+
+
+class _Stopped(Exception):
+  """A stop signal came during start-up: nothing to save yet."""
+
+
+def _check_signal(stage: str) -> None:
+  """Between start-up stages: stop now if a signal came (one process; several must agree, and do so
+  at the loop's first sync point instead)."""
+  if jax.process_count() == 1 and signals.requested():
+    raise _Stopped(stage)
 
 
 def _write_run_files(s: Setup, workdir: epath.Path) -> None:
@@ -249,13 +288,28 @@ def _write_run_files(s: Setup, workdir: epath.Path) -> None:
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
-          take_over_lock: bool = False) -> TrainState:
-  """Runs (or resumes) training in `workdir` (relative, absolute or remote); returns the final state.
+          take_over_lock: bool = False) -> TrainState | None:
+  """Runs (or resumes) training in `workdir` (relative, absolute or remote); returns the final state
+  (None if a stop signal came during start-up, before there was a state).
 
   Everything that can be wrong with the input is checked before the workdir is first written. The
   run holds the workdir's lock (jtl/lock.py) from its first write to its end; `take_over_lock` takes
-  it even from a holder that looks alive.
+  it even from a holder that looks alive. SIGTERM/SIGINT from the first line on stop the run cleanly
+  (`jtl.signals`).
   """
+  signals.install()
+  try:
+    return _train(config, workdir, take_over_lock)
+  except _Stopped as e:
+    logging.warning("stopped by a signal during start-up (%s), before any step; nothing to save; "
+                    "resume by running the same command", e)
+    return None
+  finally:
+    signals.uninstall()
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
+           take_over_lock: bool) -> TrainState:
   config = config_lib.prepare(config)
   workdir = epath.Path(config_lib.resolve_path(os.fspath(workdir)))
   cpu_ops.remember_choices(compile_cache.enable(config.get("compilation_cache")))
@@ -268,8 +322,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
         config.data, global_batch_size=config.batch_size, seed=config.seed, start_step=step,
         process_index=jax.process_index(), process_count=jax.process_count())
   example = next(batches_from(0))
+  _check_signal("data ready")
   s = setup(config, example, schedule[0])
   loaded = None if checkpoint.completed_steps(workdir) else load_transfer_source(s)
+  _check_signal("set up")
   with workdir_lock.hold(workdir, take_over=take_over_lock):
     return _write_and_run(config, workdir, s, example, schedule, loaded, batches_from)
 
@@ -285,13 +341,20 @@ def _write_and_run(config: ml_collections.ConfigDict, workdir: epath.Path, s: Se
   """The part of `train` that writes the workdir (under its lock)."""
   # Validation is over: from here on the workdir is written.
   _write_run_files(s, workdir)
-  mgr = checkpoint.manager(workdir, keep=None, cleanup_tmp=True)
-  start_step, s, state = _resume(config, workdir, example, schedule, mgr)
-  if state is None:  # (every checkpoint there broken: start over, from init_from if any)
-    loaded = loaded if loaded is not None else load_transfer_source(s)
-    state = initial_state(s, *init_variables(s, loaded))
-  else:
-    logging.info("resumed from step %d", start_step)
+  mgr = checkpoint.manager(workdir, keep=None, cleanup_tmp=True,
+                           checksums=config.get("checkpoint_checksums", True))
+  try:
+    start_step, s, state = _resume(config, workdir, example, schedule, mgr)
+    if state is None:
+      _no_usable_checkpoint(config, workdir)  # (raises unless there is nothing to lose)
+      loaded = loaded if loaded is not None else load_transfer_source(s)
+      state = initial_state(s, *init_variables(s, loaded))
+    else:
+      logging.info("resumed from step %d", start_step)
+    _check_signal("restored")
+  except BaseException:
+    mgr.close()
+    raise
   logging.info("trainable parameters:\n%s", masks.summary(s.abstract_state.params, s.trainable))
   writer = MetricWriter(workdir, "train_metrics")
   writer.drop_after(start_step)  # steps a killed run logged past its last checkpoint run again
@@ -310,7 +373,8 @@ def _write_and_run(config: ml_collections.ConfigDict, workdir: epath.Path, s: Se
         s = next_setup
       step_fn = progress.announce_first_call(make_train_step(s), _step_name(s, schedule))
       state = loop.run(config, state, step_fn, device_batches, writer,
-                       until=phase.end, keeper=keeper)
+                       until=phase.end, keeper=keeper,
+                       resumed_from=start_step if start_step else None)
       if int(state.step) < phase.end:  # stopped by a signal
         break
   finally:

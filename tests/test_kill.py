@@ -1,9 +1,11 @@
 """Real processes, real signals. `kill -9` mid-step, mid-save and right after a save, and a polite
 SIGTERM (save and exit 0): the same command again ends bit-identical to an uninterrupted run, every
-step logged once. Two hosts (2 processes x 2 devices, gloo) train like one process with 4 devices; one
+step logged once. SIGTERM/SIGINT during start-up exit 0; a file-size limit or write access lost
+mid-run end with one `error:` line (exit 2) and the rerun carries on. Two hosts (2 processes x 2 devices, gloo) train like one process with 4 devices; one
 of them killed stops the other in bounded time, the restarted pair resumes, and two evaluator
 processes write each row once."""
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -13,6 +15,7 @@ import time
 
 import jax
 import numpy as np
+import pytest
 
 from jtl import checkpoint, data
 from jtl.metric_writer import read_jsonl
@@ -30,13 +33,13 @@ TIMEOUT_S = 1800
 HEARTBEAT_TIMEOUT_S = 10
 
 
-def start(workdir, *extra, devices=1, module="experiments.train"):
+def start(workdir, *extra, devices=1, module="experiments.train", preexec_fn=None):
   env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
          "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3"}
   args = ARGS if module == "experiments.train" else ()
   return subprocess.Popen([sys.executable, "-m", module, *args, f"--workdir={workdir}", *extra],
                           cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True)
+                          text=True, preexec_fn=preexec_fn)
 
 
 def finish(process, deadline, expect=0):
@@ -198,3 +201,87 @@ def test_two_hosts_train_like_one_a_dead_one_stops_its_peer_and_the_pair_resumes
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
   logged = [r["step"] for r in read_jsonl(workdir / "train_metrics.jsonl")]
   assert logged == list(range(10, PAIR_STEPS + 1, 10)), logged  # process 0 writes, each step once
+
+
+SHORT = ("--config.total_steps=40", "--config.compilation_cache=none")
+
+
+def error_lines(output):
+  return [line for line in output.splitlines() if line.startswith("error:")]
+
+
+def test_a_file_size_limit_is_one_error_line_and_the_rerun_finishes(tmp_path):
+  """`ulimit -f` (EFBIG) while orbax writes a checkpoint: one `error:` line naming the file and the
+  limit, exit 2, and no traceback; the same command without the limit then finishes."""
+  data.validate(digits_config().data)
+  deadline = time.monotonic() + TIMEOUT_S
+  workdir = tmp_path / "run"
+  limit = 5 * 1024  # config.json (2.3 KB) fits; the first checkpoint's 6 KB files do not
+  process = start(workdir, *SHORT, preexec_fn=lambda: resource.setrlimit(
+      resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1])))
+  output = finish(process, deadline, expect=2)
+  errors = error_lines(output)
+  assert len(errors) == 1 and "file-size limit" in errors[0] and str(workdir) in errors[0], output
+  assert "Traceback" not in output, output[-3000:]
+  assert checkpoint.completed_steps(workdir) == []  # nothing half-written was committed
+  finish(start(workdir, *SHORT), deadline)
+  assert checkpoint.completed_steps(workdir)[-1] == 40
+
+
+def _take_write_access(path):
+  """Makes `path` and everything under it unwritable, also for root (immutable flag); returns how to
+  give it back, or None if this machine cannot."""
+  if os.geteuid() != 0:
+    subprocess.run(["chmod", "-R", "a-w", str(path)], check=True)
+    return lambda: subprocess.run(["chmod", "-R", "u+w", str(path)], check=True)
+  if subprocess.run(["chattr", "-R", "+i", str(path)], capture_output=True).returncode:
+    return None
+  return lambda: subprocess.run(["chattr", "-R", "-i", str(path)], check=True)
+
+
+def test_write_permission_lost_mid_run_is_one_error_line_and_the_rerun_resumes(tmp_path):
+  data.validate(digits_config().data)
+  deadline = time.monotonic() + TIMEOUT_S
+  workdir = tmp_path / "run"
+  process = start(workdir, "--config.compilation_cache=none")
+  try:
+    wait_for(lambda: len(checkpoint.completed_steps(workdir)) >= 1, process, deadline,
+             "a checkpoint")
+    give_back = _take_write_access(workdir)
+    if give_back is None:
+      pytest.skip("cannot take write access away here (root without CAP_LINUX_IMMUTABLE)")
+    try:
+      output = finish(process, deadline, expect=2)
+    finally:
+      give_back()
+  finally:
+    if process.poll() is None:
+      process.kill()
+      process.communicate()
+  errors = error_lines(output)
+  assert len(errors) == 1 and str(workdir) in errors[0], (errors, output[-3000:])
+  assert "permission" in errors[0] or "not permitted" in errors[0], errors
+  assert "Traceback" not in output, output[-3000:]
+  resumed = finish(start(workdir, "--config.compilation_cache=none"), deadline)
+  assert "resumed from step" in resumed
+  assert checkpoint.completed_steps(workdir)[-1] == STEPS
+
+
+def test_sigterm_or_sigint_during_start_up_exits_0(tmp_path):
+  """While Python imports jax (SIGTERM) and after the run is set up (SIGINT, once config.json is
+  written: restore and compilation): exit 0, no traceback; rerunning trains normally."""
+  data.validate(digits_config().data)
+  deadline = time.monotonic() + TIMEOUT_S
+  early = start(tmp_path / "early", *SHORT)
+  time.sleep(1.0)
+  assert early.poll() is None
+  early.send_signal(signal.SIGTERM)
+  late = start(tmp_path / "late", *SHORT)
+  wait_for(lambda: (tmp_path / "late" / "config.json").exists(), late, deadline, "config.json")
+  late.send_signal(signal.SIGINT)
+  for process in (early, late):
+    output = finish(process, deadline, expect=0)
+    assert "Traceback" not in output and "KeyboardInterrupt" not in output, output[-3000:]
+  assert checkpoint.completed_steps(tmp_path / "late") in ([], [8], [8, 16])  # (if it got that far)
+  finish(start(tmp_path / "early", *SHORT), deadline)
+  assert checkpoint.completed_steps(tmp_path / "early")[-1] == 40

@@ -1,10 +1,14 @@
-"""Reliability, in-process: corrupt checkpoints, non-finite losses, elastic resume, FSDP, and a watching
-evaluator that never loses a checkpoint. (Killed processes: tests/test_kill.py.)"""
+"""Reliability, in-process: corrupt checkpoints (checksums included), no silent restart, torn metrics
+files, non-finite losses, elastic resume, FSDP, and a watching evaluator that never loses a
+checkpoint. (Killed processes, signals and full disks: tests/test_kill.py.)"""
 import contextlib
 import io
 import itertools
 import json
+import os
+import pathlib
 import threading
+import time
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +18,7 @@ import pytest
 from experiments import cli
 from experiments import train as train_entry
 from jtl import checkpoint, data, evaluate, keep, train
-from jtl.errors import NonFiniteError
+from jtl.errors import ConfigError, NonFiniteError
 from jtl.metric_writer import read_jsonl
 from jtl.sharding import to_global
 from tests.helpers import digits_config
@@ -42,9 +46,17 @@ def damage(workdir, step, how):
     (folder / "opt_state").rmtree()
   elif how == "garbage metadata":
     (folder / "_CHECKPOINT_METADATA").write_text("{not json")
+  elif how == "flipped bytes":  # inside the biggest params file, its size unchanged
+    data_file = max((p for p in pathlib.Path(folder, "params").rglob("*") if p.is_file()),
+                    key=lambda p: p.stat().st_size)
+    raw = bytearray(data_file.read_bytes())
+    for i in range(len(raw) // 2, len(raw) // 2 + 8):
+      raw[i] ^= 0x10
+    data_file.write_bytes(bytes(raw))
 
 
-@pytest.mark.parametrize("how", ["truncated file", "missing item folder", "garbage metadata"])
+@pytest.mark.parametrize("how", ["truncated file", "missing item folder", "garbage metadata",
+                                 "flipped bytes"])
 def test_resume_falls_back_past_a_broken_newest_checkpoint(tmp_path, how, caplog):
   config = digits_config(total_steps=20, checkpoint_every=5, keep_checkpoints=None)  # log_every 5
   final = jax.device_get(train.train(config, str(tmp_path / "straight")))
@@ -217,4 +229,146 @@ def test_a_watching_evaluator_never_loses_a_checkpoint(tmp_path):
   assert not watcher.is_alive()
   steps = [r["step"] for r in read_jsonl(tmp_path / "eval_metrics.jsonl")]
   assert steps == list(range(4, 61, 4)), steps
+  assert not (tmp_path / keep.EVALUATOR_FILE).exists()
+
+
+def test_every_checkpoint_damaged_stops_instead_of_starting_over(tmp_path):
+  """Nothing usable left: one `error:` line, exit 2, the metrics untouched, and the same again on a
+  rerun; only `restart_from_scratch` starts over, with the old files set aside, not deleted."""
+  workdir = str(tmp_path / "run")
+  args = ["experiments.train", "--config=experiments/configs/pretrain_digits.py",
+          f"--workdir={workdir}", "--config.total_steps=10", "--config.batch_size=16",
+          "--config.log_every=5", "--config.checkpoint_every=5", "--config.model.widths=(8,16)",
+          "--config.optim.warmup_steps=2"]
+
+  def run(*extra):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+      status = cli.execute(train_entry.define_flags, train_entry.main, args + list(extra))
+    return status, [line for line in err.getvalue().splitlines() if line.startswith("error:")]
+  assert run() == (0, [])
+  metrics = (tmp_path / "run" / "train_metrics.jsonl").read_text()
+  assert [r["step"] for r in read_jsonl(tmp_path / "run" / "train_metrics.jsonl")] == [5, 10]
+  for step in (5, 10):
+    damage(workdir, step, "flipped bytes")
+  for attempt in range(2):  # the rerun finds only the corrupt-* folders: the same answer
+    status, errors = run()
+    assert status == 2 and len(errors) == 1, (attempt, status, errors)
+    assert "corrupt-5, corrupt-10" in errors[0] and "restart_from_scratch=True" in errors[0]
+    assert (tmp_path / "run" / "train_metrics.jsonl").read_text() == metrics
+    assert checkpoint.completed_steps(workdir) == []
+  assert run("--config.restart_from_scratch=True") == (0, [])
+  aside = tmp_path / "run" / "before-restart-1"
+  assert (aside / "train_metrics.jsonl").read_text() == metrics
+  assert sorted(p.name for p in (aside / "checkpoints").iterdir()) == ["corrupt-10", "corrupt-5"]
+  assert checkpoint.completed_steps(workdir) == [5, 10]
+  assert keep.quarantined(workdir) == []
+
+
+def test_checksums_written_before_the_commit_and_optional(tmp_path):
+  """Every file of every item is listed; a checkpoint saved with checksums off has no manifest and
+  is read unverified; a damaged file with the manifest raises ChecksumError before anything loads."""
+  config = digits_config(total_steps=5, checkpoint_every=5)
+  train.train(config, str(tmp_path / "on"))
+  folder = pathlib.Path(checkpoint.checkpoint_dir(tmp_path / "on"), "5")
+  listed = set(json.loads((folder / checkpoint.MANIFEST).read_text())["crc32"])
+  on_disk = {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()
+             and p.parent != folder and p.name != "commit_success.txt"}  # (orbax's commit marker)
+  assert listed == on_disk and any(name.startswith("params/") for name in listed)
+  assert checkpoint.checksum_problem(tmp_path / "on", 5) is None
+  damage(tmp_path / "on", 5, "flipped bytes")
+  assert "does not match its checksum" in checkpoint.checksum_problem(tmp_path / "on", 5)
+  with pytest.raises(ConfigError, match="damaged"):
+    checkpoint.load_variables(tmp_path / "on", 5)
+  train.train(digits_config(total_steps=5, checkpoint_every=5, checkpoint_checksums=False),
+              str(tmp_path / "off"))
+  assert not checkpoint.has_manifest(tmp_path / "off", 5)
+  assert checkpoint.checksum_problem(tmp_path / "off", 5) is None
+
+
+def test_nonfinite_right_after_resuming_blames_the_checkpoint_not_the_learning_rate(tmp_path):
+  """A checkpoint that holds NaN weights but carries no checksums: the message says the step that
+  went bad was the first after resuming from it, and does not call it good."""
+  config = digits_config(total_steps=10, checkpoint_every=5, checkpoint_checksums=False)
+  batches = data.train_iterator(config.data, global_batch_size=config.batch_size, seed=0)
+  s = train.setup(config, next(batches))
+  state = train.initial_state(s, *train.fresh_variables(s))
+  poisoned = jax.tree.map(lambda x: x * jnp.nan, state.params)
+  mgr = checkpoint.manager(tmp_path, keep=None, async_save=False, checksums=False)
+  checkpoint.save(mgr, 5, state.replace(step=jnp.asarray(5), params=poisoned), force=True)
+  mgr.close()
+  with pytest.raises(NonFiniteError) as e:
+    train.train(config, str(tmp_path))
+  message = str(e.value)
+  assert "step 6" in message and "first step after resuming from checkpoint 5" in message, message
+  assert "no checksums" in message and "good" not in message, message
+
+
+def test_a_torn_last_metrics_line_is_dropped_on_resume_and_by_the_evaluator(tmp_path, caplog):
+  config = digits_config(total_steps=10, checkpoint_every=5, log_every=5)
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(train._StopFlag, "should_stop", lambda self, step: step == 5)
+    train.train(config, str(tmp_path))
+  evaluate.evaluate_checkpoints(config, str(tmp_path))
+  for name in ("train_metrics.jsonl", "eval_metrics.jsonl"):  # a kill in the middle of a write
+    with open(tmp_path / name, "a") as f:
+      f.write('{"step": 7, "lo')
+  assert [r["step"] for r in read_jsonl(tmp_path / "eval_metrics.jsonl")] == [5]
+  train.train(config, str(tmp_path))
+  assert [r["step"] for r in read_jsonl(tmp_path / "train_metrics.jsonl")] == [5, 10]
+  rows = evaluate.evaluate_checkpoints(config, str(tmp_path))
+  assert [r["step"] for r in rows] == [10]
+  assert [r["step"] for r in read_jsonl(tmp_path / "eval_metrics.jsonl")] == [5, 10]
+  assert "partial line" in caplog.text
+
+
+def test_keep_checkpoints_none_from_the_command_line_keeps_all(tmp_path):
+  args = ["experiments.train", "--config=experiments/configs/pretrain_digits.py",
+          f"--workdir={tmp_path}", "--config.total_steps=20", "--config.batch_size=16",
+          "--config.log_every=5", "--config.checkpoint_every=4", "--config.model.widths=(8,16)",
+          "--config.optim.warmup_steps=2", "--config.keep_checkpoints=None"]
+  assert cli.execute(train_entry.define_flags, train_entry.main, args) == 0
+  assert checkpoint.completed_steps(tmp_path) == [4, 8, 12, 16, 20]
+  assert json.loads((tmp_path / "config.json").read_text())["keep_checkpoints"] is None
+
+
+def test_skip_nonfinite_updates_is_bit_identical_while_nothing_is_skipped():
+  """The guard must not change a single bit of a healthy run (its advice is to rerun with it on)."""
+  def run(skip):
+    config = digits_config(skip_nonfinite_updates=skip)
+    batches = data.train_iterator(config.data, global_batch_size=config.batch_size, seed=0)
+    first = next(batches)
+    s = train.setup(config, first)
+    state = train.initial_state(s, *train.fresh_variables(s))
+    step = train.make_train_step(s)
+    for batch in itertools.islice(itertools.chain([first], batches), 20):
+      state, metrics = step(state, to_global(batch, s.batch_sharding))
+    return jax.device_get((state, metrics.get("skipped", 0.0)))
+  (plain, _), (guarded, skipped) = run(0), run(3)
+  assert float(skipped) == 0.0
+  assert_trees_equal(plain, guarded)
+
+
+def test_an_evaluator_started_with_the_trainer_evaluates_every_checkpoint_once(tmp_path, monkeypatch):
+  """`--watch` started in the same second as the trainer, keep 2, a checkpoint every 5 steps. The
+  evaluator's set-up is held back until the trainer has written 3 checkpoints (the slow case): it
+  registered before its set-up, so nothing is deleted under it; afterwards only `keep` are left."""
+  config = digits_config(total_steps=30, checkpoint_every=5, keep_checkpoints=2, log_every=5)
+  real_setup = evaluate.setup_for_eval
+
+  def slow_setup(*args, **kwargs):
+    deadline = time.monotonic() + 300
+    while len(checkpoint.completed_steps(tmp_path)) < 3 and time.monotonic() < deadline:
+      time.sleep(0.05)
+    return real_setup(*args, **kwargs)
+  monkeypatch.setattr(evaluate, "setup_for_eval", slow_setup)
+  watcher = threading.Thread(target=evaluate.evaluate_checkpoints, args=(config, str(tmp_path)),
+                             kwargs=dict(watch=True, timeout=600, poll_every=0.05), daemon=True)
+  watcher.start()
+  train.train(config, str(tmp_path))
+  watcher.join(timeout=300)
+  assert not watcher.is_alive()
+  steps = [r["step"] for r in read_jsonl(tmp_path / "eval_metrics.jsonl")]
+  assert steps == list(range(5, 31, 5)), steps
+  assert checkpoint.completed_steps(tmp_path) == [25, 30]  # the keep policy caught up
   assert not (tmp_path / keep.EVALUATOR_FILE).exists()

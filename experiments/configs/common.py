@@ -37,9 +37,17 @@ def base_config() -> ml_collections.ConfigDict:
   c.batch_size = 64
   c.log_every = 50
   c.checkpoint_every = 250
-  c.keep_checkpoints = 3  # the newest good ones (None: all); see jtl/keep.py
+  # The newest good checkpoints to keep (None: all); see jtl/keep.py. Typed `object` so that
+  # `--config.keep_checkpoints=None` parses (an int field refuses it); jtl/config.py checks the value.
+  c.keep_checkpoints = config_dict.FieldReference(3, field_type=object)
   c.checkpoint_initial = False  # also save step 0 (the init, e.g. a transferred model), to evaluate it
   c.checkpoint_verify = True  # read the newest checkpoint back before deleting older ones
+  # A CRC-32 manifest per checkpoint, written before orbax commits it and checked before every
+  # restore (a mismatch: the checkpoint is moved aside like a broken one). See docs/reliability.md.
+  c.checkpoint_checksums = True
+  # If every checkpoint of the workdir is damaged, the run stops (exit 2) rather than start over;
+  # True: start over from step 0, the damaged checkpoints and metrics moved to before-restart-N/.
+  c.restart_from_scratch = False
   # 0: stop at the first NaN/Inf loss or gradient. N > 0: refuse such updates, stop after N in a row.
   c.skip_nonfinite_updates = 0
   c.objective = "supervised"
