@@ -166,7 +166,7 @@ MUTATIONS: tuple[Mutation, ...] = (
       (T_PRECISION + "test_compilation_cache_is_written_then_reused",)),
     M("skip-nonfinite-applies-update", "skip_nonfinite_updates refuses a non-finite update",
       "jtl/train.py",
-      "      new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)\n",
+      "      new_state = jax.lax.cond(finite, lambda new, old: new, lambda new, old: old, new_state, state)\n",
       "",
       ("tests/test_reliability.py::test_skip_nonfinite_updates_refuses_the_update_and_counts_it",)),
     M("fomaml-keeps-second-order", "first_order=True drops the second-order term (FOMAML)",
