@@ -8,10 +8,15 @@ included) saves what there is to save and exits 0. One trainer per workdir: a se
 error naming the first (docs/workdir_lock.md). The workdir may be relative, absolute or remote
 (gs://...). Exit codes: docs/reliability.md.
 """
+from jtl import signals
+
+if __name__ == "__main__":
+  signals.install()  # before jax and TensorFlow load (cli imports TensorFlow): a SIGTERM during
+  # start-up stops cleanly too
+# pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import flags
 
 from experiments import cli
-from jtl import signals
 
 
 def define_flags(flag_values: flags.FlagValues, argv: list[str]) -> None:
@@ -38,5 +43,4 @@ def main(flag_values: flags.FlagValues) -> None:
 
 
 if __name__ == "__main__":
-  signals.install()  # before jax and TensorFlow load: a SIGTERM during start-up stops cleanly too
   cli.run(define_flags, main)

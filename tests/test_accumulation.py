@@ -23,9 +23,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from experiments.configs import (clip_digits, coral_digits, dann_digits, distill_digits,
-                                 maml_digits, multitask_digits, protonet_digits, simclr_digits,
-                                 supcon_digits)
+from experiments.configs import (adain_digits, clip_digits, coral_digits, dann_digits,
+                                 distill_digits, maml_digits, multitask_digits, protonet_digits,
+                                 simclr_digits, style_transfer, supcon_digits)
 from jtl import accumulate, data, masks, objectives, train
 from jtl.losses import domain as domain_losses
 from jtl.multitask import aggregators, weighting
@@ -113,6 +113,17 @@ def _supervised(use_bn):
   return build
 
 
+def _style(_):
+  """The image is the parameter and the batch is never read: every micro-batch's gradient is the
+  whole step's."""
+  return _small(style_transfer.get_config("encoder=random"), 4)
+
+
+def _adain(_):
+  # A fresh encoder (no run there is read): the case compares the step, not the weights.
+  return _small(adain_digits.get_config("encoder=/nonexistent/encoder_run"), 16)
+
+
 def _distill(teacher):
   c = distill_digits.get_config(f"mode=kd,teacher={teacher}")
   c.model = ml_collections.ConfigDict(MLP)
@@ -134,6 +145,8 @@ CASES = {
     "mmd": Case(_domain("mmd"), False, True),
     "protonet": Case(_episodes(protonet_digits, dict(MLP, num_classes=0)), True, True),
     "maml": Case(_episodes(maml_digits, dict(MLP, num_classes=5)), True, True),
+    "style": Case(_style, True, True),
+    "adain": Case(_adain, True, True),
     # Loss weightings whose weights come from the step's starting state (or its key): linear.
     "mt_equal": Case(_multitask("equal"), True, True),
     "mt_static": Case(_multitask("static"), True, True),
