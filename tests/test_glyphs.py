@@ -13,7 +13,7 @@ import unicodedata
 import numpy as np
 import pytest
 
-from experiments.configs import protonet_glyphs
+from experiments.configs import protonet_glyphs, represent_glyphs
 from jtl import evaluate, train
 from jtl.data import glyphs
 
@@ -30,6 +30,7 @@ def test_classes_follow_the_omniglot_protocol():
   # Background classes first, labels 0..C-1 in order, code points unique.
   assert [c.label for c in chars] == list(range(len(chars)))
   first_eval = min(c.label for c in chars if c.script in glyphs.EVALUATION)
+  assert first_eval == represent_glyphs.NUM_BACKGROUND_CLASSES  # the supervised head's classes
   assert all(c.script in glyphs.BACKGROUND for c in chars[:first_eval])
   assert len({c.code_point for c in chars}) == len(chars)
   # No digit of any script is a class.
