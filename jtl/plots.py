@@ -23,6 +23,13 @@ def curves(series: Mapping[str, Sequence[tuple[float, float]]], *, title: str, y
   ax.set(title=title, xlabel="step", ylabel=ylabel)
   ax.grid(alpha=0.3)
   ax.legend()
+  return save(fig, path)
+
+
+def save(fig: "plt.Figure", path: str | epath.Path) -> epath.Path:
+  """Lays out `fig`, writes it as PNG to `path` (local or remote; parents made), closes it."""
+  path = epath.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
   fig.tight_layout()
   with path.open("wb") as f:
     fig.savefig(f, format="png")

@@ -189,7 +189,8 @@ def picture(config: ml_collections.ConfigDict, workdir: str, count: int = 4) -> 
   from etils import epath  # pylint: disable=g-import-not-at-top
   from jtl import checkpoint  # pylint: disable=g-import-not-at-top  (orbax)
   from jtl.data import single_image  # pylint: disable=g-import-not-at-top  (TensorFlow)
-  from jtl.plots import plt  # pylint: disable=g-import-not-at-top  (matplotlib, Agg)
+  from jtl import plots  # pylint: disable=g-import-not-at-top  (matplotlib, Agg)
+  plt = plots.plt
   workdir = config_lib.resolve_path(str(workdir))
   if not checkpoint.completed_steps(workdir):
     return None
@@ -217,10 +218,5 @@ def picture(config: ml_collections.ConfigDict, workdir: str, count: int = 4) -> 
       ax.imshow(shown[..., 0] if shown.shape[-1] == 1 else shown, cmap="gray", vmin=0.0, vmax=1.0,
                 interpolation="nearest")
   axes[0, 0].set_title(f"step {step}", fontsize=7)
-  fig.tight_layout()
-  path = epath.Path(workdir) / "plots" / "adain.png"
-  path.parent.mkdir(parents=True, exist_ok=True)
-  with path.open("wb") as f:
-    fig.savefig(f, format="png")
-  plt.close(fig)
+  path = plots.save(fig, epath.Path(workdir) / "plots" / "adain.png")
   return str(path)

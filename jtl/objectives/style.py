@@ -292,7 +292,8 @@ def picture(config: ml_collections.ConfigDict, workdir: str) -> str | None:
   from etils import epath  # pylint: disable=g-import-not-at-top
   from jtl import checkpoint  # pylint: disable=g-import-not-at-top  (orbax)
   from jtl.data import single_image  # pylint: disable=g-import-not-at-top  (TensorFlow)
-  from jtl.plots import plt  # pylint: disable=g-import-not-at-top  (matplotlib, Agg)
+  from jtl import plots  # pylint: disable=g-import-not-at-top  (matplotlib, Agg)
+  plt = plots.plt
   workdir = config_lib.resolve_path(str(workdir))
   steps = checkpoint.completed_steps(workdir)
   if not steps:
@@ -314,11 +315,6 @@ def picture(config: ml_collections.ConfigDict, workdir: str) -> str | None:
               interpolation="nearest")
     ax.set_title(title, fontsize=7)
     ax.set_axis_off()
-  fig.tight_layout()
-  path = epath.Path(workdir) / "plots" / "style_transfer.png"
-  path.parent.mkdir(parents=True, exist_ok=True)
-  with path.open("wb") as f:
-    fig.savefig(f, format="png")
-  plt.close(fig)
+  path = plots.save(fig, epath.Path(workdir) / "plots" / "style_transfer.png")
   logging.info("wrote %s", path)
   return str(path)
