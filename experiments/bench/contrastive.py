@@ -21,6 +21,20 @@ body once). The last line is one JSON object of figures measured in this process
   clip_vs_siglip_time                  CLIP (softmax) / SigLIP (sigmoid) plain time, largest B
   <loss>_roofline_fraction             achieved FLOP/s / matmul peak, each loss at the largest B
   matmul_peak_gflops                   that peak, in GFLOP/s
+
+Gradient accumulation (`--accum_batch`, `--accum_k`; `--parts=accumulation` runs only this): one
+SimCLR train step of simclr_digits.py (its cnn_small encoder, the trainer's jitted step on the same
+mesh) on a global batch of `accum_batch` three ways: k = 1 (the whole batch at once), gradient
+caching with `grad_accum_steps=k` (every negative of the whole batch, `Contrastive.
+accumulated_gradients`), and naive accumulation (the same k micro-batches, each its own contrastive
+loss with b - 1 negatives: the objective's `accumulated_gradients` switched off). Columns: median
+step time, compiled per-device temporary memory, the step's contrastive loss (the naive one differs:
+fewer negatives). Figures:
+  cache_vs_whole_temp_bytes / cache_vs_whole_time   gradient caching / k = 1
+  naive_vs_whole_temp_bytes / naive_vs_whole_time   naive accumulation / k = 1
+  cache_vs_whole_loss_rel_diff                       |cache loss - whole loss| / whole loss: float
+                                       rounding without BatchNorm; cnn_small's BatchNorm normalises each
+                                       micro-batch by its own statistics (docs/accumulation.md), ~2e-3
 """
 from __future__ import annotations
 
@@ -30,6 +44,8 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                              + " --xla_force_host_platform_device_count=8").strip()
 
+import copy  # noqa: E402
+import dataclasses  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import time  # noqa: E402
@@ -41,12 +57,17 @@ from absl import app, flags  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
 
 from experiments.bench import roofline  # noqa: E402
+from experiments.configs import simclr_digits  # noqa: E402
+from jtl import data, sharding, train  # noqa: E402
 from jtl.losses import contrastive as cl  # noqa: E402
 
 flags.DEFINE_list("batch_sizes", ["512", "1024", "2048", "4096"], "Global batch sizes.")
 flags.DEFINE_integer("dim", 64, "Embedding dimension.")
 flags.DEFINE_integer("rounds", 5, "Interleaved timing rounds (the median is kept).")
 flags.DEFINE_integer("iters", 3, "Calls per timed round.")
+flags.DEFINE_list("parts", ["losses", "accumulation"], "Which benchmarks: losses, accumulation.")
+flags.DEFINE_integer("accum_batch", 512, "Global batch of the accumulation benchmark.")
+flags.DEFINE_integer("accum_k", 4, "grad_accum_steps of the accumulation benchmark.")
 FLAGS = flags.FLAGS
 
 
@@ -90,8 +111,70 @@ def time_call(executable, args, iters: int) -> float:
   return (time.perf_counter() - start) / iters
 
 
+def accumulation_setups(batch: int, k: int) -> dict:
+  """name -> train.Setup of one SimCLR step: whole batch, gradient caching, naive accumulation."""
+  setups = {}
+  for name, accum in (("whole", 1), ("cache", k), ("naive", k)):
+    config = simclr_digits.get_config()
+    config.update_from_flattened_dict({"batch_size": batch, "grad_accum_steps": accum})
+    example = next(data.train_iterator(config.data, global_batch_size=batch, seed=1))
+    s = train.setup(config, example)
+    if name == "naive":  # each micro-batch its own loss: the objective does not take over the step
+      objective = copy.copy(s.objective)
+      objective.accumulated_gradients = lambda *args, **kwargs: None
+      s = dataclasses.replace(s, objective=objective)
+    setups[name] = (s, example)
+  return setups
+
+
+def accumulation(batch: int, k: int) -> dict:
+  """Times, temp memory and losses of the three ways (docstring); prints the table."""
+  rows = {}
+  runs = {}
+  for name, (s, example) in accumulation_setups(batch, k).items():
+    step = train.make_train_step(s)
+    executable = step.lower(s.abstract_state, s.abstract_batch).compile()
+    params, model_state = train.fresh_variables(s)
+    global_batch = sharding.to_global(example, s.batch_sharding)
+    runs[name] = (executable, train.initial_state(s, params, model_state), global_batch)
+    rows[name] = {"temp_bytes": executable.memory_analysis().temp_size_in_bytes, "ms": []}
+  for _ in range(FLAGS.rounds):  # interleaved rounds; each call gets a fresh copy (the step donates)
+    for name, (executable, state, global_batch) in runs.items():
+      fresh = jax.tree.map(jnp.copy, state)
+      jax.block_until_ready(fresh)
+      start = time.perf_counter()
+      _, metrics = executable(fresh, global_batch)
+      jax.block_until_ready(metrics)
+      rows[name]["ms"].append(1e3 * (time.perf_counter() - start))
+      rows[name]["loss"] = float(metrics["contrastive_loss"])
+  print(f"\nSimCLR step (simclr_digits.py, cnn_small) on a global batch of {batch}, "
+        f"{len(jax.devices())} devices; k = {k} micro-batches of {batch // k}")
+  print(f"{'way':<34}{'ms':>10}{'temp MiB':>11}{'loss':>10}")
+  labels = {"whole": "k = 1 (whole batch)", "cache": f"gradient caching, k = {k}",
+            "naive": f"naive accumulation, k = {k}"}
+  for name, r in rows.items():
+    r["ms"] = float(np.median(r["ms"]))
+    print(f"{labels[name]:<34}{r['ms']:>10.1f}{r['temp_bytes'] / 2**20:>11.2f}{r['loss']:>10.4f}")
+  ratio = lambda a, key: round(rows[a][key] / max(rows["whole"][key], 1e-12), 4)  # noqa: E731
+  return {"cache_vs_whole_temp_bytes": ratio("cache", "temp_bytes"),
+          "cache_vs_whole_time": ratio("cache", "ms"),
+          "naive_vs_whole_temp_bytes": ratio("naive", "temp_bytes"),
+          "naive_vs_whole_time": ratio("naive", "ms"),
+          "cache_vs_whole_loss_rel_diff": float(f"{abs(rows['cache']['loss'] - rows['whole']['loss']) / abs(rows['whole']['loss']):.2e}")}
+
+
 def main(argv):
   del argv
+  figures = {}
+  if "losses" in FLAGS.parts:
+    figures.update(losses_benchmark())
+  if "accumulation" in FLAGS.parts:
+    figures.update(accumulation(FLAGS.accum_batch, FLAGS.accum_k))
+  print(json.dumps(figures))
+
+
+def losses_benchmark() -> dict:
+  """The two-tower losses at each batch size (docstring); prints the table, returns the figures."""
   devices = jax.devices()
   mesh = Mesh(np.asarray(devices), ("data",))
   batch_sizes = [int(b) for b in FLAGS.batch_sizes]
@@ -137,7 +220,7 @@ def main(argv):
     fraction = roofline.fraction(r["flops"], r["ms"] / 1e3, peak)
     figures[f"{name}_roofline_fraction"] = round(fraction, 4)
   figures["matmul_peak_gflops"] = round(peak / 1e9, 1)
-  print(json.dumps(figures))
+  return figures
 
 
 if __name__ == "__main__":
