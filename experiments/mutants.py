@@ -191,6 +191,12 @@ MUTATIONS: tuple[Mutation, ...] = (
       "experiments/cli.py", "EXIT_BAD_INPUT, EXIT_RUN_FAILED = 2, 3", "EXIT_BAD_INPUT, EXIT_RUN_FAILED = 2, 2",
       ("tests/test_reliability.py::test_nonfinite_loss_from_the_cli_is_exit_status_3_and_one_error_"
        "line",)),
+    M("evaluate-config-mesh-ignored", "evaluate --config takes that config's mesh section",
+      "jtl/evaluate.py", 'for section in ("eval", "evals", "mesh"):', 'for section in ("eval", "evals"):',
+      ("tests/test_evaluate.py::test_evaluate_with_config_takes_its_eval_and_mesh_sections",)),
+    M("evaluate-config-eval-ignored", "evaluate --config takes that config's eval section",
+      "jtl/evaluate.py", 'for section in ("eval", "evals", "mesh"):', 'for section in ("evals", "mesh"):',
+      ("tests/test_evaluate.py::test_evaluate_with_config_takes_its_eval_and_mesh_sections",)),
 )
 
 
