@@ -25,6 +25,13 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.normalize = config_dict.FieldReference('unit', field_type=object)
   c.augment = False  # Random crop after zero padding (no flips: they are wrong for digits).
   c.crop_padding = 1  # Pixels of zero padding around the image for the random crop.
+  # 'resize' (every split resized to image_size) or 'inception' (the ImageNet recipe: a random-resized
+  # crop of area fraction in crop_area, resized to image_size, in training; the shorter side resized
+  # to image_size / center_crop and the centre square kept, in evaluation). jtl/data/preprocess.py.
+  c.crop = 'resize'
+  c.crop_area = (0.08, 1.0)
+  c.center_crop = 0.875
+  c.flip = False  # Mirror half of the training images left to right (not for digits or text).
   c.shuffle_buffer = 10_000  # Only for cache=False (streaming); the in-memory path shuffles fully.
   c.cache = True  # Hold the decoded (filtered) split in memory: right for small sets.
   # `folder:<path>` datasets without train/ and test/ sub-folders: each class's held-out test share.
@@ -119,7 +126,35 @@ def _check_values(c: ml_collections.ConfigDict) -> None:
     if not isinstance(c.get(key), bool):
       raise ConfigError(f'data.{key} must be True or False, got {c.get(key)!r}; set {_flag(key)}')
   parse_normalize(c.get('normalize'))
+  _check_crop(c)
   fraction = c.get('folder_test_fraction')
   if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
     raise ConfigError(f'data.folder_test_fraction must be a number in (0, 1), got {fraction!r}; '
                       f"set {_flag('folder_test_fraction')}")
+
+
+CROPS = ('resize', 'inception')
+
+
+def _check_crop(c: ml_collections.ConfigDict) -> None:
+  if c.get('crop') not in CROPS:
+    raise ConfigError(f"data.crop must be one of {', '.join(map(repr, CROPS))}, got {c.get('crop')!r}; "
+                      f"set {_flag('crop')}")
+  if not isinstance(c.get('flip'), bool):
+    raise ConfigError(f"data.flip must be True or False, got {c.get('flip')!r}; set {_flag('flip')}")
+  area = c.get('crop_area')
+  if (not isinstance(area, (tuple, list)) or len(area) != 2
+      or not all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in area)
+      or not 0 < area[0] <= area[1] <= 1):
+    raise ConfigError(f"data.crop_area must be (low, high) with 0 < low <= high <= 1, got {area!r}; "
+                      f"set {_flag('crop_area')}, e.g. '(0.08,1.0)'")
+  fraction = c.get('center_crop')
+  if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+    raise ConfigError(f"data.center_crop must be a number in (0, 1], got {fraction!r}; "
+                      f"set {_flag('center_crop')}")
+  if c.crop == 'inception' and c.get('image_size') is None:
+    raise ConfigError("data.crop='inception' crops to a square of data.image_size; set "
+                      f"{_flag('image_size')} (e.g. 224)")
+  if c.crop == 'inception' and c.get('augment'):
+    raise ConfigError("data.crop='inception' crops already; set --config.data.augment=False (the "
+                      "zero-padded random crop is for data.crop='resize')")

@@ -8,8 +8,10 @@ Train order. Step s's global batch holds global positions [s*B, (s+1)*B); host h
   * `cache=False` (large sets, streamed): each host reads its disjoint shard, shuffled per epoch with a
     `shuffle_buffer`-sized buffer seeded by (seed, epoch). Resuming skips up to one epoch of the
     shard's records (read, not decoded), see `_streamed_chunks`.
-Crop offsets are stateless draws keyed by (seed, global position): exact on resume, and the same
-whatever the number of hosts.
+Crop offsets, random-resized crops and flips are stateless draws keyed by (seed, global position):
+exact on resume, and the same whatever the number of hosts. With `data.crop='inception'` the training
+images are read at their own resolution and cropped per batch (in memory: the split's images must
+share one size) or per example (streamed: any sizes); evaluation reads the centre crop.
 """
 import functools
 import math
@@ -52,24 +54,35 @@ def _options(ds: tf.data.Dataset) -> tf.data.Dataset:
   return ds.with_options(options)
 
 
-def _decoder(c: ml_collections.ConfigDict) -> Callable[[dict], dict]:
+def _decoder(c: ml_collections.ConfigDict, *, train: bool = False) -> Callable[[dict], dict]:
+  """Decoding for training (`train`: at the image's own size when the training crop resizes later)
+  or for evaluation."""
   builder = source.get_builder(c)
-  return preprocess.decoder(builder.info.features['image'], c.image_size,
-                            tuple(source.target_features(builder)))
+  inception = c.crop == 'inception'
+  return preprocess.decoder(builder.info.features['image'],
+                            None if inception and train else c.image_size,
+                            tuple(source.target_features(builder)),
+                            center_crop=c.center_crop if inception else None)
 
 
 Targets = dict[str, np.ndarray]
 
 
-def load_in_memory(c: ml_collections.ConfigDict, split: str) -> tuple[np.ndarray, Targets]:
+def load_in_memory(c: ml_collections.ConfigDict, split: str, *,
+                   train: bool = False) -> tuple[np.ndarray, Targets]:
   """The whole filtered split, decoded: (uint8 [M, H, W, C], {feature: [M, ...]}); memoised per
-  process. The targets are every numeric feature besides the image (`label`, ...)."""
+  process. The targets are every numeric feature besides the image (`label`, ...). `train`: decoded
+  for the training crop (`_decoder`)."""
   shots = c.shots if split == c.train_split else None
+  train = train and c.crop == 'inception'  # (otherwise both decode alike)
+  if train and None in source.get_builder(c).info.features['image'].shape[:2]:
+    raise ConfigError(f"data.crop='inception' with data.cache=True holds {c.name!r}'s images at "
+                      "their own size, which differ; set --config.data.cache=False (streamed)")
   key = (c.name, str(source.get_builder(c).data_dir), split, c.labels, shots,
-         c.shots_seed if shots else None, c.image_size)
+         c.shots_seed if shots else None, c.image_size, c.crop, c.center_crop, train)
   if key not in _LOAD_CACHE:
     ds, _ = source.host_examples(c, split, 0, 1)
-    ds = ds.map(_decoder(c), num_parallel_calls=tf.data.AUTOTUNE).batch(4096)
+    ds = ds.map(_decoder(c, train=train), num_parallel_calls=tf.data.AUTOTUNE).batch(4096)
     batches = list(_options(ds).as_numpy_iterator())
     if len(_LOAD_CACHE) >= _LOAD_CACHE_SIZE:
       _LOAD_CACHE.pop(next(iter(_LOAD_CACHE)))
@@ -101,15 +114,22 @@ def train_iterator(data_config: ml_collections.ConfigDict, *, global_batch_size:
       _per_position, first_position=start_step * global_batch_size,
       global_batch_size=global_batch_size, steps=k,
       columns=slice(process_index * local, (process_index + 1) * local))
-  offsets = None
+  offsets = draws = None
   if c.augment and c.crop_padding > 0:
     offsets = per_position(preprocess.offset_block(seed, c.crop_padding), preprocess.OFFSET_BLOCK)
+  inception = c.crop == 'inception'
+  if inception or c.flip:
+    draws = per_position(preprocess.crop_draws(seed), preprocess.OFFSET_BLOCK)
   to_float = preprocess.normalizer(config_lib.parse_normalize(c.normalize))
   if c.cache:
-    ds, offsets_left = _in_memory_chunks(c, seed, per_position, offsets, to_float)
+    ds, offsets_left = _in_memory_chunks(c, seed, per_position, offsets, to_float, draws)
   else:
+    # Streamed images may differ in size: each is cropped on its own, before batching.
+    example_draws = (per_position(preprocess.crop_draws(seed), preprocess.OFFSET_BLOCK)
+                     .unbatch().unbatch() if inception else None)
     ds, offsets_left = _streamed_chunks(c, seed, start_step, local, k, process_index, process_count,
-                                        offsets)
+                                        offsets, draws, example_draws)
+  crop_per_batch = inception and c.cache
 
   def finish(chunk: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
     images = chunk['image']
@@ -120,7 +140,18 @@ def train_iterator(data_config: ml_collections.ConfigDict, *, global_batch_size:
       offsets = tf.reshape(chunk['offsets'], [k * local, 2])
       flat = preprocess.random_crop(flat, offsets, c.crop_padding)
       images = tf.reshape(flat, images.shape)
-    return {**{k: v for k, v in chunk.items() if k != 'offsets'}, 'image': to_float(images)}
+    if 'draws' in chunk:  # Random-resized crops of in-memory images, and flips.
+      flat = tf.reshape(images, [k * local, *images.shape[2:]])
+      position_draws = tf.reshape(chunk['draws'], [k * local, preprocess.CROP_DRAWS])
+      if crop_per_batch:
+        boxes = preprocess.resized_crop_boxes(position_draws, flat.shape[1], flat.shape[2],
+                                              tuple(c.crop_area))
+        flat = preprocess.resized_crops(flat, boxes, image_shape[:2])
+      if c.flip:
+        flat = preprocess.flip_where(flat, position_draws)
+      images = tf.reshape(flat, [k, local, *image_shape])
+    drop = ('offsets', 'draws')
+    return {**{k: v for k, v in chunk.items() if k not in drop}, 'image': to_float(images)}
 
   ds = ds.map(finish, num_parallel_calls=tf.data.AUTOTUNE)
   return _unchunk(_options(ds.prefetch(2)).as_numpy_iterator())
@@ -144,7 +175,8 @@ def _per_position(block_values: Callable[[tf.Tensor], tf.Tensor], block_size: in
 def _in_memory_chunks(c: ml_collections.ConfigDict, seed: int,
                       per_position: Callable[..., tf.data.Dataset],
                       offsets: tf.data.Dataset | None,
-                      to_float: Callable[[tf.Tensor], tf.Tensor]) -> tuple[tf.data.Dataset, bool]:
+                      to_float: Callable[[tf.Tensor], tf.Tensor],
+                      draws: tf.data.Dataset | None = None) -> tuple[tf.data.Dataset, bool]:
   """Chunks gathered from the decoded split in memory; and whether crops are still to do.
 
   Small sets are held as normalised float32 (casting per batch costs more than the gather), with
@@ -153,7 +185,7 @@ def _in_memory_chunks(c: ml_collections.ConfigDict, seed: int,
   Global position p is example order_e[p % M] of epoch e = p // M, order_e a stateless permutation
   seeded by (seed, e). Resuming costs nothing: no record is read or skipped.
   """
-  images, targets = load_in_memory(c, c.train_split)
+  images, targets = load_in_memory(c, c.train_split, train=True)
   size = len(images)
   key = tf.constant(preprocess.derive_key(seed, preprocess.SHUFFLE), tf.int64)
 
@@ -177,24 +209,32 @@ def _in_memory_chunks(c: ml_collections.ConfigDict, seed: int,
     images = preprocess.all_crops(images, c.crop_padding)
   images = tf.constant(images)
   targets = {k: tf.constant(v) for k, v in targets.items()}
-  if (offsets is None or precropped) and images.shape.num_elements() * 4 <= _FLOAT_CACHE_MAX_BYTES:
+  if ((offsets is None or precropped) and draws is None
+      and images.shape.num_elements() * 4 <= _FLOAT_CACHE_MAX_BYTES):
     images = to_float(images)
 
-  def chunk_at(order: tf.Tensor, offsets: tf.Tensor | None = None) -> dict[str, tf.Tensor]:
+  def chunk_at(parts: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+    order, offsets = parts['order'], parts.get('offsets')
     rows = order * width**2 + offsets[..., 0] * width + offsets[..., 1] if precropped else order
     chunk = {'image': tf.gather(images, rows), **{k: tf.gather(v, order) for k, v in targets.items()}}
     if offsets is not None and not precropped:
       chunk['offsets'] = offsets
+    if 'draws' in parts:
+      chunk['draws'] = parts['draws']
     return chunk
 
-  ds = order if offsets is None else tf.data.Dataset.zip((order, offsets))
+  parts = {'order': order, **({'offsets': offsets} if offsets is not None else {}),
+           **({'draws': draws} if draws is not None else {})}
+  ds = tf.data.Dataset.zip(parts)
   crops_left = offsets is not None and not precropped
   return ds.map(chunk_at, num_parallel_calls=tf.data.AUTOTUNE), crops_left
 
 
 def _streamed_chunks(c: ml_collections.ConfigDict, seed: int, start_step: int, local: int,
                      steps: int, process_index: int, process_count: int,
-                     offsets: tf.data.Dataset | None) -> tuple[tf.data.Dataset, bool]:
+                     offsets: tf.data.Dataset | None, draws: tf.data.Dataset | None = None,
+                     example_draws: tf.data.Dataset | None = None
+                     ) -> tuple[tf.data.Dataset, bool]:
   """uint8 chunks read from this host's shard; and whether crops are still to do (yes, if asked).
 
   Each epoch shuffles the shard with a buffer seeded by (seed, epoch). Resuming starts at the right
@@ -212,12 +252,24 @@ def _streamed_chunks(c: ml_collections.ConfigDict, seed: int, start_step: int, l
     return shard.shuffle(c.shuffle_buffer, seed=key * 2**20 + epoch, reshuffle_each_iteration=False)
 
   ds = tf.data.Dataset.range(first_epoch, _FOREVER).flat_map(epoch_examples).skip(skip)
-  ds = ds.map(_decoder(c), num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.map(_decoder(c, train=True), num_parallel_calls=tf.data.AUTOTUNE)
+  if example_draws is not None:  # random-resized crop of each example at its own size
+    size = (c.image_size, c.image_size)
+    area = tuple(c.crop_area)
+
+    def crop(example: dict[str, tf.Tensor], position_draws: tf.Tensor) -> dict[str, tf.Tensor]:
+      image = example['image']
+      box = preprocess.resized_crop_boxes(position_draws[None], tf.shape(image)[0],
+                                          tf.shape(image)[1], area)
+      return {**example, 'image': preprocess.resized_crops(image[None], box, size)[0]}
+    ds = tf.data.Dataset.zip((ds, example_draws)).map(crop, num_parallel_calls=tf.data.AUTOTUNE)
   ds = ds.batch(local, drop_remainder=True).batch(steps, drop_remainder=True)
-  if offsets is None:
+  extra = {**({'offsets': offsets} if offsets is not None else {}),
+           **({'draws': draws} if draws is not None and c.flip else {})}
+  if not extra:
     return ds, False
-  ds = tf.data.Dataset.zip((ds, offsets))
-  return ds.map(lambda chunk, offsets: {**chunk, 'offsets': offsets}), True
+  ds = tf.data.Dataset.zip((ds, extra))
+  return ds.map(lambda chunk, extra: {**chunk, **extra}), offsets is not None
 
 
 def _image_shape(c: ml_collections.ConfigDict) -> tuple[int, int, int]:
