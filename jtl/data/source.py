@@ -93,7 +93,7 @@ def _prepare(builder: tfds.core.DatasetBuilder, name: str,
     raise ConfigError(f'dataset {name!r} is not prepared in {builder.data_dir} and there is no '
                       f'network to download it; prepare it where there is (`tfds build {name} '
                       '--data_dir=DIR`) and set --config.data.data_dir=DIR')
-  logging.info('preparing dataset %s in %s (first use only; later runs read it from there)', name,
+  logging.info('Preparing dataset %s in %s (first use only; later runs read it from there)', name,
                builder.data_dir)
   try:
     with _quiet_tfds():
