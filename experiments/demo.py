@@ -136,15 +136,15 @@ def main(argv):
       first = evals[0]
       rows.append(("zero_shot", "-", "-", first["test/accuracy"], first["test/num_examples"]))
   rows[1:1] = [(name, "-", "-", acc, n) for name, acc, n in pixel_rows(FLAGS.shots)]
+  plot = plots.curves(series, title=f"digits 5-9, {FLAGS.shots} shots/class",
+                      ylabel="test accuracy", path=root / "plots" / "transfer_digits.png")
+  print(f"plot: {plot}; total time: {time.time() - start:.0f}s")  # (the table is the last thing)
   print(f"\nfew-shot transfer on handwritten digits 5-9 ({FLAGS.shots} labelled examples per class); "
         f"pretrain = {source_name} (its row: test accuracy on handwritten 0-4); pixels_* = "
         "classifiers on raw pixels" + (ZERO_SHOT_NOTE if zero_shot else ""))
   print(f"{'run':<15}{'trainable':>11}{'frozen':>9}{'test acc':>10}{'examples':>10}")
   for name, trainable, frozen, acc, n in rows:
     print(f"{name:<15}{trainable:>11}{frozen:>9}{acc:>10.3f}{n:>10}")
-  plot = plots.curves(series, title=f"digits 5-9, {FLAGS.shots} shots/class",
-                      ylabel="test accuracy", path=root / "plots" / "transfer_digits.png")
-  print(f"\nplot: {plot}\ntotal time: {time.time() - start:.0f}s")
 
 
 if __name__ == "__main__":
