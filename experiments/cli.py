@@ -26,10 +26,13 @@ import os
 import re
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before TensorFlow is first imported
 from jtl import startup_notices  # noqa: E402
 
-startup_notices.import_tensorflow()  # its start-up notices once, not twice
+# The console shows jtl's own lines; --verbosity=1 brings the libraries' back, TF's and XLA's C++
+# INFO lines included (read from argv: absl's flags are not parsed yet). Both before TF is imported.
+_VERBOSE = startup_notices.verbose(sys.argv)
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if _VERBOSE else "3")
+startup_notices.import_tensorflow(quiet=not _VERBOSE)  # its start-up notices once, not twice
 from collections.abc import Callable  # noqa: E402
 
 import ml_collections  # noqa: E402
@@ -215,17 +218,29 @@ def execute(define_flags: Define, main: Main, argv: list[str]) -> int:
   return _guarded(main, flag_values)
 
 
+# Library warnings that are no news: TFDS on a dataset folder it is about to prepare.
+_HARMLESS = ("Variant folder %s has no %s",)
+
+
 class _OwnInfoOnly(py_logging.Filter):
-  """INFO lines from jtl itself; libraries (orbax, tfds, XLA) only from WARNING up, without
-  tracebacks. --verbosity=1 shows everything."""
+  """INFO lines from jtl itself; libraries (orbax, tfds, XLA) only from WARNING up (but for the
+  `_HARMLESS` ones), without tracebacks. --verbosity=1 shows everything."""
 
   def filter(self, record: py_logging.LogRecord) -> bool:
     if logging.get_verbosity() >= logging.DEBUG:
       return True
     own = any(part in record.pathname for part in ("/jtl/", "/experiments/"))
+    if not own and record.msg in _HARMLESS:
+      return False
     if not own and record.exc_info:  # a library thread's traceback (orbax on a full disk: dozens):
       record.exc_info, record.exc_text = None, None  # its one-line message stays; the run's own
     return own or record.levelno >= py_logging.WARNING  # error line says what to do
+
+
+def own_lines_only() -> None:
+  """From now on the console shows jtl's own INFO lines and the libraries' warnings (absl's
+  `--verbosity=1`: everything). Call it once absl's logging is set up (inside `app.run`)."""
+  logging.get_absl_handler().addFilter(_OwnInfoOnly())
 
 
 def run(define_flags: Define, main: Main) -> None:
@@ -241,7 +256,7 @@ def run(define_flags: Define, main: Main) -> None:
 
   def wrapped(argv: list[str]) -> None:
     del argv
-    logging.get_absl_handler().addFilter(_OwnInfoOnly())
+    own_lines_only()
     sys.exit(_guarded(main, flags.FLAGS))
 
   app.run(wrapped, flags_parser=parse)

@@ -16,13 +16,20 @@ Sources (`--source`):
                from the printed head's rows 5–9, BatchNorm frozen); zero_shot = its step 0.
   handwritten  handwritten digits 0–4 only (`pretrain_digits.py`), plain full fine-tuning: the target
                classes are new, and transfer only matches the raw-pixel baselines.
+
+Console: one line per run (on a terminal it follows the run's step lines in place), then the table.
+A run that fails stops the demo with its `error:` line (or the end of its traceback) and its
+command. `--verbosity=1` prints every command and everything the runs print instead.
 """
 import json
+import re
 import subprocess
 import sys
 import time
 
-from absl import app, flags
+from experiments import cli  # (first: TensorFlow's start-up notices, as in every entry point)
+# pylint: disable=g-bad-import-order
+from absl import app, flags, logging
 from etils import epath
 
 from experiments.configs import transfer_digits
@@ -46,10 +53,40 @@ MODES = {"scratch": "mode=scratch", "linear_probe": "mode=linear_probe"}
 ZERO_SHOT_NOTE = "; zero_shot = finetune at step 0 (the printed head's rows 5-9, no target step yet)"
 
 
-def run(module: str, config: str, workdir: epath.Path) -> None:
+STEP_LINE = re.compile(r"\] (step \d+/\d+) .*\| ([\d.]+ steps/s, ETA \d+s)")
+FAILURE_TAIL = 15  # lines of a run's output shown when it fails without an `error:` line
+
+
+def verbose() -> bool:
+  return logging.get_verbosity() >= logging.DEBUG
+
+
+def run(module: str, config: str, workdir: epath.Path, label: str) -> float:
+  """Runs one entry point to its end; returns its seconds. Quiet: its output is kept, and on a
+  terminal its step lines update `label`'s line in place; if it fails, its error line (or the end of
+  its output) and its command are printed and the demo exits with its status."""
   cmd = [sys.executable, "-m", module, f"--config={config}", f"--workdir={workdir}"]
-  print("$", " ".join(cmd[1:]), flush=True)
-  subprocess.run(cmd, check=True, stderr=subprocess.DEVNULL if module.endswith("evaluate") else None)
+  start = time.time()
+  if verbose():
+    print("$", " ".join(cmd[1:]), flush=True)
+    status, errors = subprocess.call(cmd + ["--verbosity=1"]), ""  # (its output is on the console)
+  else:
+    live = sys.stdout.isatty()
+    output = []
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as child:
+      for line in child.stdout:
+        output.append(line)
+        step = STEP_LINE.search(line)
+        if live and step:  # \r + clear to the end of the line: the same line, updated
+          print(f"\r{label}: {step[1]}, {step[2]}\x1b[K", end="", flush=True)
+    status = child.returncode
+    errors = "".join([line for line in output if line.startswith("error:")]
+                     or output[-FAILURE_TAIL:]).rstrip()
+  if status:
+    print(f"\n{label}: failed (exit {status}){':' if errors else ''}\n{errors}\n"
+          f"the command: {' '.join(cmd[1:])}".replace("\n\n", "\n"), flush=True)
+    sys.exit(status)
+  return time.time() - start
 
 
 def pixel_rows(shots: int) -> list[tuple[str, float, int]]:
@@ -62,6 +99,7 @@ def pixel_rows(shots: int) -> list[tuple[str, float, int]]:
 
 def main(argv):
   del argv
+  cli.own_lines_only()  # (the pixel baselines read the digits through TFDS, which talks at INFO)
   root = epath.Path(resolve_path(FLAGS.workdir))
   if FLAGS.fresh and root.exists():
     root.rmtree()
@@ -73,9 +111,17 @@ def main(argv):
   for name, args in {**MODES, "finetune": finetune_args}.items():
     jobs.append((name, f"{CONFIGS}/transfer_digits.py:{args},shots={FLAGS.shots},pretrain={pretrain}",
                  root / name))
-  for _, config, workdir in jobs:
-    run("experiments.train", config, workdir)
-    run("experiments.evaluate", config, workdir)
+  for i, (name, config, workdir) in enumerate(jobs):
+    label = f"[{i + 1}/{len(jobs)}] {name}"
+    live = sys.stdout.isatty() and not verbose()  # one line, rewritten in place
+    back, clear = ("\r", "\x1b[K") if live else ("", "")
+    print(f"{label}: training and evaluating", end="" if live else "\n", flush=True)
+    trained = run("experiments.train", config, workdir, label)
+    evaluated = run("experiments.evaluate", config, workdir, label)
+    steps = read_jsonl(workdir / "train_metrics.jsonl")[-1]["step"]
+    print(f"{back}{label}: trained {steps} steps in {trained:.0f} s, evaluated "
+          f"{len(read_jsonl(workdir / 'eval_metrics.jsonl'))} checkpoints in {evaluated:.0f} s "
+          f"({workdir}){clear}", flush=True)
 
   rows, series = [], {}
   for name, _, workdir in jobs:
@@ -90,15 +136,15 @@ def main(argv):
       first = evals[0]
       rows.append(("zero_shot", "-", "-", first["test/accuracy"], first["test/num_examples"]))
   rows[1:1] = [(name, "-", "-", acc, n) for name, acc, n in pixel_rows(FLAGS.shots)]
+  plot = plots.curves(series, title=f"digits 5-9, {FLAGS.shots} shots/class",
+                      ylabel="test accuracy", path=root / "plots" / "transfer_digits.png")
+  print(f"plot: {plot}; total time: {time.time() - start:.0f}s")  # (the table is the last thing)
   print(f"\nfew-shot transfer on handwritten digits 5-9 ({FLAGS.shots} labelled examples per class); "
         f"pretrain = {source_name} (its row: test accuracy on handwritten 0-4); pixels_* = "
         "classifiers on raw pixels" + (ZERO_SHOT_NOTE if zero_shot else ""))
   print(f"{'run':<15}{'trainable':>11}{'frozen':>9}{'test acc':>10}{'examples':>10}")
   for name, trainable, frozen, acc, n in rows:
     print(f"{name:<15}{trainable:>11}{frozen:>9}{acc:>10.3f}{n:>10}")
-  plot = plots.curves(series, title=f"digits 5-9, {FLAGS.shots} shots/class",
-                      ylabel="test accuracy", path=root / "plots" / "transfer_digits.png")
-  print(f"\nplot: {plot}\ntotal time: {time.time() - start:.0f}s")
 
 
 if __name__ == "__main__":

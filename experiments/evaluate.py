@@ -8,10 +8,14 @@ and `mesh` sections apply, and where it differs from the run's in anything else 
 total_steps, ...) the differences are named and the run's values followed. Appends one JSON object per
 evaluated step to WORKDIR/eval_metrics.jsonl (and TensorBoard).
 """
-from absl import flags
+import time
+
+import jax
+from absl import flags, logging
 
 from experiments import cli
-from jtl import evaluate
+from jtl import evaluate, progress
+from jtl.config import resolve_path
 
 
 def define_flags(flag_values: flags.FlagValues, argv: list[str]) -> None:
@@ -29,9 +33,14 @@ def define_flags(flag_values: flags.FlagValues, argv: list[str]) -> None:
 
 
 def main(flag_values: flags.FlagValues) -> None:
-  evaluate.evaluate_checkpoints(cli.load_config(flag_values), flag_values.workdir,
-                                watch=flag_values.watch, step=flag_values.step,
-                                timeout=flag_values.timeout, poll_every=flag_values.poll_every)
+  start = time.time()
+  rows = evaluate.evaluate_checkpoints(cli.load_config(flag_values), flag_values.workdir,
+                                       watch=flag_values.watch, step=flag_values.step,
+                                       timeout=flag_values.timeout,
+                                       poll_every=flag_values.poll_every)
+  summary = progress.eval_summary(resolve_path(flag_values.workdir), rows, time.time() - start)
+  if summary and jax.process_index() == 0:  # the last line: what was evaluated, where the rows are
+    logging.info("%s", summary)
 
 
 if __name__ == "__main__":

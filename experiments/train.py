@@ -31,15 +31,27 @@ def define_flags(flag_values: flags.FlagValues, argv: list[str]) -> None:
 
 def main(flag_values: flags.FlagValues) -> None:
   # pylint: disable=g-import-not-at-top  (after the signal handler, below)
+  import time
+
   import jax
-  from jtl import objectives, train
+  from absl import logging
+  from jtl import checkpoint, objectives, progress, train
+  from jtl.config import resolve_path
+  from jtl.metric_writer import read_jsonl
+  start = time.time()
   config = cli.load_config(flag_values)
-  train.train(config, flag_values.workdir, take_over_lock=flag_values.take_over_lock)
+  state = train.train(config, flag_values.workdir, take_over_lock=flag_values.take_over_lock)
   # An objective may draw something from the finished run (style transfer: plots/*.png).
   after = getattr(objectives.OBJECTIVES.get(config.get("objective", "supervised")), "after_training",
                   None)
   if after is not None and jax.process_index() == 0:
     after(config, flag_values.workdir)
+  if jax.process_index() == 0:  # the last line: how far it got and where everything is
+    workdir = resolve_path(flag_values.workdir)
+    rows = read_jsonl(f"{workdir}/train_metrics.jsonl")
+    logging.info("%s", progress.train_summary(
+        workdir, None if state is None else int(state.step), config.total_steps,
+        rows[-1] if rows else None, checkpoint.completed_steps(workdir), time.time() - start))
 
 
 if __name__ == "__main__":

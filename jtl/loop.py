@@ -127,7 +127,7 @@ def run(config: Any, state: Any, step_fn: Callable, device_batches: Iterator[Any
   stops it before stepping: the state it started from is on disk already, or is the init). Returns
   the state (its step < `until` if a signal stopped it)."""
   stop = StopFlag(sync_every=config.log_every)
-  step = int(state.step)
+  step = first_step = int(state.step)
   window = Window(int(config.get("skip_nonfinite_updates") or 0), resumed_from)
   last_time, last_step = time.perf_counter(), step
   stop.install()
@@ -140,7 +140,10 @@ def run(config: Any, state: Any, step_fn: Callable, device_batches: Iterator[Any
       state, metrics = step_fn(state, next(device_batches))
       step += 1
       window.add(step, metrics)  # device arrays: no sync per step
-      if step % config.log_every == 0 or step == until:
+      log_now = step % config.log_every == 0 or step == until
+      if step == first_step + 1 and not log_now:  # its call compiled the step: steps/s and the ETA
+        last_time, last_step = time.perf_counter(), step  # count from here, not from the compilation
+      if log_now:
         window.check(*keeper.last_good_info())
         means = window.means()
         now = time.perf_counter()

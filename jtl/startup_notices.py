@@ -5,8 +5,10 @@ and of TF's `port.cc`, so each prints "WARNING: All log messages before absl::In
 called are written to STDERR" and the "oneDNN custom operations are on" notice: twice per process.
 `TF_CPP_MIN_LOG_LEVEL` cannot silence them, because absl writes them before TF's own logging is set
 up. `import_tensorflow()` imports TF with file descriptor 2 captured and writes what it printed back,
-each line once (lines compared without absl's time stamp and thread id). Entry points call it before
-anything else imports TF; later calls, and processes where TF is already imported, do nothing.
+each line once (lines compared without absl's time stamp and thread id), and at the default verbosity
+without its INFO notices at all (`quiet`: the console shows jtl's own lines; `--verbosity=1` keeps
+them). Entry points call it before anything else imports TF; later calls, and processes where TF is
+already imported, do nothing.
 """
 from __future__ import annotations
 
@@ -16,6 +18,10 @@ import sys
 import threading
 
 _PREFIX = re.compile(rb"^[IWEF]\d{4} [\d:.]+\s+\d+ ")  # absl's "I0000 00:00:1796.5  10871 "
+# What TF prints at INFO level while it loads: absl's note that it is not set up yet (a WARNING in
+# name only), "oneDNN custom operations are on", and the CPU feature notice (with its second line).
+_NOTICE = re.compile(rb"^(I\d{4} [\d:.]+\s+\d+ |WARNING: All log messages before absl::InitializeLog"
+                     rb"|To enable the following instructions: )")
 
 
 def dedupe(output: bytes) -> bytes:
@@ -30,8 +36,27 @@ def dedupe(output: bytes) -> bytes:
   return b"".join(kept)
 
 
-def import_tensorflow() -> None:
-  """Imports tensorflow, each line it prints on stderr written once (see the module docstring)."""
+def without_notices(output: bytes) -> bytes:
+  """`output` without TF's INFO start-up notices (its warnings and errors stay)."""
+  return b"".join(line for line in output.splitlines(keepends=True) if not _NOTICE.match(line))
+
+
+def verbose(argv: list[str]) -> bool:
+  """Whether `argv` asks absl for `--verbosity` (or `-v`) 1 or more, before flags are parsed."""
+  for i, arg in enumerate(argv):
+    name, has_value, value = arg.partition("=")
+    if name in ("--verbosity", "-v", "--v"):
+      value = value if has_value else (argv[i + 1] if i + 1 < len(argv) else "")
+      try:
+        return int(value) >= 1
+      except ValueError:
+        return False
+  return False
+
+
+def import_tensorflow(quiet: bool = False) -> None:
+  """Imports tensorflow, each line it prints on stderr written once; with `quiet`, without its INFO
+  notices (see the module docstring)."""
   if "tensorflow" in sys.modules:
     return
   sys.stderr.flush()
@@ -54,4 +79,5 @@ def import_tensorflow() -> None:
     os.close(saved)
     reader.join()
     os.close(read_end)
-    os.write(2, dedupe(b"".join(chunks)))
+    output = dedupe(b"".join(chunks))
+    os.write(2, without_notices(output) if quiet else output)

@@ -22,8 +22,8 @@ from absl import logging
 from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jtl import (accumulate, checkpoint, compile_cache, data, keep, loop, masks, objectives, optim,
-                 phases, progress, sharding, signals)
+from jtl import (accumulate, checkpoint, compile_cache, data, hparams, keep, loop, masks, objectives,
+                 optim, phases, progress, sharding, signals)
 from jtl import config as config_lib
 from jtl import lock as workdir_lock
 from jtl.errors import ConfigError
@@ -282,6 +282,7 @@ def _write_run_files(s: Setup, workdir: epath.Path) -> None:
       counts = dict(zip(("trainable", "trainable_bytes"), masks.count(trainable)))
       counts.update(zip(("frozen", "frozen_bytes"), masks.count(frozen)))
       (workdir / "params.json").write_text(json.dumps(counts, indent=2))
+      hparams.write(workdir, s.config)  # TensorBoard's HParams tab: a row per run (a sweep's cells)
   except OSError as e:
     raise ConfigError(f"cannot write to workdir {workdir} ({e.strerror or e}); choose a writable "
                       "--workdir") from e

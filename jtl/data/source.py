@@ -5,15 +5,20 @@ fixed `ReadConfig`, deterministic interleave), so it is the same in every proces
 Label filters and K-shot selections are sets of raw indices, chosen over the whole split before any
 host sharding.
 """
+import contextlib
 import difflib
 import functools
+import io
 import logging
 import socket
+from collections.abc import Iterator
 
 import ml_collections
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from absl import logging as absl_logging
+from tensorflow_datasets.core.utils import tqdm_utils
 
 from jtl.data import config as config_lib
 from jtl.data import digits  # Registers the embedded `sklearn_digits` builder with TFDS.
@@ -63,6 +68,23 @@ def _builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
     raise ConfigError(f'cannot open dataset {name!r}: {_first_line(e)}; fix --config.data.name') from e
 
 
+@contextlib.contextmanager
+def _quiet_tfds() -> Iterator[None]:
+  """TFDS's progress bars and its printed "Downloading and preparing ..." lines off, unless absl's
+  `--verbosity=1`: the line above says what is happening (and the embedded builders that take long,
+  printed digits and glyphs, log how far they got)."""
+  if absl_logging.get_verbosity() >= absl_logging.DEBUG:
+    yield
+    return
+  bars = getattr(tqdm_utils, '_active', True)
+  tfds.display_progress_bar(False)
+  try:
+    with contextlib.redirect_stdout(io.StringIO()):
+      yield
+  finally:
+    tfds.display_progress_bar(bars)
+
+
 def _prepare(builder: tfds.core.DatasetBuilder, name: str,
              data_dir: str | None) -> tfds.core.DatasetBuilder:
   """Runs `download_and_prepare` once; tolerates another process preparing the same dir meanwhile."""
@@ -71,9 +93,11 @@ def _prepare(builder: tfds.core.DatasetBuilder, name: str,
     raise ConfigError(f'dataset {name!r} is not prepared in {builder.data_dir} and there is no '
                       f'network to download it; prepare it where there is (`tfds build {name} '
                       '--data_dir=DIR`) and set --config.data.data_dir=DIR')
-  logging.info('Preparing dataset %s in %s', name, builder.data_dir)
+  logging.info('Preparing dataset %s in %s (first use only; later runs read it from there)', name,
+               builder.data_dir)
   try:
-    builder.download_and_prepare()
+    with _quiet_tfds():
+      builder.download_and_prepare()
   except ConfigError:  # A bad input found while preparing (an unreadable image): say it as it is.
     raise
   except Exception as e:
