@@ -158,6 +158,12 @@ def test_eval_reads_the_centre_crop_and_bad_crop_settings_are_refused(data_dir):
   batches, n = data.eval_iterator(c, global_batch_size=4)
   batch = next(batches())
   assert batch["image"].shape == (4, 40, 40, 3) and n == 2
+  # The images are the centre crops of the stand-in's first validation images, not plain resizes.
+  import tensorflow_datasets as tfds
+  raw = tfds.builder("imagenet2012", data_dir=data_dir).as_dataset(split="validation")
+  for image, example in zip(batch["image"], raw.take(4).as_numpy_iterator()):
+    expected = np.round(preprocess.central_square(tf.constant(example["image"]), 40, 0.875))
+    np.testing.assert_allclose(image, expected / 255.0, atol=1e-6)
   with pytest.raises(Exception, match="data.image_size"):
     data.train_iterator(_config(data_dir, name="cifar10", crop="inception"), global_batch_size=4,
                         seed=0)
