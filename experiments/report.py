@@ -105,6 +105,12 @@ def values(group: Group, metric: str) -> list[float]:
   return [row[metric] for row in group.final if isinstance(row.get(metric), (int, float))]
 
 
+def seed_count(group: Group) -> int:
+  """Distinct seeds among a group's finished cells (cells without a seed count one each)."""
+  named = {seed for seed in group.seeds if seed is not None}
+  return len(named) + sum(seed is None for seed in group.seeds)
+
+
 def text(group: Group, metric: str) -> str:
   """`mean ± std (min–max)` of a table cell; one seed: its value; none: `-`."""
   found = values(group, metric)
@@ -136,7 +142,7 @@ def markdown(index: dict[str, Any], groups: list[Group], metrics: list[str],
     section = sec
     cells = [text(by_key[(sec, variant, c)], m) if (sec, variant, c) in by_key else "-"
              for m, c in heads]
-    counts = sorted({len(g.final) for c in columns if (g := by_key.get((sec, variant, c)))})
+    counts = sorted({seed_count(g) for c in columns if (g := by_key.get((sec, variant, c)))})
     seeds = "-" if not counts else (str(counts[0]) if len(counts) == 1 else
                                     f"{counts[0]}–{counts[-1]}")
     lines.append(f"| {variant} | " + " | ".join(cells) + f" | {seeds} |")

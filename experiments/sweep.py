@@ -45,6 +45,8 @@ def define_flags(flag_values: flags.FlagValues) -> None:
   flags.DEFINE_string("workdir", None, "The sweep's root: one folder per cell.",
                       flag_values=flag_values)
   flags.DEFINE_integer("parallel", 1, "Cells run at once.", lower_bound=1, flag_values=flag_values)
+  flags.DEFINE_string("only", None, "Run only the cells whose name matches this regex (re.search), "
+                      "and the cells they depend on.", flag_values=flag_values)
   flags.DEFINE_bool("list", False, "Print the cells, their state and commands; run nothing.",
                     flag_values=flag_values)
   flags.mark_flags_as_required(["config", "workdir"], flag_values=flag_values)
@@ -65,9 +67,12 @@ def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
 class Cells:
   """The cells of one sweep under one root: their specs, what is finished, how to run one."""
 
-  def __init__(self, sweep: sweep_lib.Sweep, root: str, overrides: list[str]):
+  def __init__(self, sweep: sweep_lib.Sweep, root: str, overrides: list[str],
+               only: str | None = None):
     self.sweep, self.root, self.overrides = sweep, root, overrides
     self.order = sweep_lib.check(sweep)
+    if only is not None:
+      self.order = sweep_lib.select(self.order, only)
     self.index = {cell.name: i + 1 for i, cell in enumerate(self.order)}
 
   def folder(self, cell: sweep_lib.Cell) -> str:
@@ -83,7 +88,8 @@ class Cells:
 
   def spec(self, cell: sweep_lib.Cell) -> dict[str, Any]:
     """What defines the cell's result: a finished cell is reused only if this is unchanged."""
-    return {"sweep": self.sweep.name, "cell": cell.to_json(), "command": self.command(cell)[1:]}
+    spec = {"sweep": self.sweep.name, "cell": cell.to_json(), "command": self.command(cell)[1:]}
+    return json.loads(json.dumps(spec))  # as done.json reads back (tuples become lists)
 
   def finished(self, cell: sweep_lib.Cell) -> bool:
     """True if done.json records this very spec; ConfigError if it records another."""
@@ -125,7 +131,8 @@ class Cells:
     """A view cell: the source cell's row at `cell.step`, keys renamed, as its own metrics file."""
     from jtl.metric_writer import read_jsonl  # pylint: disable=g-import-not-at-top
     source = os.path.join(self.root, cell.of, "eval_metrics.jsonl")
-    rows = [row for row in read_jsonl(source) if row["step"] == cell.step]
+    rows = sorted(read_jsonl(source), key=lambda row: row["step"])
+    rows = rows[-1:] if cell.step is None else [row for row in rows if row["step"] == cell.step]
     if not rows:
       raise RunError(f"cell {cell.name}: {source} has no row for step {cell.step}; is step "
                      f"{cell.step} checkpointed and evaluated in cell {cell.of}?")
@@ -242,7 +249,7 @@ class Runner:
           row = self.cells.run_view(cell)
           self.cells.mark_done(cell, row, 0.0)
           done.add(cell.name)
-          self.say(cell, f"done   {cell.name} (step {cell.step} of {cell.of}) "
+          self.say(cell, f"done   {cell.name} (step {row['step']} of {cell.of}) "
                    f"{_summary(row, self.cells.sweep.metrics)}")
           continue
         if len(self.running) < self.parallel:
@@ -272,7 +279,7 @@ def main(argv: list[str]) -> int:
     if not FLAGS.workdir or "://" in FLAGS.workdir:
       raise ConfigError(f"--workdir={FLAGS.workdir!r}: the sweep's root must be a local folder")
     root = os.path.abspath(os.path.expanduser(FLAGS.workdir))
-    cells = Cells(sweep, root, OVERRIDES)
+    cells = Cells(sweep, root, OVERRIDES, FLAGS.only)
     states = {cell.name: cells.finished(cell) for cell in cells.order}  # a mismatch stops here
   except ConfigError as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
@@ -281,7 +288,8 @@ def main(argv: list[str]) -> int:
     for cell in cells.order:
       state = "finished" if states[cell.name] else (
           "started" if os.path.exists(os.path.join(cells.folder(cell), "cell.json")) else "to run")
-      what = " ".join(cells.command(cell)[3:]) or f"view of {cell.of} at step {cell.step}"
+      what = " ".join(cells.command(cell)[3:]) or (
+          f"view of {cell.of} at step {'(last)' if cell.step is None else cell.step}")
       print(f"{cell.name:<40} {state:<9} {what}")
     return 0
   os.makedirs(root, exist_ok=True)

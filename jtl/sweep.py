@@ -18,8 +18,9 @@ A cell is one of three kinds:
   train     `experiments.train` then `experiments.evaluate` on `config` (+ `overrides`);
   baseline  `jtl.baselines` (`baseline=` one of its NAMES) fitted on `config`'s data, written as an
             evaluation row of the eval split (`test/accuracy`), so the report shows it as a row;
-  view      no process: the row of another cell's `eval_metrics.jsonl` at `step` (keys renamed by
-            `rename`), e.g. the zero-shot accuracy a transfer run measures at its step 0.
+  view      no process: the row of another cell's `eval_metrics.jsonl` at `step` (None: its last;
+            keys renamed by `rename`), e.g. the zero-shot accuracy a transfer run measures at its
+            step 0, or one run shown in several columns.
 `{cell:NAME}` inside `config` or an override value stands for the absolute workdir of cell NAME and
 makes this cell wait for that one (`after` adds more such dependencies).
 """
@@ -53,7 +54,8 @@ class Cell:
   report    False: run it (e.g. a pretraining other cells need) but leave it out of the table;
   kind      train | baseline | view (see the module docstring);
   baseline  for kind=baseline: a `jtl.baselines.NAMES` entry;
-  of, step, rename   for kind=view: the source cell, its evaluated step, metric keys to rename;
+  of, step, rename   for kind=view: the source cell, its evaluated step (None: the last one),
+            metric keys to rename;
   after     names of cells that must finish first (besides the `{cell:NAME}` ones).
   """
   name: str
@@ -154,8 +156,9 @@ def check(sweep: Sweep) -> list[Cell]:
     if cell.kind == "baseline" and cell.baseline not in baselines.NAMES:
       raise ConfigError(f"cell {cell.name!r}: unknown baseline {cell.baseline!r}; use one of "
                         f"{', '.join(baselines.NAMES)}")
-    if cell.kind == "view" and (not cell.of or cell.step is None):
-      raise ConfigError(f"cell {cell.name!r}: a view needs of=<cell name> and step=<int>")
+    if cell.kind == "view" and not cell.of:
+      raise ConfigError(f"cell {cell.name!r}: a view needs of=<cell name> (and step=<int>, or None "
+                        "for the last evaluated step)")
     by_name[cell.name] = cell
   for cell in sweep.cells:
     for dep in cell.dependencies():
@@ -180,6 +183,26 @@ def check(sweep: Sweep) -> list[Cell]:
   for cell in sweep.cells:
     visit(cell, ())
   return ordered
+
+
+def select(ordered: Sequence[Cell], pattern: str) -> list[Cell]:
+  """The cells (of a `check`ed order) whose name matches `pattern` (re.search), with everything they
+  depend on; ConfigError if none matches."""
+  try:
+    wanted = {cell.name for cell in ordered if re.search(pattern, cell.name)}
+  except re.error as e:
+    raise ConfigError(f"--only={pattern!r} is not a regular expression ({e})") from None
+  if not wanted:
+    raise ConfigError(f"--only={pattern!r} matches no cell; the cells are "
+                      f"{', '.join(c.name for c in ordered[:6])}{' ...' if len(ordered) > 6 else ''}")
+  by_name = {cell.name: cell for cell in ordered}
+  todo = list(wanted)
+  while todo:
+    for dep in by_name[todo.pop()].dependencies():
+      if dep not in wanted:
+        wanted.add(dep)
+        todo.append(dep)
+  return [cell for cell in ordered if cell.name in wanted]
 
 
 def fill(text: str, root: str) -> str:
