@@ -30,7 +30,6 @@ from typing import Any
 
 from absl import flags
 
-from jtl import startup_notices
 from jtl import sweep as sweep_lib
 from jtl.errors import ConfigError, RunError
 
@@ -246,7 +245,11 @@ class Runner:
         if cell.kind == "view":  # no process: a row copied from another cell
           pending.remove(cell)
           self.cells.prepare(cell)
-          row = self.cells.run_view(cell)
+          try:
+            row = self.cells.run_view(cell)
+          except RunError:
+            self.stop_running()
+            raise
           self.cells.mark_done(cell, row, 0.0)
           done.add(cell.name)
           self.say(cell, f"done   {cell.name} (step {row['step']} of {cell.of}) "
@@ -263,6 +266,23 @@ class Runner:
       time.sleep(0.2)
 
 
+def _import_tensorflow_quietly() -> None:
+  """Imports TensorFlow (config files import it) with its C++ start-up notices (absl, oneDNN), which
+  bypass Python's stderr, sent to /dev/null: the runner's console is its own lines; the cells' logs
+  keep theirs."""
+  if "tensorflow" in sys.modules:
+    return
+  sys.stderr.flush()
+  saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+  os.dup2(null, 2)
+  try:
+    import tensorflow  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+  finally:
+    os.dup2(saved, 2)
+    os.close(saved)
+    os.close(null)
+
+
 class StopRequested(Exception):
   """SIGTERM or SIGINT reached the runner: running cells were stopped (their checkpoints kept)."""
 
@@ -273,7 +293,7 @@ FLAGS = flags.FLAGS
 def main(argv: list[str]) -> int:
   del argv
   start = time.time()
-  startup_notices.import_tensorflow()  # a config file imports it: its notices once
+  _import_tensorflow_quietly()
   try:
     sweep = sweep_lib.load(FLAGS.config)
     if not FLAGS.workdir or "://" in FLAGS.workdir:

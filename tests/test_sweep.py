@@ -113,6 +113,34 @@ def final_rows(root, name, step):
   return [r for r in read_rows(os.path.join(root, name, "eval_metrics.jsonl")) if r["step"] == step]
 
 
+def assert_report_matches_hand_computation(root):
+  """experiments.report on a finished tiny sweep against numpy on the cells' own metrics files."""
+  code, out, err = finish(start("experiments.report", f"--workdir={root}"))
+  assert code == 0, out + err
+  with open(os.path.join(root, "report.csv")) as f:
+    table = {(r["variant"], r["metric"]): r for r in csv.DictReader(f)}
+  # By hand: the row of the final step (4) of each seed's eval_metrics.jsonl, numpy.
+  for variant, key in (("lr 3e-3", "slow"), ("lr 3e-2", "fast")):
+    for metric in ("test/accuracy", "test/loss"):
+      values = np.array([final_rows(root, f"{key}_s{s}", 4)[0][metric] for s in (0, 1)])
+      row = table[(variant, metric)]
+      assert int(row["n"]) == 2 and row["seeds"] == "0 1"
+      np.testing.assert_allclose([float(row[k]) for k in ("mean", "std", "min", "max")],
+                                 [values.mean(), values.std(), values.min(), values.max()],
+                                 rtol=1e-12)
+      assert f"{values.mean():.3f} ± {values.std():.3f} ({values.min():.3f}–{values.max():.3f})" \
+          in out
+  pixels = read_rows(os.path.join(root, "pixels-1nn", "eval_metrics.jsonl"))
+  assert float(table[("pixels: 1-nearest-neighbour", "test/accuracy")]["mean"]) == \
+      pixels[0]["test/accuracy"]
+  assert float(table[("fast, step 0", "test/loss")]["mean"]) == \
+      final_rows(root, "fast_s0", 0)[0]["test/loss"]
+  with open(os.path.join(root, "report.png"), "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  with open(os.path.join(root, "report.md")) as f:
+    assert f.read() in out
+
+
 def test_kill_mid_grid_then_rerun_skips_finished_cells_and_the_report_matches(tmp_path):
   from jtl import checkpoint
   root = str(tmp_path / "grid")
@@ -146,30 +174,7 @@ def test_kill_mid_grid_then_rerun_skips_finished_cells_and_the_report_matches(tm
   # The console: a line per start and per end of a cell, nothing from the cells themselves.
   assert all(line.startswith("[") or line.startswith("sweep tiny") for line in out.splitlines()), out
 
-  code, out, err = finish(start("experiments.report", f"--workdir={root}"))
-  assert code == 0, out + err
-  with open(os.path.join(root, "report.csv")) as f:
-    table = {(r["variant"], r["metric"]): r for r in csv.DictReader(f)}
-  # By hand: the row of the final step (4) of each seed's eval_metrics.jsonl, numpy.
-  for variant, key in (("lr 3e-3", "slow"), ("lr 3e-2", "fast")):
-    for metric in ("test/accuracy", "test/loss"):
-      values = np.array([final_rows(root, f"{key}_s{s}", 4)[0][metric] for s in (0, 1)])
-      row = table[(variant, metric)]
-      assert int(row["n"]) == 2 and row["seeds"] == "0 1"
-      np.testing.assert_allclose([float(row[k]) for k in ("mean", "std", "min", "max")],
-                                 [values.mean(), values.std(), values.min(), values.max()],
-                                 rtol=1e-12)
-      assert f"{values.mean():.3f} ± {values.std():.3f} ({values.min():.3f}–{values.max():.3f})" \
-          in out
-  pixels = read_rows(os.path.join(root, "pixels-1nn", "eval_metrics.jsonl"))
-  assert float(table[("pixels: 1-nearest-neighbour", "test/accuracy")]["mean"]) == \
-      pixels[0]["test/accuracy"]
-  assert float(table[("fast, step 0", "test/loss")]["mean"]) == \
-      final_rows(root, "fast_s0", 0)[0]["test/loss"]
-  with open(os.path.join(root, "report.png"), "rb") as f:
-    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
-  with open(os.path.join(root, "report.md")) as f:
-    assert f.read() in out
+  assert_report_matches_hand_computation(root)
 
   # Finished cells whose command would now differ are not mixed into the table: one line, exit 2.
   code, out, err = finish(start("experiments.sweep", *args, "--config.total_steps=6"))
@@ -190,6 +195,5 @@ def test_a_failing_cell_stops_the_sweep_with_one_line_naming_it_and_its_log(tmp_
 def test_unknown_sweep_is_one_line_and_writes_nothing(tmp_path):
   root = tmp_path / "none"
   code, _, err = finish(start("experiments.sweep", f"--config={TINY}:sweep=nope", f"--workdir={root}"))
-  assert code == 2 and err.strip().splitlines()[-1] == (
-      f"error: {TINY}: unknown sweep 'nope'; this config has: tiny, broken"), err
+  assert code == 2 and err == f"error: {TINY}: unknown sweep 'nope'; this config has: tiny, broken\n", err
   assert not root.exists()
