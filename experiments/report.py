@@ -124,7 +124,7 @@ def text(group: Group, metric: str) -> str:
 
 def markdown(index: dict[str, Any], groups: list[Group], metrics: list[str],
              unfinished: list[str]) -> str:
-  columns = list(dict.fromkeys(g.column for g in groups))
+  columns = list(dict.fromkeys(g.column for g in groups if g.final)) or [""]
   heads = [(m, c) for m in metrics for c in columns]
   names = [c if len(metrics) == 1 else f"{m} {c}".strip() for m, c in heads]
   first = metrics[0] if len(metrics) == 1 and columns != [""] else "variant"
@@ -133,7 +133,8 @@ def markdown(index: dict[str, Any], groups: list[Group], metrics: list[str],
     lines += [index["title"], ""]
   lines += [f"| {first} | " + " | ".join(names) + " | seeds |",
             "|---|" + "---|" * len(names) + "---|"]
-  variants = list(dict.fromkeys((g.section, g.variant) for g in groups))
+  # Variants with no finished cell yet have no row (the note under the table counts them).
+  variants = list(dict.fromkeys((g.section, g.variant) for g in groups if g.final))
   by_key = {(g.section, g.variant, g.column): g for g in groups}
   section = ""
   for sec, variant in variants:
@@ -191,6 +192,8 @@ def plot(groups: list[Group], metric: str, path: str) -> str:
   for ax, column in zip(axes[0], columns):
     curves = {g.variant: mean_curve(g, metric) for g in groups if g.column == column}
     last = max((step for points in curves.values() for step, _ in points), default=0)
+    if len(curves) > 10:  # past the default cycle's 10 colours: 20 distinct ones
+      ax.set_prop_cycle(color=plots.plt.cm.tab20.colors)
     for variant, points in curves.items():
       if len(points) == 1:  # one evaluated step (a baseline, a view): a level line across
         points = [(0, points[0][1]), (max(last, 1), points[0][1])]
