@@ -143,7 +143,8 @@ def markdown(index: dict[str, Any], groups: list[Group], metrics: list[str],
     section = sec
     cells = [text(by_key[(sec, variant, c)], m) if (sec, variant, c) in by_key else "-"
              for m, c in heads]
-    counts = sorted({seed_count(g) for c in columns if (g := by_key.get((sec, variant, c)))})
+    counts = sorted({seed_count(g) for c in columns
+                     if (g := by_key.get((sec, variant, c))) and g.final})
     seeds = "-" if not counts else (str(counts[0]) if len(counts) == 1 else
                                     f"{counts[0]}–{counts[-1]}")
     lines.append(f"| {variant} | " + " | ".join(cells) + f" | {seeds} |")
