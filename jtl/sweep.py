@@ -139,7 +139,7 @@ def check(sweep: Sweep) -> list[Cell]:
   Raises ConfigError for a bad grid: duplicate or unsafe names, an unknown kind, baseline or
   dependency, a cycle.
   """
-  from jtl import baselines  # pylint: disable=g-import-not-at-top (numpy only, but not always needed)
+  from jtl import baselines  # pylint: disable=g-import-not-at-top (its NAMES; no TensorFlow)
   by_name: dict[str, Cell] = {}
   for cell in sweep.cells:
     if not _NAME.fullmatch(cell.name):
