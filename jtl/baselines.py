@@ -16,8 +16,6 @@ from __future__ import annotations
 import ml_collections
 import numpy as np
 
-from jtl.data import pipeline, source
-
 NAMES = ("pixels_logreg", "pixels_1nn")
 
 
@@ -26,6 +24,7 @@ def examples(data_config: ml_collections.ConfigDict, split: str | None = None,
   """(flattened float32 pixels [N, D], int labels [N]) of `split` (default: the eval split), as the
   pipeline's eval iterator yields them: the label filter applied, K-shot selection on the train
   split, normalised, not augmented. Padding rows (mask 0) are dropped."""
+  from jtl.data import pipeline  # pylint: disable=g-import-not-at-top (TensorFlow: not for NAMES)
   make, _ = pipeline.eval_iterator(data_config, split=split, global_batch_size=batch_size)
   images, labels = [], []
   for batch in make():
@@ -52,6 +51,7 @@ def logistic_regression(train_x: np.ndarray, train_y: np.ndarray, x: np.ndarray,
 def pixel_baselines(data_config: ml_collections.ConfigDict) -> dict[str, float]:
   """Test accuracy of `pixels_logreg` and `pixels_1nn`, fitted on the labelled train examples that
   `data_config` selects and scored on its eval split."""
+  from jtl.data import source  # pylint: disable=g-import-not-at-top
   c = source.validate(data_config)
   train_x, train_y = examples(c, c.train_split)
   test_x, test_y = examples(c, c.eval_split)

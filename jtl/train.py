@@ -346,6 +346,7 @@ def _write_and_run(config: ml_collections.ConfigDict, workdir: epath.Path, s: Se
                            checksums=config.get("checkpoint_checksums", True))
   try:
     start_step, s, state = _resume(config, workdir, example, schedule, mgr)
+    resumed = state is not None
     if state is None:
       _no_usable_checkpoint(config, workdir)  # (raises unless there is nothing to lose)
       loaded = loaded if loaded is not None else load_transfer_source(s)
@@ -361,7 +362,8 @@ def _write_and_run(config: ml_collections.ConfigDict, workdir: epath.Path, s: Se
   writer.drop_after(start_step)  # steps a killed run logged past its last checkpoint run again
   keeper = keep.Keeper(mgr, workdir, config.get("keep_checkpoints", 3),
                        verify_newest=config.get("checkpoint_verify", True))
-  if start_step == 0 and config.get("checkpoint_initial", False):
+  # A run resumed from its step-0 checkpoint (killed before the next one) has it already.
+  if not resumed and config.get("checkpoint_initial", False):
     keeper.save(0, state)  # the starting point, for evaluation (e.g. a transferred model, untrained)
   device_batches = sharding.prefetch_to_mesh(batches_from(start_step), s.batch_sharding)
   try:

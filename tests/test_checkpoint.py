@@ -1,4 +1,6 @@
 """Transfer init: backbone loaded, head re-initialised, mismatches reported as one-line errors."""
+import shutil
+
 import jax
 import ml_collections
 import numpy as np
@@ -141,3 +143,16 @@ def test_transfer_digits_head_and_bn_arguments():
   for bad in ("head=source", "bn=eval"):
     with pytest.raises(ValueError, match=bad.split("=")[1]):
       transfer_digits.get_config(f"mode=finetune,{bad}")
+
+
+def test_a_run_killed_after_its_step_0_checkpoint_resumes_without_saving_it_again(tmp_path):
+  """`checkpoint_initial` saves step 0 before the first step; a run killed before its next checkpoint
+  (a sweep's cell killed early) resumes from step 0, which it must not save a second time (orbax:
+  StepAlreadyExistsError)."""
+  config = digits_config(total_steps=4, checkpoint_every=2, checkpoint_initial=True)
+  train.train(config, str(tmp_path))
+  for step in (2, 4):  # as if killed right after step 0 was saved
+    shutil.rmtree(tmp_path / "checkpoints" / str(step))
+  assert checkpoint.completed_steps(tmp_path) == [0]
+  train.train(config, str(tmp_path))
+  assert checkpoint.completed_steps(tmp_path) == [0, 2, 4]

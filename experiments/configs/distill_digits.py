@@ -26,10 +26,18 @@ the student's widths: --config.model.hidden='(64,32)'.
 The student's checkpoint lives under `params/student/...`; `jtl.objectives.distill.export_student(
 'runs/kd', 'runs/kd_student')` writes it as a supervised run that `experiments.evaluate` and
 `init_from` read like any other.
+
+Sweep `table` (the README's distillation table): the teacher, and the student with labels only and
+with KD, with 5 labelled examples per class and with every label, seeds 0, 1, 2:
+
+  python -m experiments.sweep --config=experiments/configs/distill_digits.py:sweep=table \
+      --workdir=runs/distill_table [--parallel=2]
+  python -m experiments.report --workdir=runs/distill_table
 """
 import ml_collections
 
 from experiments.configs.common import base_config, parse_arg
+from jtl import sweep
 from jtl.objectives import distill
 
 MODES = ("teacher", "kd", "labels_only")
@@ -76,3 +84,36 @@ def get_config(arg=None):
                                                 "unlabelled": dict()})
     c.distill.unlabelled = ("unlabelled",)
   return c
+
+
+CONFIG = "experiments/configs/distill_digits.py"
+SWEEP_SEEDS = (0, 1, 2)
+KD_SHOTS = 5
+STUDENTS = {"labels only": "labels_only", "KD (alpha 0.5, T 4)": "kd"}
+TEACHER_ROW = "teacher (cnn_small, all labels, 1 run)"
+
+
+def get_sweep(name):
+  """`table`: the MLP student, labels only or distilled from the cnn_small teacher, with 5 labels per
+  class (KD also reads the unlabelled rest of the train split) and with every label, seeds 0, 1, 2;
+  the teacher (one run) as a row of both columns."""
+  if name != "table":
+    raise ValueError(f"unknown sweep {name!r}; distill_digits.py has: table")
+  columns = {f"{KD_SHOTS} labels/class (KD: + unlabelled train split)": KD_SHOTS,
+             "all labels": None}
+  cells = []
+  for column, shots in columns.items():
+    for row, mode in STUDENTS.items():
+      for seed in SWEEP_SEEDS:
+        cells.append(sweep.Cell(
+            f"{mode.replace('_', '-')}-shots{shots}_s{seed}", variant=row, column=column, seed=seed,
+            config=f"{CONFIG}:mode={mode},shots={shots}"
+                   + (",teacher={cell:teacher}" if mode == "kd" else ""),
+            overrides={"seed": seed}))
+  cells.append(sweep.Cell("teacher", variant=TEACHER_ROW, column=next(iter(columns)),
+                          config=f"{CONFIG}:mode=teacher"))
+  cells.append(sweep.Cell("teacher-all-labels", variant=TEACHER_ROW, column="all labels",
+                          kind="view", of="teacher"))  # the same run, shown in both columns
+  return sweep.Sweep(name, cells, metrics=("test/accuracy",), title=(
+      "Distillation: MLP student (32 hidden), sklearn_digits test accuracy, mean ± std (min–max) "
+      "over seeds 0, 1, 2"))

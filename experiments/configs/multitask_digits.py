@@ -27,10 +27,21 @@ Architecture and weighting options: --config.multitask.arch_options.KEY=VALUE an
 Evaluation: `test/<task>/<metric>` per task; with --config.evals.test.references.<task>=<single-task
 run's workdir, or a number>, also `test/delta_m` (the mean relative change against single-task
 references, in %, Maninis et al. 2019; sign: positive = better than single-task).
+
+Sweep `table` (the README's multitask table): every weighting and aggregator with hard sharing on
+multi-digits, and the single-task references (`tasks=left`, `tasks=right`, one row), seeds 0, 1, 2;
+each method run's Delta_m is against the single-task runs of its own seed:
+
+  python -m experiments.sweep --config=experiments/configs/multitask_digits.py:sweep=table \
+      --workdir=runs/multitask_table [--parallel=2]
+  python -m experiments.report --workdir=runs/multitask_table
 """
 import ml_collections
 
 from experiments.configs.common import base_config, parse_arg
+from jtl import sweep
+from jtl.multitask.aggregators import AGGREGATORS
+from jtl.multitask.weighting import WEIGHTINGS
 from jtl.objectives.multitask import default_config as multitask_defaults
 
 DATASETS = {
@@ -81,3 +92,32 @@ def get_config(arg=None):
   c.optim.lr = 3e-3
   c.optim.warmup_steps = 20
   return c
+
+
+CONFIG = "experiments/configs/multitask_digits.py"
+SWEEP_SEEDS = (0, 1, 2)
+SINGLE_TASK = "single-task (one model per task)"
+
+
+def get_sweep(name):
+  """`table`: hard sharing on multi-digits with every weighting and aggregator × seeds 0, 1, 2, and the
+  single-task references (one row: `left` from the tasks=left runs, `right` from the tasks=right runs)."""
+  if name != "table":
+    raise ValueError(f"unknown sweep {name!r}; multitask_digits.py has: table")
+  cells = []
+  for seed in SWEEP_SEEDS:
+    for task in ("left", "right"):
+      cells.append(sweep.Cell(f"single-{task}_s{seed}", variant=SINGLE_TASK, seed=seed,
+                              config=f"{CONFIG}:data=multidigits,arch=hard,tasks={task}",
+                              overrides={"seed": seed}))
+  for method in (*WEIGHTINGS, *AGGREGATORS):
+    for seed in SWEEP_SEEDS:
+      cells.append(sweep.Cell(
+          f"hard-{method}_s{seed}", variant=method, seed=seed,
+          config=f"{CONFIG}:data=multidigits,arch=hard,weighting={method}",
+          overrides={"seed": seed, **{f"evals.test.references.{task}": f"{{cell:single-{task}_s{seed}}}"
+                                      for task in ("left", "right")}}))
+  return sweep.Sweep(name, cells, metrics=("test/left/accuracy", "test/right/accuracy",
+                                           "test/delta_m"), title=(
+      "Multi-digits, hard sharing, cnn_small, 600 steps: test accuracy and Delta_m (%, against the "
+      "single-task runs of the same seed; positive = better), mean ± std (min–max) over seeds 0, 1, 2"))
