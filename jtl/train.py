@@ -69,7 +69,6 @@ def setup(config: ml_collections.ConfigDict, example_batch: Any,
   """Builds objective, mesh, masks, optimizer and abstract sharded state for one phase of the run
   (default: the first); raises ConfigError early, for every phase's rule tables."""
   config = config_lib.prepare(config)  # (idempotent: train() has done it already)
-  cpu_ops.set_enabled(config.get("cpu_fast_paths", True))  # read when the model is traced
   objective = objectives.build(config)
   mesh = sharding.make_mesh(config.mesh)
   batch_sharding = NamedSharding(mesh, sharding.batch_spec(mesh, config.mesh.batch_axes))

@@ -80,6 +80,7 @@ Metrics returned from a step are scalars, averaged over the logging window by th
 from __future__ import annotations
 
 import abc
+import copy
 import inspect
 from typing import Any
 
@@ -89,7 +90,7 @@ import jax
 import jax.numpy as jnp
 
 from jtl import masks
-from jtl.models import layers
+from jtl.models import cpu_ops, layers
 
 PyTree = Any
 Metrics = dict[str, jax.Array]
@@ -163,6 +164,19 @@ class Objective(abc.ABC):
     (loss, (model_state, metrics)), grads = jax.value_and_grad(loss_of_trainable, has_aux=True)(
         trainable_params)
     return grads, model_state, {"loss": loss, **metrics}
+
+  def in_loop_body(self) -> "Objective":
+    """A shallow copy whose models (linen modules held as attributes, or in lists, tuples and dicts
+    of them) take the CPU formulations meant for a loop body (`cpu_ops.in_loop_body`: every
+    convolution a matmul). `jtl.accumulate` traces this copy inside its `lax.scan`; an objective
+    that writes its own loop over a model does the same. Same parameters, same results to float
+    rounding; only how XLA computes them differs."""
+    body = copy.copy(self)
+    for name, value in vars(self).items():
+      changed = cpu_ops.in_loop_body(value)
+      if changed is not value:
+        setattr(body, name, changed)
+    return body
 
   def accumulated_gradients(self, trainable_params: PyTree, frozen_params: PyTree,
                             model_state: PyTree, batch: PyTree, rng: jax.Array, *,
