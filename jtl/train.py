@@ -30,8 +30,6 @@ from jtl.errors import ConfigError
 from jtl.metric_writer import MetricWriter
 from jtl.models import cpu_ops
 
-_StopFlag = loop.StopFlag  # tests stop a run at a chosen step by patching its `should_stop`
-
 
 @flax.struct.dataclass
 class TrainState:
