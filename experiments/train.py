@@ -32,14 +32,12 @@ def define_flags(flag_values: flags.FlagValues, argv: list[str]) -> None:
 def main(flag_values: flags.FlagValues) -> None:
   # pylint: disable=g-import-not-at-top  (after the signal handler, below)
   import jax
-  from jtl import objectives, train
+  from jtl import pictures, train
   config = cli.load_config(flag_values)
   train.train(config, flag_values.workdir, take_over_lock=flag_values.take_over_lock)
-  # An objective may draw something from the finished run (style transfer: plots/*.png).
-  after = getattr(objectives.OBJECTIVES.get(config.get("objective", "supervised")), "after_training",
-                  None)
-  if after is not None and jax.process_index() == 0:
-    after(config, flag_values.workdir)
+  # Some objectives' runs end with a picture (style transfer: plots/*.png), drawn from checkpoints.
+  if jax.process_index() == 0:
+    pictures.after_training(config, flag_values.workdir)
 
 
 if __name__ == "__main__":

@@ -81,6 +81,7 @@ from __future__ import annotations
 
 import abc
 import copy
+import dataclasses
 import inspect
 from typing import Any
 
@@ -114,6 +115,30 @@ class Step:
   def single(cls, step: Any, rng: jax.Array) -> "Step":
     """The step of an un-accumulated call (one micro-batch, the whole batch)."""
     return cls(jnp.asarray(step, jnp.int32), rng, jnp.zeros((), jnp.int32), 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedWeights:
+  """Weights an objective needs from another run's checkpoint (a distillation teacher). The objective
+  only declares them (`Objective.loaded_weights`); the trainer's transfer-init seam, the one
+  `init_from` goes through, reads them and puts them in the step-0 state, so no objective touches
+  storage, and a resumed run reads them from its own checkpoints.
+
+  Attributes:
+    key: the entry of `params` and of `model_state` they fill, every leaf of it; below it, paths
+      are the source run's own (`params/teacher/backbone/...` <- `params/backbone/...`).
+    workdir: the source run's workdir. step: its checkpoint step (None: the latest).
+    role: what they are, for messages ("teacher").
+    workdir_option, step_option: the config keys that set `workdir` and `step` (for messages).
+    fix: what to change when the checkpoint does not fit `key`'s shapes (for messages).
+  """
+  key: str
+  workdir: str
+  step: int | None
+  role: str
+  workdir_option: str
+  step_option: str
+  fix: str
 
 
 def step_or_counter(step: Step | None, counter: jax.Array) -> jax.Array:
@@ -164,6 +189,11 @@ class Objective(abc.ABC):
     (loss, (model_state, metrics)), grads = jax.value_and_grad(loss_of_trainable, has_aux=True)(
         trainable_params)
     return grads, model_state, {"loss": loss, **metrics}
+
+  def loaded_weights(self) -> tuple[LoadedWeights, ...]:
+    """Weights from other runs' checkpoints that the step-0 state must hold (default: none). `init`
+    returns placeholders of the right structure there; the trainer fills them."""
+    return ()
 
   def in_loop_body(self) -> "Objective":
     """A shallow copy whose models (linen modules held as attributes, or in lists, tuples and dicts
