@@ -171,6 +171,9 @@ MUTATIONS: tuple[Mutation, ...] = (
       "  return FastPaths(enabled=True)",
       ("tests/test_cpu_ops.py::test_the_model_option_chooses_the_path_per_model_and_one_model_never_"
        "moves_another",)),
+    M("declared-weights-not-loaded", "a distillation teacher comes through the transfer-init seam",
+      "jtl/train.py", "  declared = s.objective.loaded_weights()", "  declared = ()",
+      ("tests/test_distill.py::test_the_teacher_arrives_through_the_transfer_init_seam",)),
     M("compile-cache-off", "the persistent compilation cache is written and read back",
       "jtl/compile_cache.py", '  if not path or path.lower() == "none":', "  if True:",
       (T_PRECISION + "test_compilation_cache_is_written_then_reused",)),
