@@ -270,7 +270,9 @@ def test_the_model_option_chooses_the_path_per_model_and_one_model_never_moves_a
   # resnet18 at 32x32: stem, then 8x8, 4x4, 2x2, 1x1 maps: 20 convolutions, 10 of them small.
   first = (_conv_count(on, x), _conv_count(off, x))
   assert first[1] == 20 and first[0] < first[1], first
-  _loss_and_grads(_model(cpu_fast_paths=False), x[:1])  # another model: built and trained
+  _loss_and_grads(registry.build(dict(  # another model, fast paths off: built and trained
+      name="resnet_small", num_classes=4, width=4, stage_sizes=(1,), cpu_fast_paths=False)),
+      x[:1, :8, :8])
   on_again = _model()
   assert (_conv_count(on, x), _conv_count(off, x), _conv_count(on_again, x)) == first + first[:1]
   with pytest.raises(ConfigError, match="--config.model.cpu_fast_paths"):
