@@ -13,7 +13,9 @@ paradigms still to come map onto this, with no change to the trainer:
 * **Several models** (teacher + student, image + text tower, one tower per task): the objective owns
   several linen modules and `init` returns `params = {'student': ..., 'teacher': ...}`. Mask paths then
   read `params/teacher/...`, so "freeze the teacher" is the rule `('params/teacher/.*', False)`; a
-  frozen teacher costs no backward pass and no optimizer state like any frozen leaf.
+  frozen teacher costs no backward pass and no optimizer state like any frozen leaf. Weights from
+  another run (the teacher's checkpoint) are declared by `loaded_weights` and loaded by the trainer
+  through the same transfer-init seam as `init_from`: an objective never reads storage.
 * **Extra learnable parameters outside a model** (per-task log-variances, a contrastive temperature,
   a CLIP logit scale): more entries in `params`, e.g. `params['log_temperature']`. They are ordinary
   leaves: maskable, optimised, checkpointed, given their own learning rate by `optim.lr_mults`.
