@@ -157,10 +157,23 @@ MUTATIONS: tuple[Mutation, ...] = (
        "checkpoints_cross_over",)),
     M("bf16-compute-ignored", "precision=bfloat16 computes convolutions in bf16",
       "jtl/models/small.py",
-      "dtype=self.dtype, conv_general_dilated=cpu_ops.conv_general_dilated,",
-      "dtype=jnp.float32, conv_general_dilated=cpu_ops.conv_general_dilated,",
+      "dtype=self.dtype, conv_general_dilated=self.fast_paths.conv_general_dilated,",
+      "dtype=jnp.float32, conv_general_dilated=self.fast_paths.conv_general_dilated,",
       (T_PRECISION + "test_bfloat16_computes_in_bf16_and_keeps_f32_params_and_optimizer_state_close_"
        "to_f32",)),
+    M("accumulation-loop-traces-the-model", "gradient accumulation traces the objective's loop-body "
+      "copy (on CPU every convolution a matmul inside the scan)", "jtl/accumulate.py",
+      "  body = objective.in_loop_body()", "  body = objective",
+      ("tests/test_cpu_ops.py::test_gradient_accumulation_traces_the_loop_body_copy_and_evaluation_"
+       "the_model",)),
+    M("cpu-fast-paths-option-ignored", "model.cpu_fast_paths=False gives XLA's operations",
+      "jtl/models/cpu_ops.py", "  return FastPaths(enabled=cpu_fast_paths)",
+      "  return FastPaths(enabled=True)",
+      ("tests/test_cpu_ops.py::test_the_model_option_chooses_the_path_per_model_and_one_model_never_"
+       "moves_another",)),
+    M("declared-weights-not-loaded", "a distillation teacher comes through the transfer-init seam",
+      "jtl/train.py", "  declared = s.objective.loaded_weights()", "  declared = ()",
+      ("tests/test_distill.py::test_the_teacher_arrives_through_the_transfer_init_seam",)),
     M("compile-cache-off", "the persistent compilation cache is written and read back",
       "jtl/compile_cache.py", '  if not path or path.lower() == "none":', "  if True:",
       (T_PRECISION + "test_compilation_cache_is_written_then_reused",)),

@@ -35,17 +35,15 @@ def main(flag_values: flags.FlagValues) -> None:
 
   import jax
   from absl import logging
-  from jtl import checkpoint, objectives, progress, train
+  from jtl import checkpoint, pictures, progress, train
   from jtl.config import resolve_path
   from jtl.metric_writer import read_jsonl
   start = time.time()
   config = cli.load_config(flag_values)
   state = train.train(config, flag_values.workdir, take_over_lock=flag_values.take_over_lock)
-  # An objective may draw something from the finished run (style transfer: plots/*.png).
-  after = getattr(objectives.OBJECTIVES.get(config.get("objective", "supervised")), "after_training",
-                  None)
-  if after is not None and jax.process_index() == 0:
-    after(config, flag_values.workdir)
+  # Some objectives' runs end with a picture (style transfer: plots/*.png), drawn from checkpoints.
+  if jax.process_index() == 0:
+    pictures.after_training(config, flag_values.workdir)
   if jax.process_index() == 0:  # the last line: how far it got and where everything is
     workdir = resolve_path(flag_values.workdir)
     rows = read_jsonl(f"{workdir}/train_metrics.jsonl")

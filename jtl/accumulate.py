@@ -15,7 +15,6 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from jtl.models import cpu_ops
 from jtl.objectives.base import Metrics, Objective, PyTree, Step, takes_step
 
 
@@ -51,12 +50,13 @@ def scan_micro_batches(call: Callable[[Any, jax.Array], tuple[PyTree, PyTree, Me
                        ) -> tuple[PyTree, PyTree, Metrics]:
   """Runs `call(x_i, i) -> (grads, new_state, metrics)` for the k micro-batch inputs `xs` (leading axis
   k) in a `lax.scan`, every call from the same `model_state`; returns (mean grads, merged state, mean
-  metrics) with the state rule of this module."""
+  metrics) with the state rule of this module. `call` should trace the loop body's copy of the
+  objective (`Objective.in_loop_body`: on CPU every convolution a matmul, as XLA:CPU runs
+  convolutions inside a loop many times slower)."""
   def one(carry, inputs):
     grads_sum, state_acc = carry
     x, index = inputs
-    with cpu_ops.loop_body():  # (on CPU: convolutions in a loop as matmuls, cpu_ops.py)
-      grads, new_state, metrics = call(x, index)
+    grads, new_state, metrics = call(x, index)
     # Floating leaves: the running sum of the calls' changes; the others: the latest value.
     state_acc = jax.tree.map(lambda acc, o, n: acc + (n - o) if _is_float(o) else n,
                              state_acc, model_state, new_state)
@@ -90,8 +90,10 @@ def gradients(objective: Objective, trainable_params: PyTree, frozen_params: PyT
   if own is not None:
     return own
 
+  body = objective.in_loop_body()  # (its models traced inside the scan: cpu_ops.FastPaths)
+
   def call(micro_batch, index):
     extra = {"step": Step(step, rng, index, accum)} if with_step else {}
-    return objective.gradients(trainable_params, frozen_params, model_state, micro_batch,
+    return body.gradients(trainable_params, frozen_params, model_state, micro_batch,
                                micro_rng(rng, index, accum), trainable=trainable, **extra)
   return scan_micro_batches(call, trainable_params, model_state, micro_batches(batch, accum), accum)

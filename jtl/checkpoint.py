@@ -222,8 +222,8 @@ def _transfer_source(params: Any, model_state: Any, init_from: ml_collections.Co
   return f"{init_from.workdir} step {step}", source, {}
 
 
-def transfer_init(params: Any, model_state: Any, init_from: ml_collections.ConfigDict
-                  ) -> tuple[Any, Any, str]:
+def transfer_init(params: Any, model_state: Any, init_from: ml_collections.ConfigDict, *,
+                  fix: str | None = None) -> tuple[Any, Any, str]:
   """Merges another run's checkpoint (`init_from.workdir`) or a weights file (`init_from.path`) into a
   fresh init: returns (params, model_state, report).
 
@@ -237,6 +237,9 @@ def transfer_init(params: Any, model_state: Any, init_from: ml_collections.Confi
   regex's groups (`\\1`), and `indices` picks entries along the last axis (a head's output units):
   e.g. `("params/head/(kernel|bias)", r"params/heads/printed/\\1", (5, 6, 7, 8, 9))` starts a
   5-way head from classes 5–9 of a 10-way source head.
+
+  `fix`: the advice of the error for shapes that do not fit (default: re-initialise them with
+  `init_from.dont_load`).
   """
   origin, source, file_report = _transfer_source(params, model_state, init_from)
   dont_load = [re.compile(p) for p in init_from.get("dont_load", ())]
@@ -286,8 +289,8 @@ def transfer_init(params: Any, model_state: Any, init_from: ml_collections.Confi
   if problems:
     why = f" (the file: {'; '.join(file_report['mismatched'][:3])})" if file_report.get(
         "mismatched") else ""
-    raise ConfigError(f"cannot load {origin}: {'; '.join(problems)}{why}; add these paths to "
-                      "init_from.dont_load to re-initialise them")
+    advice = fix or "add these paths to init_from.dont_load to re-initialise them"
+    raise ConfigError(f"cannot load {origin}: {'; '.join(problems)}{why}; {advice}")
   all_paths = masks.leaf_paths(params, "params") + masks.leaf_paths(model_state, "model_state")
   for pattern in dont_load:
     if not any(pattern.fullmatch(p) for p in all_paths):
@@ -303,6 +306,25 @@ def transfer_init(params: Any, model_state: Any, init_from: ml_collections.Confi
   logging.info(text)
   return (jax.tree.unflatten(jax.tree.structure(params), merged["params"]),
           jax.tree.unflatten(jax.tree.structure(model_state), merged["model_state"]), text)
+
+
+def load_whole(params: Any, model_state: Any, workdir: str, step: int | None, *, role: str,
+               workdir_option: str, step_option: str, fix: str) -> tuple[Any, Any]:
+  """Another run's checkpoint as every leaf of `params` and `model_state` (abstract trees: an entry
+  an objective declared, e.g. a distillation teacher; `jtl.objectives.base.LoadedWeights`), through
+  `transfer_init` with nothing re-initialised. A missing run or step, or shapes that do not fit, are
+  one-line ConfigErrors that name the `role` and the config option to fix."""
+  steps = completed_steps(workdir)
+  if not steps:
+    raise ConfigError(f"no {role} checkpoint in {workdir}; train the {role} there first or fix "
+                      f"--config.{workdir_option}")
+  if step is not None and step not in steps:
+    raise ConfigError(f"no {role} checkpoint for step {step} in {workdir}; available: {steps} "
+                      f"(--config.{step_option})")
+  source = ml_collections.ConfigDict(dict(workdir=workdir, step=step))
+  params, model_state, _ = transfer_init(params, model_state, source,
+                                         fix=f"{fix} (the {role} is loaded whole)")
+  return params, model_state
 
 
 def _remap_rules(rows: Any) -> list[tuple[re.Pattern, str, tuple[int, ...] | None]]:

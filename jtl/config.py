@@ -121,9 +121,6 @@ def check_values(config: ml_collections.ConfigDict) -> None:
   if config.get("precision", "float32") not in PRECISIONS:
     raise ConfigError(f"unknown precision {config.get('precision')!r}; use one of "
                       f"{', '.join(PRECISIONS)} (--config.precision)")
-  if not isinstance(config.get("cpu_fast_paths", True), bool):
-    raise ConfigError(f"cpu_fast_paths must be True or False, got {config.get('cpu_fast_paths')!r}; "
-                      "set --config.cpu_fast_paths")
   eval_cfg = config.get("eval") or {}
   check_positive_int(eval_cfg.get("batch_size"), "eval.batch_size", allow_none=True)
 

@@ -30,8 +30,6 @@ from jtl.errors import ConfigError
 from jtl.metric_writer import MetricWriter
 from jtl.models import cpu_ops
 
-_StopFlag = loop.StopFlag  # tests stop a run at a chosen step by patching its `should_stop`
-
 
 @flax.struct.dataclass
 class TrainState:
@@ -69,7 +67,6 @@ def setup(config: ml_collections.ConfigDict, example_batch: Any,
   """Builds objective, mesh, masks, optimizer and abstract sharded state for one phase of the run
   (default: the first); raises ConfigError early, for every phase's rule tables."""
   config = config_lib.prepare(config)  # (idempotent: train() has done it already)
-  cpu_ops.set_enabled(config.get("cpu_fast_paths", True))  # read when the model is traced
   objective = objectives.build(config)
   mesh = sharding.make_mesh(config.mesh)
   batch_sharding = NamedSharding(mesh, sharding.batch_spec(mesh, config.mesh.batch_axes))
@@ -153,16 +150,31 @@ def fresh_variables(s: Setup) -> tuple[Any, Any]:
 
 
 def load_transfer_source(s: Setup) -> tuple[Any, Any] | None:
-  """`init_from`'s checkpoint merged onto the abstract variables (None without `init_from`).
+  """Every weight step 0 loads, merged onto the abstract variables (None if it loads none):
+  `init_from`'s checkpoint or file, and the weights the objective declares (`loaded_weights`, e.g. a
+  distillation teacher: each fills its own entry of params and model_state, which `init_from`
+  then leaves alone). Whatever the paradigm, every loaded weight comes in here.
 
   Checked against abstract shapes and read on the host, so a mismatch stops the run before anything
   compiles or is written; `init_variables` places it on the devices.
   """
+  declared = s.objective.loaded_weights()
   init_from = s.config.get("init_from")
-  if not init_from or not (init_from.get("workdir") or init_from.get("path")):
+  with_init_from = bool(init_from and (init_from.get("workdir") or init_from.get("path")))
+  if not declared and not with_init_from:
     return None
-  params, model_state, _ = checkpoint.transfer_init(s.abstract_state.params,
-                                                    s.abstract_state.model_state, init_from)
+  params, model_state = s.abstract_state.params, s.abstract_state.model_state
+  if declared:  # the declared entries are theirs alone: init_from sees the rest
+    owned = {w.key for w in declared}
+    params, model_state = ({k: v for k, v in tree.items() if k not in owned}
+                           for tree in (params, model_state))
+  if with_init_from:
+    params, model_state, _ = checkpoint.transfer_init(params, model_state, init_from)
+  for w in declared:
+    params[w.key], model_state[w.key] = checkpoint.load_whole(
+        s.abstract_state.params[w.key], s.abstract_state.model_state.get(w.key, {}),
+        config_lib.resolve_path(w.workdir), w.step, role=w.role, workdir_option=w.workdir_option,
+        step_option=w.step_option, fix=w.fix)
   return params, model_state
 
 

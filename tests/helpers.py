@@ -3,6 +3,8 @@ real trainer on them."""
 from __future__ import annotations
 
 import itertools
+import os
+import signal
 from typing import Any
 
 import jax
@@ -32,6 +34,24 @@ def digits_config(transfer_mode: str | None = None, **overrides: Any) -> ml_coll
   config.optim.warmup_steps = 2
   config.update_from_flattened_dict({k.replace("__", "."): v for k, v in overrides.items()})
   return config
+
+
+def preempt_at(patch: pytest.MonkeyPatch, step: int) -> None:
+  """Runs of `train.train` under `patch` get a real SIGTERM (a scheduler's preemption notice) while
+  they run the step that ends at `step`: the loop then saves that step and stops, exactly as a
+  preempted run does (jtl/signals.py, jtl/loop.py). Wraps the trainer's own `make_train_step`;
+  `patch.undo()` (or the end of the test or `MonkeyPatch.context()`) removes it."""
+  real_make_train_step = train.make_train_step
+
+  def make_train_step(s):
+    step_fn = real_make_train_step(s)
+
+    def preempted_step(state, batch):
+      if int(state.step) == step - 1:  # (read before the step: its state is donated)
+        os.kill(os.getpid(), signal.SIGTERM)
+      return step_fn(state, batch)
+    return preempted_step
+  patch.setattr(train, "make_train_step", make_train_step)
 
 
 def fixed_batch(config):

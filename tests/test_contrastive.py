@@ -16,7 +16,7 @@ from jtl.objectives import contrastive
 from tests import test_representation_evaluators as references
 from tests.helpers import compile_fast  # noqa: F401  (autouse: this module compiles fast)
 from tests.helpers import (assert_mesh_equals_one_device, digits_config, fixed_batch,
-                           loss_before_and_after)
+                           loss_before_and_after, preempt_at)
 
 STEPS = 6
 
@@ -59,7 +59,7 @@ def test_simclr_eight_devices_equal_one_device(simclr_run):
 
 def test_simclr_resume_is_exact(simclr_run, tmp_path, monkeypatch):
   config, _, straight = simclr_run
-  monkeypatch.setattr(train._StopFlag, "should_stop", lambda self, step: step == STEPS // 2)
+  preempt_at(monkeypatch, STEPS // 2)
   train.train(config, str(tmp_path))
   assert checkpoint.completed_steps(tmp_path) == [STEPS // 2]
   monkeypatch.undo()

@@ -1,6 +1,10 @@
 """Distillation: the KD loss against numpy and its T^2 scaling, and the `distill` objective in the
-trainer (teacher bit-identical, no teacher backward pass, sharded == one device, student export)."""
+trainer (teacher bit-identical, no teacher backward pass, sharded == one device, student export),
+and the teacher's arrival through the trainer's transfer-init seam (the objective reads no storage)."""
+import ast
 import itertools
+import pathlib
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +13,8 @@ import numpy as np
 import pytest
 
 from experiments.configs import distill_digits
-from jtl import checkpoint, data, evaluate, masks, objectives, train
+from jtl import checkpoint, data, evaluate, masks, objectives, student_export, train
+from jtl.errors import ConfigError
 from jtl.losses import distill as distill_losses
 from jtl.metric_writer import read_jsonl
 from jtl.objectives import distill as distill_objective
@@ -92,6 +97,11 @@ def build(config, batches):
   return train.setup(config, batches[0])
 
 
+def step_zero_variables(s):
+  """The step-0 variables the trainer starts from: the teacher loaded through the transfer-init seam."""
+  return jax.device_get(train.init_variables(s, train.load_transfer_source(s)))
+
+
 def test_alpha_zero_is_plain_cross_entropy(teacher_dir, batches):
   s = build(distill_config(teacher_dir, distill__alpha=0.0, mesh__axes=(("data", 1),)), batches)
   params, model_state = jax.device_get(train.fresh_variables(s))
@@ -119,11 +129,12 @@ def test_unlabelled_members_are_distilled_with_alpha_one_and_their_labels_unread
   config = distill_config(teacher_dir)
   config.data.mixture = ml_collections.ConfigDict({"labelled": {}, "unlabelled": {}})
   config.distill.unlabelled = ("unlabelled",)
-  objective = objectives.build(config)
   plain = batches[0]
   batch = {"labelled": {"image": plain["image"][:8], "label": plain["label"][:8]},
            "unlabelled": {"image": plain["image"][8:], "label": np.full(8, 99, np.int32)}}
-  params, model_state = jax.jit(objective.init)(jax.random.key(0), batch)
+  s = train.setup(config, batch)
+  objective = s.objective
+  params, model_state = step_zero_variables(s)
   trainable = masks.trainable_mask(params, config.trainable)
   loss, (_, metrics) = jax.jit(lambda p: objective.loss(p, model_state, batch, jax.random.key(0),
                                                         trainable=trainable))(params)
@@ -170,7 +181,7 @@ def test_training_keeps_the_teacher_bit_identical_and_evaluates_the_student(teac
   evaluate.evaluate_checkpoints(None, str(tmp_path / "kd"))
   row = read_jsonl(tmp_path / "kd" / "eval_metrics.jsonl")[-1]
   # The student, exported, evaluates as a supervised run to the same accuracy.
-  distill_objective.export_student(str(tmp_path / "kd"), str(tmp_path / "student"))
+  student_export.export_student(str(tmp_path / "kd"), str(tmp_path / "student"))
   evaluate.evaluate_checkpoints(None, str(tmp_path / "student"))
   exported = read_jsonl(tmp_path / "student" / "eval_metrics.jsonl")[-1]
   assert exported["step"] == row["step"] == 4
@@ -182,7 +193,7 @@ def test_training_keeps_the_teacher_bit_identical_and_evaluates_the_student(teac
   assert row["test/teacher_accuracy"] == pytest.approx(teacher_row["test/accuracy"], abs=1e-6)
   assert row["test/teacher_accuracy"] != pytest.approx(row["test/accuracy"], abs=1e-3)
   # ... and is an init_from source for a supervised run of the same model.
-  s = train.setup(distill_objective.student_config(config), batches[0])
+  s = train.setup(student_export.student_config(config), batches[0])
   loaded, _, report = checkpoint.transfer_init(
       s.abstract_state.params, s.abstract_state.model_state,
       ml_collections.ConfigDict({"workdir": str(tmp_path / "student"), "dont_load": ()}))
@@ -229,12 +240,11 @@ def test_eight_device_step_equals_one_device_step(teacher_dir, batches):
 
 
 def test_bad_distill_configs_are_one_line_errors(teacher_dir, tmp_path):
-  from jtl.errors import ConfigError
   cases = [
       ({"trainable": ((".*", True),)}, "teacher frozen"),
       ({"distill.alpha": 1.5}, "distill.alpha"),
       ({"distill.temperature": 0.0}, "distill.temperature"),
-      ({"distill.teacher_workdir": str(tmp_path)}, "no teacher checkpoint"),
+      ({"distill.teacher_workdir": str(tmp_path)}, "has no config.json with a model"),
       ({"model.num_classes": 5}, "classes"),
       ({"data.normalize": ((0.5,), (0.25,))}, "teacher was trained with data.normalize"),
   ]
@@ -243,3 +253,79 @@ def test_bad_distill_configs_are_one_line_errors(teacher_dir, tmp_path):
     config.update_from_flattened_dict(overrides)
     with pytest.raises(ConfigError, match=message):
       objectives.build(config)
+
+
+def test_the_teacher_arrives_through_the_transfer_init_seam(teacher_dir, batches):
+  """The objective declares the teacher; the trainer's loading seam (as for `init_from`) fills
+  `params/teacher` and `model_state/teacher` with the checkpoint, bit for bit; the objective's own
+  init is only the structure (a random teacher)."""
+  s = build(distill_config(teacher_dir, mesh__axes=(("data", 1),)), batches)
+  (declared,) = s.objective.loaded_weights()
+  assert (declared.key, declared.workdir) == ("teacher", str(teacher_dir))
+  _, teacher = checkpoint.load_variables(teacher_dir)
+  params, model_state = step_zero_variables(s)
+  fresh_params, _ = jax.device_get(train.fresh_variables(s))
+  for got, want in ((params["teacher"], teacher["params"]),
+                    (model_state["teacher"], teacher["model_state"])):
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      np.testing.assert_array_equal(a, b)
+  assert not np.array_equal(fresh_params["teacher"]["backbone"]["dense0"]["kernel"],
+                            teacher["params"]["backbone"]["dense0"]["kernel"])
+  for a, b in zip(jax.tree.leaves(params["student"]), jax.tree.leaves(fresh_params["student"])):
+    np.testing.assert_array_equal(a, b)  # the student: the fresh init (no init_from)
+
+
+def test_a_teacher_that_cannot_be_loaded_stops_the_run_before_anything_is_written(teacher_dir,
+                                                                                 tmp_path):
+  no_checkpoints = tmp_path / "no_checkpoints"  # the teacher's config.json, no checkpoint
+  no_checkpoints.mkdir()
+  shutil.copy(teacher_dir / "config.json", no_checkpoints / "config.json")
+  other_teacher = dict(TEACHER, hidden=(32, 64))
+  cases = [
+      ({"distill.teacher_workdir": str(no_checkpoints)},
+       f"no teacher checkpoint in {no_checkpoints}; train the teacher there first or fix "
+       "--config.distill.teacher_workdir"),
+      ({"distill.teacher_step": 99}, r"no teacher checkpoint for step 99 in .*available: \[2\] "
+       r"\(--config.distill.teacher_step\)"),
+      ({"distill.teacher_model": ml_collections.ConfigDict(other_teacher)},
+       "shape mismatch.*fix distill.teacher_model or distill.teacher_workdir"),
+  ]
+  for i, (overrides, message) in enumerate(cases):
+    config = distill_config(teacher_dir, mesh__axes=(("data", 1),))
+    config.update_from_flattened_dict({k: v for k, v in overrides.items()
+                                       if k != "distill.teacher_model"})
+    if "distill.teacher_model" in overrides:
+      config.distill.teacher_model = overrides["distill.teacher_model"]
+    workdir = tmp_path / f"run{i}"
+    with pytest.raises(ConfigError, match=message) as e:
+      train.train(config, str(workdir))
+    assert "\n" not in str(e.value)
+    assert not workdir.exists()
+
+
+STORAGE_MODULES = ("jtl.checkpoint", "jtl.keep", "jtl.lock", "jtl.student_export", "jtl.pretrained",
+                   "jtl.remote", "orbax", "tensorstore", "etils.epath")
+
+
+def _imports(path):
+  """Every module a file imports (`import a.b`, `from a import b` as both `a` and `a.b`)."""
+  names = set()
+  for node in ast.walk(ast.parse(path.read_text())):
+    if isinstance(node, ast.Import):
+      names.update(alias.name for alias in node.names)
+    elif isinstance(node, ast.ImportFrom) and node.module:
+      names.add(node.module)
+      names.update(f"{node.module}.{alias.name}" for alias in node.names)
+  return names
+
+
+def test_objectives_import_no_storage_code():
+  """Objectives know nothing about checkpoints (DESIGN.md): no module of jtl/objectives imports
+  checkpoint, workdir or file-layer code; weights from other runs come through the trainer."""
+  files = sorted(pathlib.Path(objectives.__file__).parent.glob("*.py"))
+  assert len(files) >= 10
+  for path in files:
+    bad = sorted(n for n in _imports(path)
+                 if any(n == m or n.startswith(m + ".") for m in STORAGE_MODULES))
+    assert not bad, f"{path.name} imports storage code: {bad}"

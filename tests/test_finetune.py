@@ -10,7 +10,7 @@ import pytest
 from jtl import checkpoint, data, layer_decay, masks, models, phases, pretrained, train
 from jtl.errors import ConfigError
 from jtl.sharding import to_global
-from tests.helpers import digits_config
+from tests.helpers import digits_config, preempt_at
 
 LINEAR_PROBE = (("params/head/.*", True), (".*", False))
 
@@ -75,7 +75,7 @@ def test_lpft_backbone_frozen_in_phase_one_then_trained(tmp_path, monkeypatch):
   config = lpft_config()
   batches = data.train_iterator(config.data, global_batch_size=config.batch_size, seed=config.seed)
   fresh, _ = jax.device_get(train.fresh_variables(train.setup(config, next(batches))))
-  monkeypatch.setattr(train._StopFlag, "should_stop", lambda self, step: step == 6)
+  preempt_at(monkeypatch, 6)
   train.train(config, str(tmp_path))  # stopped at the end of phase 1
   _, at_six = checkpoint.load_variables(tmp_path, 6)
   monkeypatch.undo()
@@ -119,7 +119,7 @@ def test_lpft_phase_one_compiles_a_linear_probe_and_state_carries_over():
 def test_lpft_killed_mid_phase_two_resumes_bit_identical(tmp_path, monkeypatch):
   config = lpft_config()
   straight = jax.device_get(train.train(config, str(tmp_path / "straight")))
-  monkeypatch.setattr(train._StopFlag, "should_stop", lambda self, step: step == 9)
+  preempt_at(monkeypatch, 9)
   train.train(config, str(tmp_path / "resumed"))
   assert checkpoint.completed_steps(tmp_path / "resumed") == [9]
   monkeypatch.undo()

@@ -140,7 +140,8 @@ def test_eight_device_step_equals_one_device_step(arg):
     # XLA's own max-pool: with the CPU fast paths the sharded and unsharded programs fuse the pool's
     # input differently, a rounding difference that can move a window's maximum (about 3e-5 here
     # after 3 steps); the fast paths' own equality is tests/test_cpu_ops.py's.
-    config = small(arg, mesh__axes=axes, optim__name="sgd", optim__lr=0.1, cpu_fast_paths=False)
+    config = small(arg, mesh__axes=axes, optim__name="sgd", optim__lr=0.1,
+                   model__cpu_fast_paths=False)
     batches = data.train_iterator(config.data, global_batch_size=config.batch_size, seed=0)
     first = next(batches)
     s = train.setup(config, first)

@@ -21,7 +21,7 @@ from jtl import checkpoint, data, evaluate, keep, train
 from jtl.errors import ConfigError, NonFiniteError
 from jtl.metric_writer import read_jsonl
 from jtl.sharding import to_global
-from tests.helpers import digits_config
+from tests.helpers import digits_config, preempt_at
 
 
 def variables(workdir, step=None):
@@ -62,7 +62,7 @@ def test_resume_falls_back_past_a_broken_newest_checkpoint(tmp_path, how, caplog
   final = jax.device_get(train.train(config, str(tmp_path / "straight")))
   short = digits_config(total_steps=20, checkpoint_every=5, keep_checkpoints=None)
   with pytest.MonkeyPatch.context() as patch:
-    patch.setattr(train._StopFlag, "should_stop", lambda self, step: step == 15)
+    preempt_at(patch, 15)
     train.train(short, str(tmp_path / "run"))
   assert checkpoint.completed_steps(tmp_path / "run") == [5, 10, 15]
   damage(tmp_path / "run", 15, how)
@@ -174,7 +174,7 @@ def test_elastic_resume_on_a_different_device_count(tmp_path, first, second, mon
   different order, so not bit-identical)."""
   straight = jax.device_get(train.train(digits_config(total_steps=12, mesh__axes=(("data", first),)),
                                         str(tmp_path / "straight")))
-  monkeypatch.setattr(train._StopFlag, "should_stop", lambda self, step: step == 6)
+  preempt_at(monkeypatch, 6)
   train.train(digits_config(total_steps=12, mesh__axes=(("data", first),)), str(tmp_path / "run"))
   monkeypatch.undo()
   resumed = jax.device_get(train.train(digits_config(total_steps=12, mesh__axes=(("data", second),)),
@@ -207,7 +207,7 @@ def test_fsdp_equals_replicated_with_less_memory_per_device_and_checkpoints_cros
   # A checkpoint written under FSDP resumes replicated, and the reverse.
   for writer, reader in ((fsdp, {}), ({}, fsdp)):
     workdir = tmp_path / f"{bool(writer)}"
-    monkeypatch.setattr(train._StopFlag, "should_stop", lambda self, step: step == 5)
+    preempt_at(monkeypatch, 5)
     train.train(digits_config(total_steps=10, **writer), str(workdir))
     monkeypatch.undo()
     resumed = jax.device_get(train.train(digits_config(total_steps=10, **reader), str(workdir)))
@@ -307,7 +307,7 @@ def test_nonfinite_right_after_resuming_blames_the_checkpoint_not_the_learning_r
 def test_a_torn_last_metrics_line_is_dropped_on_resume_and_by_the_evaluator(tmp_path, caplog):
   config = digits_config(total_steps=10, checkpoint_every=5, log_every=5)
   with pytest.MonkeyPatch.context() as patch:
-    patch.setattr(train._StopFlag, "should_stop", lambda self, step: step == 5)
+    preempt_at(patch, 5)
     train.train(config, str(tmp_path))
   evaluate.evaluate_checkpoints(config, str(tmp_path))
   for name in ("train_metrics.jsonl", "eval_metrics.jsonl"):  # a kill in the middle of a write

@@ -13,7 +13,7 @@ from jtl import checkpoint, data, evaluate, masks, train
 from jtl import config as config_lib
 from jtl.metric_writer import read_jsonl
 from jtl.sharding import to_global
-from tests.helpers import digits_config
+from tests.helpers import digits_config, preempt_at
 
 LINEAR_PROBE = (("params/head/.*", True), (".*", False))
 
@@ -123,7 +123,7 @@ def test_resume_after_preemption_gives_identical_params(tmp_path, monkeypatch):
   straight = train.train(config, str(tmp_path / "straight"))
 
   # Preempt the second run at step 10 (the real save-on-signal path), then run the same command.
-  monkeypatch.setattr(train._StopFlag, "should_stop", lambda self, step: step == 10)
+  preempt_at(monkeypatch, 10)
   train.train(config, str(tmp_path / "resumed"))
   assert checkpoint.completed_steps(tmp_path / "resumed") == [10]
   monkeypatch.undo()

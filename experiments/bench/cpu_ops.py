@@ -15,7 +15,7 @@ the rounds, both sides counted with the compiled FLOPs of the matmul form (its t
 padding are skipped, so this is the arithmetic the convolution needs). `max|diff|` compares the two outputs and
 gradients. Op by op is not the whole story (the matmul form also wins in isolation on the larger maps
 of `cnn_small`, but not inside a whole step), so `--steps` also times the real jtl train step of
-each model three ways: XLA's ops (`cpu_fast_paths=False`), jtl's default, and every convolution as a
+each model three ways: XLA's ops (`model.cpu_fast_paths=False`), jtl's default, and every convolution as a
 matmul. The last line is one JSON object: `<case>_speedup` per case, and per model
 `<model>_step_xla_vs_default` and `<model>_step_all_matmul_vs_default` (ratios of ms per step;
 > 1: the default is faster).
@@ -126,7 +126,7 @@ def _median_ms(fns: dict[str, Callable], args: Sequence, rounds: int, round_s: f
   return {name: float(np.median(t)) for name, t in times.items()}
 
 
-STEP_VARIANTS = {  # name: (cpu_fast_paths, SMALL_MAP)
+STEP_VARIANTS = {  # name: (the model option cpu_fast_paths, SMALL_MAP)
     "xla ops": (False, cpu_ops.SMALL_MAP),
     "jtl default": (True, cpu_ops.SMALL_MAP),
     "every conv a matmul": (True, 10 ** 9),
@@ -139,22 +139,21 @@ def whole_steps(model: str, batch: int, rounds: int, round_s: float) -> dict[str
   batch_np, sides = make_batch(batch, 32), {}
   for name, (on, small_map) in STEP_VARIANTS.items():
     default, cpu_ops.SMALL_MAP = cpu_ops.SMALL_MAP, small_map
-    try:  # (the rule is read when the step is traced, i.e. compiled)
-      side = JtlSide(model, batch_np)
-      cpu_ops.set_enabled(on)
+    try:  # (SMALL_MAP is read when the step is traced, i.e. compiled)
+      side = JtlSide(model, batch_np, model_options={"cpu_fast_paths": on})
       side.compile()
     finally:
       cpu_ops.SMALL_MAP = default
-      cpu_ops.set_enabled(True)
     sides[name] = side
-  assert jtl_config(model, batch).cpu_fast_paths  # the default the middle row stands for
+  from jtl import models  # noqa: PLC0415
+  default_model = models.build(jtl_config(model, batch).model)
+  assert default_model.backbone.fast_paths.enabled  # the default the middle row stands for
   fns = {name: (lambda side=side: side.run(1)) for name, side in sides.items()}
   return _median_ms(fns, (), rounds, round_s)
 
 
 def main(argv: Sequence[str]) -> None:
   del argv
-  cpu_ops.set_enabled(True)
   rng = np.random.default_rng(0)
   cases = {name: _conv_case(spec, FLAGS.batch, rng) for name, spec in CONVS.items()}
   cases.update({name: _conv_case(spec, FLAGS.batch, rng, padded=True)

@@ -125,11 +125,14 @@ def jtl_config(name: str, batch: int, vit_patch: int = 4):
 class JtlSide:
   """The real jtl train step on one device, for one model and one batch."""
 
-  def __init__(self, name: str, batch_np: dict[str, np.ndarray], vit_patch: int = 4):
+  def __init__(self, name: str, batch_np: dict[str, np.ndarray], vit_patch: int = 4,
+               model_options: dict | None = None):
     import jax  # noqa: PLC0415
     from jtl import train  # noqa: PLC0415
     self.jax = jax
-    self.setup = train.setup(jtl_config(name, len(batch_np["label"]), vit_patch), batch_np)
+    config = jtl_config(name, len(batch_np["label"]), vit_patch)
+    config.model.update(model_options or {})  # e.g. cpu_fast_paths=False
+    self.setup = train.setup(config, batch_np)
     self.batch = jax.device_put(batch_np, self.setup.batch_sharding)
     self.step = train.make_train_step(self.setup)
     self.variables = train.fresh_variables(self.setup)

@@ -56,9 +56,6 @@ def base_config() -> ml_collections.ConfigDict:
   # k > 1: each step averages the gradients of k micro-batches of batch_size / k (same update as one
   # batch, BatchNorm statistics aside; activation memory of one micro-batch).
   c.grad_accum_steps = 1
-  # On CPU, small-map convolutions as one matmul and max-pool as slices (XLA:CPU's own kernels are
-  # many times slower there); False: XLA's operations everywhere. See jtl/models/cpu_ops.py.
-  c.cpu_fast_paths = True
   # Persistent compilation cache directory; None: $JTL_COMPILATION_CACHE or ~/.cache/jtl/xla;
   # "none": off. See jtl/compile_cache.py.
   c.compilation_cache = config_dict.placeholder(str)

@@ -23,7 +23,7 @@ Arguments (all optional):
 Options: --config.distill.{alpha,temperature,...} (see `jtl.objectives.distill.default_config`);
 the student's widths: --config.model.hidden='(64,32)'.
 
-The student's checkpoint lives under `params/student/...`; `jtl.objectives.distill.export_student(
+The student's checkpoint lives under `params/student/...`; `jtl.student_export.export_student(
 'runs/kd', 'runs/kd_student')` writes it as a supervised run that `experiments.evaluate` and
 `init_from` read like any other.
 

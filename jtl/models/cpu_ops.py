@@ -22,25 +22,25 @@ Measured on this project's 2-core CPU (`python -m experiments.bench.cpu_ops`):
     elementwise maximum of its k*k strided slices, with a gradient of elementwise selects that gives
     each window's cotangent to its first maximal input, as select-and-scatter (and PyTorch) does.
 
-Inside a loop body (`loop_body()`, which the trainer enters for gradient accumulation) every
-convolution is a matmul: XLA:CPU's convolutions run far slower inside loops.
+Inside a loop body (`lax.scan`: gradient accumulation) every convolution is a matmul: XLA:CPU's
+convolutions run far slower inside loops (FastPaths.every_conv).
 
-All agree with XLA's operations to float32 rounding. They are used when the backend is CPU and
-`config.cpu_fast_paths` is on (the default; `--config.cpu_fast_paths=false` gives XLA's operations
-everywhere). The setting is read when a model is traced. Models pass `conv_general_dilated` to
-`nn.Conv` (its `conv_general_dilated` field, so parameter names and checkpoints are unchanged) and
-call `max_pool` for `nn.max_pool`.
+All agree with XLA's operations to float32 rounding. Which a model takes is its own setting, never a
+global: conv models carry a `fast_paths: FastPaths` field, set from their config option
+`model.cpu_fast_paths` (default True: on when the model is traced for the CPU backend; False: XLA's
+operations everywhere), and pass `fast_paths.conv_general_dilated` to `nn.Conv` (its
+`conv_general_dilated` field, so parameter names and checkpoints are unchanged) and call
+`fast_paths.max_pool` for `nn.max_pool`. See docs/seams.md.
 """
 from __future__ import annotations
 
-import contextlib
-import contextvars
+import dataclasses
 import functools
 import json
 import os
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -48,6 +48,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+
+from jtl.errors import ConfigError
 
 SMALL_MAP = 16  # output pixels (H_out * W_out) at or below which a convolution becomes a matmul
 CHANNEL_MULTIPLE = 4  # other input channel counts are tried zero-padded to a multiple of this
@@ -57,34 +59,7 @@ _PAD_CHOICES: dict[str, bool] = {}  # repr of (shapes, strides, pads, dtypes) ->
 CHOICES_FILE = "jtl_cpu_conv_choices.json"
 _choices_path: str | None = None
 _NHWC = ("NHWC", "HWIO", "NHWC")
-_enabled = True
-_IN_LOOP: contextvars.ContextVar[bool] = contextvars.ContextVar("jtl_cpu_ops_in_loop", default=False)
 Pads = Sequence[tuple[int, int]]
-
-
-def set_enabled(on: bool) -> None:
-  """Turns the CPU fast paths on or off for models traced from now on (`config.cpu_fast_paths`)."""
-  global _enabled
-  _enabled = bool(on)
-
-
-@contextlib.contextmanager
-def loop_body() -> Iterator[None]:
-  """While tracing a loop body (`lax.scan`, e.g. gradient accumulation), every plain 2-D convolution
-  takes the matmul route on CPU, whatever its map size: XLA:CPU runs its convolutions inside a loop
-  about 25x slower than outside it (resnet_small, 16x16, micro-batch 64: 5.4 s per 4-step
-  accumulation with XLA's convolutions, 0.2 s as matmuls). The im2col copies cost memory (2.3x the
-  accumulation step's temporary memory there), still that of one micro-batch."""
-  token = _IN_LOOP.set(True)
-  try:
-    yield
-  finally:
-    _IN_LOOP.reset(token)
-
-
-def active() -> bool:
-  """Whether a model traced now takes the fast paths (enabled and the default backend is CPU)."""
-  return _enabled and jax.default_backend() == "cpu"
 
 
 def _pads(padding: str | Pads, in_hw: Sequence[int], k_hw: Sequence[int],
@@ -226,30 +201,6 @@ def _time_candidates(key) -> float:
   return float(np.median(times[0]) / np.median(times[1]))
 
 
-def conv_general_dilated(lhs: jnp.ndarray, rhs: jnp.ndarray, window_strides: Sequence[int],
-                         padding: str | Pads, lhs_dilation=None, rhs_dilation=None,
-                         dimension_numbers=None, feature_group_count: int = 1,
-                         batch_group_count: int = 1, precision: Any = None,
-                         preferred_element_type: Any = None) -> jnp.ndarray:
-  """`lax.conv_general_dilated`; on CPU a plain 2-D conv with a small output map (or any map, in a
-  `loop_body`) is a matmul."""
-  if active() and _is_plain_2d(lhs, rhs, lhs_dilation, rhs_dilation, dimension_numbers,
-                               feature_group_count, batch_group_count):
-    pads = _pads(padding, lhs.shape[1:3], rhs.shape[:2], window_strides)
-    out_hw = [_out_size(n, k, s, p)
-              for n, k, s, p in zip(lhs.shape[1:3], rhs.shape[:2], window_strides, pads)]
-    small = out_hw[0] * out_hw[1] <= SMALL_MAP or _IN_LOOP.get()
-    if small and min(min(p) for p in pads) >= 0:
-      return conv_as_matmul(lhs, rhs, window_strides, pads, precision, preferred_element_type)
-    if lhs.shape[-1] % CHANNEL_MULTIPLE and _padding_channels_pays(lhs, rhs, window_strides, pads):
-      lhs, rhs = pad_channels(lhs, rhs)
-  return lax.conv_general_dilated(
-      lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
-      dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
-      batch_group_count=batch_group_count, precision=precision,
-      preferred_element_type=preferred_element_type)
-
-
 def max_pool_as_slices(x: jnp.ndarray, window: Sequence[int], strides: Sequence[int],
                        padding: str | Pads = "VALID") -> jnp.ndarray:
   """2-D max pooling (NHWC) as the elementwise maximum of the window's strided slices. Its gradient
@@ -300,9 +251,90 @@ def _pool_bwd(window, strides, pads, residuals, g):
 _pool.defvjp(_pool_fwd, _pool_bwd)
 
 
-def max_pool(x: jnp.ndarray, window: Sequence[int], strides: Sequence[int],
-             padding: str | Pads = "VALID") -> jnp.ndarray:
-  """`nn.max_pool` for NHWC maps; on CPU as `max_pool_as_slices` (a fast backward pass)."""
-  if active() and x.ndim == 4:
-    return max_pool_as_slices(x, window, strides, padding)
-  return nn.max_pool(x, tuple(window), strides=tuple(strides), padding=padding)
+@dataclasses.dataclass(frozen=True)
+class FastPaths:
+  """Which formulations a model's convolutions and max-pools take: the `fast_paths` field of every
+  model that has them (frozen and hashable, as a linen field must be). Set from the model's config
+  option `cpu_fast_paths`; `jtl.models.in_loop_body` sets `every_conv` on a model's copy.
+
+  Attributes:
+    enabled: take the fast paths at all (only ever when the model is traced for the CPU backend).
+    every_conv: every plain 2-D convolution as a matmul, whatever its map size: for a model traced
+      inside a loop body (`lax.scan`, e.g. gradient accumulation), where XLA:CPU runs convolutions
+      about 30x slower than outside a loop (resnet_small, 16x16, micro-batch 64: 5.4 s per 4-step
+      accumulation with XLA's convolutions, 0.2 s as matmuls). The im2col copies cost memory (2.3x
+      the accumulation step's temporary memory there), still that of one micro-batch. Outside a loop
+      it would slow large maps down (resnet_small's eval forward at 32x32: 2.5x), so only the loop
+      body's copy of a model has it.
+  """
+  enabled: bool = True
+  every_conv: bool = False
+
+  def active(self) -> bool:
+    """Whether the model takes the fast paths now (enabled, and the default backend is CPU)."""
+    return self.enabled and jax.default_backend() == "cpu"
+
+  def conv_general_dilated(self, lhs: jnp.ndarray, rhs: jnp.ndarray,
+                           window_strides: Sequence[int], padding: str | Pads, lhs_dilation=None,
+                           rhs_dilation=None, dimension_numbers=None, feature_group_count: int = 1,
+                           batch_group_count: int = 1, precision: Any = None,
+                           preferred_element_type: Any = None) -> jnp.ndarray:
+    """`lax.conv_general_dilated`; on CPU a plain 2-D conv with a small output map (any map with
+    `every_conv`) is a matmul, and one with few input channels may be channel-padded."""
+    if self.active() and _is_plain_2d(lhs, rhs, lhs_dilation, rhs_dilation, dimension_numbers,
+                                      feature_group_count, batch_group_count):
+      pads = _pads(padding, lhs.shape[1:3], rhs.shape[:2], window_strides)
+      out_hw = [_out_size(n, k, s, p)
+                for n, k, s, p in zip(lhs.shape[1:3], rhs.shape[:2], window_strides, pads)]
+      small = out_hw[0] * out_hw[1] <= SMALL_MAP or self.every_conv
+      if small and min(min(p) for p in pads) >= 0:
+        return conv_as_matmul(lhs, rhs, window_strides, pads, precision, preferred_element_type)
+      if lhs.shape[-1] % CHANNEL_MULTIPLE and _padding_channels_pays(lhs, rhs, window_strides, pads):
+        lhs, rhs = pad_channels(lhs, rhs)
+    return lax.conv_general_dilated(
+        lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
+        dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
+        batch_group_count=batch_group_count, precision=precision,
+        preferred_element_type=preferred_element_type)
+
+  def max_pool(self, x: jnp.ndarray, window: Sequence[int], strides: Sequence[int],
+               padding: str | Pads = "VALID") -> jnp.ndarray:
+    """`nn.max_pool` for NHWC maps; on CPU as `max_pool_as_slices` (a fast backward pass)."""
+    if self.active() and x.ndim == 4:
+      return max_pool_as_slices(x, window, strides, padding)
+    return nn.max_pool(x, tuple(window), strides=tuple(strides), padding=padding)
+
+
+def from_option(cpu_fast_paths: Any) -> FastPaths:
+  """A model's `fast_paths` from its config option `cpu_fast_paths` (True or False)."""
+  if not isinstance(cpu_fast_paths, bool):
+    raise ConfigError(f"cpu_fast_paths must be True or False, got {cpu_fast_paths!r}; set "
+                      "--config.model.cpu_fast_paths")
+  return FastPaths(enabled=cpu_fast_paths)
+
+
+def in_loop_body(value: Any) -> Any:
+  """`value` (a linen module, or a list/tuple/dict of them) as it should be traced inside a loop body:
+  a copy whose every enabled `FastPaths` field, in the module and in the modules it holds as fields,
+  has `every_conv` set. Anything else is returned as it is. Called by whoever writes the loop
+  (`Objective.in_loop_body`, for gradient accumulation), so a model takes the loop's formulations
+  only where it is traced in one."""
+  if isinstance(value, FastPaths):
+    return dataclasses.replace(value, every_conv=True) if value.enabled else value
+  if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):  # (not a namedtuple)
+    items = [in_loop_body(v) for v in value]
+    return value if all(a is b for a, b in zip(items, value)) else type(value)(items)
+  if isinstance(value, dict):
+    items = {k: in_loop_body(v) for k, v in value.items()}
+    return value if all(items[k] is v for k, v in value.items()) else items
+  if not isinstance(value, nn.Module):
+    return value
+  changes = {}
+  for field in dataclasses.fields(value):
+    if field.name in ("parent", "name"):
+      continue
+    old = getattr(value, field.name)
+    new = in_loop_body(old) if isinstance(old, (FastPaths, nn.Module, list, tuple, dict)) else old
+    if new is not old:
+      changes[field.name] = new
+  return value.clone(**changes) if changes else value

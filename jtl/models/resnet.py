@@ -22,11 +22,12 @@ from jtl.models.layers import BatchNorm, conv_kernel_init
 from jtl.models.registry import register
 
 
-def _conv(features: int, kernel: int, strides: int, dtype: Any, name: str) -> nn.Conv:
+def _conv(features: int, kernel: int, strides: int, dtype: Any, name: str,
+          fast_paths: cpu_ops.FastPaths) -> nn.Conv:
   # Symmetric padding kernel // 2, as PyTorch; 'SAME' would pad strided convs asymmetrically.
   return nn.Conv(features, (kernel, kernel), strides=(strides, strides), padding=kernel // 2,
                  use_bias=False, kernel_init=conv_kernel_init, dtype=dtype, name=name,
-                 conv_general_dilated=cpu_ops.conv_general_dilated)
+                 conv_general_dilated=fast_paths.conv_general_dilated)
 
 
 class ResidualBlock(nn.Module):
@@ -43,6 +44,7 @@ class ResidualBlock(nn.Module):
   strides: int = 1
   zero_init_residual: bool = False
   dtype: Any = jnp.float32
+  fast_paths: cpu_ops.FastPaths = cpu_ops.FastPaths()  # CPU formulations (cpu_ops.py)
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
@@ -52,7 +54,7 @@ class ResidualBlock(nn.Module):
       convs = [(self.features, 3, self.strides), (self.features, 3, 1)]
     y = x
     for k, (width, kernel, strides) in enumerate(convs, start=1):
-      y = _conv(width, kernel, strides, self.dtype, f'conv{k}')(y)
+      y = _conv(width, kernel, strides, self.dtype, f'conv{k}', self.fast_paths)(y)
       last = k == len(convs)
       zero_scale = last and self.zero_init_residual
       scale_init = nn.initializers.zeros if zero_scale else nn.initializers.ones
@@ -61,7 +63,7 @@ class ResidualBlock(nn.Module):
         y = nn.relu(y)
     out_features = convs[-1][0]
     if self.strides != 1 or x.shape[-1] != out_features:
-      x = _conv(out_features, 1, self.strides, self.dtype, 'downsample_conv')(x)
+      x = _conv(out_features, 1, self.strides, self.dtype, 'downsample_conv', self.fast_paths)(x)
       x = BatchNorm(dtype=self.dtype, name='downsample_bn')(x, train)
     return nn.relu(x + y)
 
@@ -85,6 +87,7 @@ class ResNet(nn.Module):
   zero_init_residual: bool = False
   dtype: Any = jnp.float32
   remat: bool = False
+  fast_paths: cpu_ops.FastPaths = cpu_ops.FastPaths()  # CPU formulations (cpu_ops.py)
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
@@ -92,26 +95,28 @@ class ResNet(nn.Module):
     # Rematerialised blocks keep only their inputs for the backward pass (`train` is static).
     block = nn.remat(ResidualBlock, static_argnums=(2,)) if self.remat else ResidualBlock
     if self.stem == 'imagenet':
-      x = _conv(self.width, 7, 2, self.dtype, 'stem_conv')(x)
+      x = _conv(self.width, 7, 2, self.dtype, 'stem_conv', self.fast_paths)(x)
     else:
-      x = _conv(self.width, 3, 1, self.dtype, 'stem_conv')(x)
+      x = _conv(self.width, 3, 1, self.dtype, 'stem_conv', self.fast_paths)(x)
     x = nn.relu(BatchNorm(dtype=self.dtype, name='stem_bn')(x, train))
     if self.stem == 'imagenet':
-      x = cpu_ops.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+      x = self.fast_paths.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     for i, num_blocks in enumerate(self.stage_sizes, start=1):
       for j in range(num_blocks):
         x = block(
             features=self.width * 2 ** (i - 1), bottleneck=self.bottleneck,
             strides=2 if i > 1 and j == 0 else 1, zero_init_residual=self.zero_init_residual,
-            dtype=self.dtype, name=f'stage{i}_block{j}')(x, train)
+            dtype=self.dtype, fast_paths=self.fast_paths, name=f'stage{i}_block{j}')(x, train)
     return jnp.mean(x, axis=(1, 2))
 
 
 def _torchvision(stage_sizes: tuple[int, ...], bottleneck: bool):
   def factory(num_classes: int, zero_init_residual: bool = False, head_init: str = 'zeros',
-              dtype: Any = jnp.float32, remat: bool = False) -> Classifier:
+              dtype: Any = jnp.float32, remat: bool = False,
+              cpu_fast_paths: bool = True) -> Classifier:
     backbone = ResNet(stage_sizes=stage_sizes, bottleneck=bottleneck, width=64, stem='imagenet',
-                      zero_init_residual=zero_init_residual, dtype=dtype, remat=remat)
+                      zero_init_residual=zero_init_residual, dtype=dtype, remat=remat,
+                      fast_paths=cpu_ops.from_option(cpu_fast_paths))
     return make_classifier(backbone, num_classes, head_init, dtype)
   factory.__doc__ = f'torchvision ResNet with stage sizes {stage_sizes}.'
   return factory
@@ -127,7 +132,7 @@ resnet101 = register('resnet101')(_torchvision((3, 4, 23, 3), bottleneck=True))
 def resnet_small(num_classes: int, stage_sizes: Sequence[int] = (2, 2, 2), width: int = 16,
                  bottleneck: bool = False, zero_init_residual: bool = False,
                  head_init: str = 'zeros', dtype: Any = jnp.float32,
-                 remat: bool = False) -> Classifier:
+                 remat: bool = False, cpu_fast_paths: bool = True) -> Classifier:
   """CIFAR-style ResNet: 3x3 stem, no max-pool, stage widths width * (1, 2, 4, ...)."""
   check_positive_ints('stage_sizes', tuple(stage_sizes))
   check_positive_ints('width', width)
@@ -135,5 +140,6 @@ def resnet_small(num_classes: int, stage_sizes: Sequence[int] = (2, 2, 2), width
     raise ConfigError(f'bottleneck must be True or False, got {bottleneck!r} '
                       '(--config.model.bottleneck)')
   backbone = ResNet(stage_sizes=tuple(stage_sizes), bottleneck=bottleneck, width=width,
-                    stem='cifar', zero_init_residual=zero_init_residual, dtype=dtype, remat=remat)
+                    stem='cifar', zero_init_residual=zero_init_residual, dtype=dtype, remat=remat,
+                    fast_paths=cpu_ops.from_option(cpu_fast_paths))
   return make_classifier(backbone, num_classes, head_init, dtype)

@@ -34,11 +34,12 @@ class ConvBNReLU(nn.Module):
   """3x3 conv (no bias) -> BatchNorm -> relu, as submodules `conv` and `bn`."""
   features: int
   dtype: Any = jnp.float32
+  fast_paths: cpu_ops.FastPaths = cpu_ops.FastPaths()  # CPU formulations (cpu_ops.py)
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
     x = nn.Conv(self.features, (3, 3), padding=1, use_bias=False, kernel_init=conv_kernel_init,
-                dtype=self.dtype, conv_general_dilated=cpu_ops.conv_general_dilated,
+                dtype=self.dtype, conv_general_dilated=self.fast_paths.conv_general_dilated,
                 name='conv')(x)
     return nn.relu(BatchNorm(dtype=self.dtype, name='bn')(x, train))
 
@@ -48,6 +49,7 @@ class SmallCNN(nn.Module):
   widths: Sequence[int] = (32, 64, 128)
   dtype: Any = jnp.float32
   remat: bool = False  # rematerialise each stage in the backward pass
+  fast_paths: cpu_ops.FastPaths = cpu_ops.FastPaths()  # CPU formulations (cpu_ops.py)
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
@@ -55,8 +57,9 @@ class SmallCNN(nn.Module):
     stage = nn.remat(ConvBNReLU, static_argnums=(2,)) if self.remat else ConvBNReLU
     for i, width in enumerate(self.widths):
       if i > 0 and min(x.shape[1:3]) >= 2:
-        x = cpu_ops.max_pool(x, (2, 2), strides=(2, 2))
-      x = stage(width, dtype=self.dtype, name=f'stage{i + 1}')(x, train)
+        x = self.fast_paths.max_pool(x, (2, 2), strides=(2, 2))
+      x = stage(width, dtype=self.dtype, fast_paths=self.fast_paths,
+                name=f'stage{i + 1}')(x, train)
     return jnp.mean(x, axis=(1, 2))
 
 
@@ -71,8 +74,10 @@ def mlp(num_classes: int, hidden: Sequence[int] = (256, 256), use_bn: bool = Fal
 
 @register('cnn_small')
 def cnn_small(num_classes: int, widths: Sequence[int] = (32, 64, 128), head_init: str = 'zeros',
-              dtype: Any = jnp.float32, remat: bool = False) -> Classifier:
+              dtype: Any = jnp.float32, remat: bool = False,
+              cpu_fast_paths: bool = True) -> Classifier:
   """Small CNN with BatchNorm for 8x8 to 32x32 images."""
   check_positive_ints('widths', tuple(widths))
-  return make_classifier(SmallCNN(widths=tuple(widths), dtype=dtype, remat=remat), num_classes,
-                         head_init, dtype)
+  backbone = SmallCNN(widths=tuple(widths), dtype=dtype, remat=remat,
+                      fast_paths=cpu_ops.from_option(cpu_fast_paths))
+  return make_classifier(backbone, num_classes, head_init, dtype)

@@ -97,6 +97,7 @@ class StagedCNN(StagedBackbone):
   """`small.SmallCNN` by ConvBNReLU stage."""
   widths: Sequence[int] = (32, 64, 128)
   dtype: Any = jnp.float32
+  fast_paths: cpu_ops.FastPaths = cpu_ops.FastPaths()  # CPU formulations (cpu_ops.py)
 
   @property
   def stage_widths(self) -> tuple[int, ...]:
@@ -109,8 +110,9 @@ class StagedCNN(StagedBackbone):
   def stage(self, x: jnp.ndarray, train: bool, k: int) -> jnp.ndarray:
     x = x.astype(self.dtype)
     if k > 1 and min(x.shape[1:3]) >= 2:
-      x = cpu_ops.max_pool(x, (2, 2), strides=(2, 2))
-    return small.ConvBNReLU(self.widths[k - 1], dtype=self.dtype, name=f"stage{k}")(x, train)
+      x = self.fast_paths.max_pool(x, (2, 2), strides=(2, 2))
+    return small.ConvBNReLU(self.widths[k - 1], dtype=self.dtype, fast_paths=self.fast_paths,
+                            name=f"stage{k}")(x, train)
 
 
 class StagedResNet(StagedBackbone):
@@ -121,6 +123,7 @@ class StagedResNet(StagedBackbone):
   stem: str = "imagenet"
   zero_init_residual: bool = False
   dtype: Any = jnp.float32
+  fast_paths: cpu_ops.FastPaths = cpu_ops.FastPaths()  # CPU formulations (cpu_ops.py)
 
   @property
   def stage_widths(self) -> tuple[int, ...]:
@@ -136,15 +139,16 @@ class StagedResNet(StagedBackbone):
     if k == 1:
       x = x.astype(self.dtype)
       kernel, strides = (7, 2) if self.stem == "imagenet" else (3, 1)
-      x = resnet._conv(self.width, kernel, strides, self.dtype, "stem_conv")(x)  # the registry's conv
+      x = resnet._conv(self.width, kernel, strides, self.dtype, "stem_conv",  # the registry's conv
+                       self.fast_paths)(x)
       x = nn.relu(BatchNorm(dtype=self.dtype, name="stem_bn")(x, train))
       if self.stem == "imagenet":
-        x = cpu_ops.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        x = self.fast_paths.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     for j in range(self.stage_sizes[k - 1]):
       x = resnet.ResidualBlock(
           features=self.width * 2 ** (k - 1), bottleneck=self.bottleneck,
           strides=2 if k > 1 and j == 0 else 1, zero_init_residual=self.zero_init_residual,
-          dtype=self.dtype, name=f"stage{k}_block{j}")(x, train)
+          dtype=self.dtype, fast_paths=self.fast_paths, name=f"stage{k}_block{j}")(x, train)
     return x
 
 
@@ -162,11 +166,13 @@ def staged(model_config: Mapping[str, Any], needed_by: str = "") -> StagedBackbo
   if isinstance(backbone, small.MLP):
     trunk = StagedMLP(hidden=tuple(backbone.hidden), use_bn=backbone.use_bn, dtype=backbone.dtype)
   elif isinstance(backbone, small.SmallCNN):
-    trunk = StagedCNN(widths=tuple(backbone.widths), dtype=backbone.dtype)
+    trunk = StagedCNN(widths=tuple(backbone.widths), dtype=backbone.dtype,
+                      fast_paths=backbone.fast_paths)
   elif isinstance(backbone, resnet.ResNet):
     trunk = StagedResNet(stage_sizes=tuple(backbone.stage_sizes), bottleneck=backbone.bottleneck,
                          width=backbone.width, stem=backbone.stem,
-                         zero_init_residual=backbone.zero_init_residual, dtype=backbone.dtype)
+                         zero_init_residual=backbone.zero_init_residual, dtype=backbone.dtype,
+                         fast_paths=backbone.fast_paths)
   else:
     who = f"{needed_by}, but " if needed_by else ""
     raise ConfigError(f"{who}model {model_config['name']!r} has no stages; use one of "

@@ -73,6 +73,7 @@ class ViT(nn.Module):
   attention_dropout: float = 0.0
   dtype: Any = jnp.float32
   remat: bool = False  # rematerialise each block in the backward pass
+  fast_paths: cpu_ops.FastPaths = cpu_ops.FastPaths()  # CPU formulations (cpu_ops.py)
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
@@ -81,7 +82,7 @@ class ViT(nn.Module):
       raise ConfigError(f'image size {x.shape[1]}x{x.shape[2]} is not divisible by patch_size {p}; '
                         'pick a patch_size that divides it (--config.model.patch_size)')
     x = nn.Conv(self.width, (p, p), strides=(p, p), padding='VALID', dtype=self.dtype,
-                conv_general_dilated=cpu_ops.conv_general_dilated,
+                conv_general_dilated=self.fast_paths.conv_general_dilated,
                 name='patch_embed')(x.astype(self.dtype))
     x = x.reshape(x.shape[0], -1, self.width)
     if self.pool == 'cls':
@@ -102,7 +103,8 @@ class ViT(nn.Module):
 def vit(num_classes: int, patch_size: int = 16, width: int = 192, depth: int = 12,
         num_heads: int = 3, mlp_dim: int = 768, pool: str = 'cls', dropout: float = 0.0,
         attention_dropout: float = 0.0, head_init: str = 'zeros',
-        dtype: Any = jnp.float32, remat: bool = False) -> Classifier:
+        dtype: Any = jnp.float32, remat: bool = False,
+        cpu_fast_paths: bool = True) -> Classifier:
   """ViT with every dimension configurable (defaults: Ti/16)."""
   for name, value in [('patch_size', patch_size), ('width', width), ('depth', depth),
                       ('num_heads', num_heads), ('mlp_dim', mlp_dim)]:
@@ -118,16 +120,17 @@ def vit(num_classes: int, patch_size: int = 16, width: int = 192, depth: int = 1
       raise ConfigError(f'{name} must be in [0, 1), got {rate!r} (--config.model.{name})')
   backbone = ViT(patch_size=patch_size, width=width, depth=depth, num_heads=num_heads,
                  mlp_dim=mlp_dim, pool=pool, dropout=dropout, attention_dropout=attention_dropout,
-                 dtype=dtype, remat=remat)
+                 dtype=dtype, remat=remat, fast_paths=cpu_ops.from_option(cpu_fast_paths))
   return make_classifier(backbone, num_classes, head_init, dtype)
 
 
 def _preset(width: int, depth: int, num_heads: int, mlp_dim: int):
   def factory(num_classes: int, patch_size: int = 16, pool: str = 'cls', dropout: float = 0.0,
               attention_dropout: float = 0.0, head_init: str = 'zeros',
-              dtype: Any = jnp.float32, remat: bool = False) -> Classifier:
+              dtype: Any = jnp.float32, remat: bool = False,
+              cpu_fast_paths: bool = True) -> Classifier:
     return vit(num_classes, patch_size, width, depth, num_heads, mlp_dim, pool, dropout,
-               attention_dropout, head_init, dtype, remat)
+               attention_dropout, head_init, dtype, remat, cpu_fast_paths)
   factory.__doc__ = f'ViT with width {width}, depth {depth}, {num_heads} heads, MLP {mlp_dim}.'
   return factory
 

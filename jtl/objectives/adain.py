@@ -18,7 +18,7 @@ content layer and the style layers are every default style layer up to it (the p
 relu4_1, the last being the AdaIN layer). The decoder (`Decoder`) mirrors the encoder's resolution:
 3x3 conv + ReLU blocks with nearest-neighbour 2x upsampling until the input's size, then a 3x3 conv to
 the image's channels (no normalisation layers, as in the paper). Metrics: `content_loss`,
-`style_loss`. When the run ends, `plots/adain.png` shows content x style pairs decoded (`picture`).
+`style_loss`. When the run ends, `plots/adain.png` shows content x style pairs decoded (`jtl.pictures.adain`).
 """
 from __future__ import annotations
 
@@ -29,7 +29,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from ml_collections import config_dict
 
 from jtl import config as config_lib
@@ -175,48 +174,3 @@ class AdaIN(Objective):
                         "style batch together); see train_metrics.jsonl and plots/adain.png")
     total, metrics = self.losses(params, model_state, batch)
     return {"loss": total, **metrics}
-
-  @staticmethod
-  def after_training(config: ml_collections.ConfigDict, workdir: str) -> None:
-    """What `experiments.train` calls when the run ends: `plots/adain.png` (`picture`)."""
-    picture(config, workdir)
-
-
-def picture(config: ml_collections.ConfigDict, workdir: str, count: int = 4) -> str | None:
-  """Writes `<workdir>/plots/adain.png` from the newest checkpoint: the first `count` content images
-  (rows) in the style of the first `count` style images (columns), one decoder pass each; returns
-  its path, None without a checkpoint."""
-  from etils import epath  # pylint: disable=g-import-not-at-top
-  from jtl import checkpoint  # pylint: disable=g-import-not-at-top  (orbax)
-  from jtl.data import single_image  # pylint: disable=g-import-not-at-top  (TensorFlow)
-  from jtl import plots  # pylint: disable=g-import-not-at-top  (matplotlib, Agg)
-  plt = plots.plt
-  workdir = config_lib.resolve_path(str(workdir))
-  if not checkpoint.completed_steps(workdir):
-    return None
-  step, variables = checkpoint.load_variables(workdir)
-  objective = AdaIN.from_config(config)
-  names = {role: config.data.mixture[role].get("name", config.data.name)
-           for role in ("content", "style")}
-  images = {role: jnp.stack([jnp.asarray(single_image.load(f"{names[role]}@{i}", config.data,
-                                                           objective.image_shape)[0])
-                             for i in range(count)]) for role in names}
-  params = jax.tree.map(jnp.asarray, variables["params"])
-  state = jax.tree.map(jnp.asarray, variables["model_state"])
-  content = jnp.repeat(images["content"], count, axis=0)  # row-major: content i, style j
-  style = jnp.tile(images["style"], (count, 1, 1, 1))
-  result, _ = jax.jit(objective.stylise)(params, state, content, style)
-  normalize = config.data.get("normalize", "unit")
-  fig, axes = plt.subplots(count + 1, count + 1, figsize=(1.3 * (count + 1), 1.3 * (count + 1)))
-  cells = {(0, j + 1): images["style"][j] for j in range(count)}
-  cells.update({(i + 1, 0): images["content"][i] for i in range(count)})
-  cells.update({(i + 1, j + 1): result[i * count + j] for i in range(count) for j in range(count)})
-  for (r, k), ax in ((rk, axes[rk]) for rk in np.ndindex(count + 1, count + 1)):
-    ax.set_axis_off()
-    if (r, k) in cells:
-      shown = single_image.denormalize(np.asarray(cells[r, k]), normalize)
-      ax.imshow(shown[..., 0] if shown.shape[-1] == 1 else shown, cmap="gray", vmin=0.0, vmax=1.0,
-                interpolation="nearest")
-  axes[0, 0].set_title(f"step {step}", fontsize=7)
-  path = plots.save(fig, epath.Path(workdir) / "plots" / "adain.png")
-  return str(path)

@@ -13,7 +13,9 @@ paradigms still to come map onto this, with no change to the trainer:
 * **Several models** (teacher + student, image + text tower, one tower per task): the objective owns
   several linen modules and `init` returns `params = {'student': ..., 'teacher': ...}`. Mask paths then
   read `params/teacher/...`, so "freeze the teacher" is the rule `('params/teacher/.*', False)`; a
-  frozen teacher costs no backward pass and no optimizer state like any frozen leaf.
+  frozen teacher costs no backward pass and no optimizer state like any frozen leaf. Weights from
+  another run (the teacher's checkpoint) are declared by `loaded_weights` and loaded by the trainer
+  through the same transfer-init seam as `init_from`: an objective never reads storage.
 * **Extra learnable parameters outside a model** (per-task log-variances, a contrastive temperature,
   a CLIP logit scale): more entries in `params`, e.g. `params['log_temperature']`. They are ordinary
   leaves: maskable, optimised, checkpointed, given their own learning rate by `optim.lr_mults`.
@@ -80,6 +82,8 @@ Metrics returned from a step are scalars, averaged over the logging window by th
 from __future__ import annotations
 
 import abc
+import copy
+import dataclasses
 import inspect
 from typing import Any
 
@@ -89,7 +93,7 @@ import jax
 import jax.numpy as jnp
 
 from jtl import masks
-from jtl.models import layers
+from jtl.models import cpu_ops, layers
 
 PyTree = Any
 Metrics = dict[str, jax.Array]
@@ -113,6 +117,30 @@ class Step:
   def single(cls, step: Any, rng: jax.Array) -> "Step":
     """The step of an un-accumulated call (one micro-batch, the whole batch)."""
     return cls(jnp.asarray(step, jnp.int32), rng, jnp.zeros((), jnp.int32), 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedWeights:
+  """Weights an objective needs from another run's checkpoint (a distillation teacher). The objective
+  only declares them (`Objective.loaded_weights`); the trainer's transfer-init seam, the one
+  `init_from` goes through, reads them and puts them in the step-0 state, so no objective touches
+  storage, and a resumed run reads them from its own checkpoints.
+
+  Attributes:
+    key: the entry of `params` and of `model_state` they fill, every leaf of it; below it, paths
+      are the source run's own (`params/teacher/backbone/...` <- `params/backbone/...`).
+    workdir: the source run's workdir. step: its checkpoint step (None: the latest).
+    role: what they are, for messages ("teacher").
+    workdir_option, step_option: the config keys that set `workdir` and `step` (for messages).
+    fix: what to change when the checkpoint does not fit `key`'s shapes (for messages).
+  """
+  key: str
+  workdir: str
+  step: int | None
+  role: str
+  workdir_option: str
+  step_option: str
+  fix: str
 
 
 def step_or_counter(step: Step | None, counter: jax.Array) -> jax.Array:
@@ -163,6 +191,24 @@ class Objective(abc.ABC):
     (loss, (model_state, metrics)), grads = jax.value_and_grad(loss_of_trainable, has_aux=True)(
         trainable_params)
     return grads, model_state, {"loss": loss, **metrics}
+
+  def loaded_weights(self) -> tuple[LoadedWeights, ...]:
+    """Weights from other runs' checkpoints that the step-0 state must hold (default: none). `init`
+    returns placeholders of the right structure there; the trainer fills them."""
+    return ()
+
+  def in_loop_body(self) -> "Objective":
+    """A shallow copy whose models (linen modules held as attributes, or in lists, tuples and dicts
+    of them) take the CPU formulations meant for a loop body (`cpu_ops.in_loop_body`: every
+    convolution a matmul). `jtl.accumulate` traces this copy inside its `lax.scan`; an objective
+    that writes its own loop over a model does the same. Same parameters, same results to float
+    rounding; only how XLA computes them differs."""
+    body = copy.copy(self)
+    for name, value in vars(self).items():
+      changed = cpu_ops.in_loop_body(value)
+      if changed is not value:
+        setattr(body, name, changed)
+    return body
 
   def accumulated_gradients(self, trainable_params: PyTree, frozen_params: PyTree,
                             model_state: PyTree, batch: PyTree, rng: jax.Array, *,

@@ -228,9 +228,10 @@ class CLIP(Objective):
                                                                      jax.random.fold_in(rng, 1))
     micro = accumulate.micro_batches({"image": images, "tokens": tokens}, accum)
     model_rng = jax.random.fold_in(rng, 2)
+    loop_model = self.in_loop_body().model  # (traced inside both scans below)
 
     def forward(tp, part, index):
-      return apply_model(self.model, masks.merge(tp, frozen_params), model_state,
+      return apply_model(loop_model, masks.merge(tp, frozen_params), model_state,
                          (part["image"], part["tokens"]), train=True, trainable=trainable,
                          rng=jax.random.fold_in(model_rng, index))
 

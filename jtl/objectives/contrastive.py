@@ -196,13 +196,14 @@ class Contrastive(Objective):
     micro = accumulate.micro_batches({"views": views, **({"label": labels} if labels is not None
                                                           else {})}, accum)
     model_rng = jax.random.fold_in(rng, 1)
+    loop_model = self.in_loop_body().model  # (traced inside both scans below)
 
     def forward(tp, part, index):
       """(embeddings [b, V, E], (probe loss, new state, probe accuracy)) of one micro-batch."""
       v = part["views"]
       flat = v.reshape((v.shape[0] * self.num_views,) + v.shape[2:])
       (_, embeddings, logits), new_state = apply_model(
-          self.model, masks.merge(tp, frozen_params), model_state, flat, train=True,
+          loop_model, masks.merge(tp, frozen_params), model_state, flat, train=True,
           trainable=trainable, rng=jax.random.fold_in(model_rng, index))
       probe = {}
       if logits is not None:

@@ -9,12 +9,14 @@ Conventions:
   `params/student/...` and `model_state/student/...` the student (`config.model`). Below each key the
   tree is exactly a supervised `Classifier`'s (`backbone/...`, `head/...`, `batch_stats/backbone/...`).
 * The teacher comes from another run's checkpoint (`distill.teacher_workdir`, optional
-  `teacher_step`; its model config from that run's `config.json`, or `distill.teacher_model`), read
-  on the host by `from_config` and placed in the state by `init`: step 0 holds the trained
-  teacher, never a random one. The shapes are checked against the teacher model (ConfigError).
-  Both models read the same images, so the teacher's run must have preprocessed them alike
-  (`data.normalize`, `data.image_size`: checked). Evaluating a distillation run builds the objective
-  too, so it reads the teacher's workdir as well (an exported student, below, needs nothing of it).
+  `teacher_step`; its model config from that run's `config.json`, or `distill.teacher_model`). The
+  objective only declares it (`loaded_weights`: the `teacher` entry of params and model_state, from
+  that run); the trainer's transfer-init seam, the one `init_from` goes through, reads it and
+  places it in the step-0 state, checked against the teacher model's shapes (ConfigError, before
+  anything is written): step 0 holds the trained teacher, never a random one. This module never
+  touches storage. Both models read the same images, so the teacher's run must have preprocessed
+  them alike (`data.normalize`, `data.image_size`: checked). A resumed or evaluated run reads the
+  teacher from its own checkpoints.
 * The teacher is frozen by the mask, like any frozen leaf: `from_config` requires
   `("params/teacher/.*", False)` as the first rule of `config.trainable` (the config files write it),
   so the trainer differentiates the student only (no teacher backward pass, no optimizer state). A
@@ -29,7 +31,8 @@ Conventions:
   `teacher_accuracy` (labelled). Eval, per example: student `loss` (CE) and `accuracy`,
   `teacher_accuracy` (for reference), `agreement` (same top-1), `kd_loss`; prefixed `<member>/` when
   evaluated on a mixture member.
-* The student evaluates and transfers like any checkpoint through `export_student(workdir, out)`, which
+* The student evaluates and transfers like any checkpoint through `jtl.student_export.export_student(
+  workdir, out)`, which
   writes `out/config.json` (a supervised run of the student model) and `out/checkpoints/<step>/` with
   the student's variables at the top level (`params/backbone/...`): `experiments.evaluate
   --workdir=out` and `init_from.workdir=out` then work as for a supervised run. (`init_from` matches
@@ -37,21 +40,18 @@ Conventions:
 """
 from __future__ import annotations
 
-import types
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
-from etils import epath
 
-from jtl import checkpoint, losses, masks, models
 from jtl import config as config_lib
+from jtl import losses, models
 from jtl.errors import ConfigError
 from jtl.losses import distill as distill_losses
-from jtl.objectives.base import Metrics, Objective, PyTree, apply_model
+from jtl.objectives.base import LoadedWeights, Metrics, Objective, PyTree, apply_model
 
 TEACHER_RULE = ("params/teacher/.*", False)
 
@@ -85,12 +85,11 @@ class Distill(Objective):
     self.teacher_workdir, self.teacher_step = teacher_workdir, teacher_step
     self.alpha, self.temperature = float(alpha), float(temperature)
     self.unlabelled = tuple(unlabelled)
-    self._teacher_variables: dict[str, Any] | None = None
-    self._teacher_checked = False
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> "Distill":
-    """Validates `config.distill` and the mask, reads the teacher's run config; loads no weights."""
+    """Validates `config.distill` and the mask, reads the teacher's run config; loads no weights
+    (the trainer does, `loaded_weights`)."""
     o = config_lib.section_options(config, "distill", default_config())
     config_lib.check_number(o["alpha"], "distill.alpha", low=0.0, high=1.0)
     config_lib.check_number(o["temperature"], "distill.temperature", low=0.0, low_open=True)
@@ -100,13 +99,6 @@ class Distill(Objective):
     if not isinstance(workdir, str) or not workdir:
       raise ConfigError("distill.teacher_workdir is not set; point it at the teacher's run "
                         "(--config.distill.teacher_workdir=DIR)")
-    steps = checkpoint.completed_steps(workdir)
-    if not steps:
-      raise ConfigError(f"no teacher checkpoint in {workdir}; train the teacher there first or fix "
-                        "--config.distill.teacher_workdir")
-    if o["teacher_step"] is not None and o["teacher_step"] not in steps:
-      raise ConfigError(f"no teacher checkpoint for step {o['teacher_step']} in {workdir}; "
-                        f"available: {steps} (--config.distill.teacher_step)")
     teacher_model = o["teacher_model"]
     run = config_lib.load_run_config(workdir)
     if teacher_model is None:
@@ -139,41 +131,17 @@ class Distill(Objective):
       raise ConfigError(f"distill.unlabelled names {unknown}, not members of data.mixture "
                         f"({sorted(mixture)}); fix --config.distill.unlabelled")
     _check_teacher_frozen(config.trainable)
-    objective = cls(student, teacher, workdir, teacher_step=o["teacher_step"], alpha=o["alpha"],
-                    temperature=o["temperature"], unlabelled=unlabelled)
-    objective.load_teacher()  # now, on the host: `init` runs under tracing, where orbax cannot
-    return objective
+    return cls(student, teacher, workdir, teacher_step=o["teacher_step"], alpha=o["alpha"],
+               temperature=o["temperature"], unlabelled=unlabelled)
 
   # --- the teacher's weights -------------------------------------------------------------------
 
-  def load_teacher(self) -> dict[str, Any]:
-    """{'params', 'model_state'} of the teacher checkpoint as host numpy (read once). Call it
-    outside any jax transformation."""
-    if self._teacher_variables is None:
-      _, self._teacher_variables = checkpoint.load_variables(self.teacher_workdir,
-                                                             self.teacher_step)
-    return self._teacher_variables
-
-  def teacher_variables(self, example_images: Any) -> dict[str, Any]:
-    """The teacher checkpoint's variables (`load_teacher`), checked against the teacher model's
-    own shapes for images like `example_images`."""
-    if not self._teacher_checked:
-      loaded = self.load_teacher()
-      example = jax.ShapeDtypeStruct((1,) + tuple(example_images.shape[1:]), jnp.float32)
-      expected = jax.eval_shape(lambda x: self.teacher.init(jax.random.key(0), x, train=False),
-                                example)
-      expected_params = expected.pop("params")
-      for name, want in (("params", expected_params), ("model_state", dict(expected))):
-        got = dict(zip(masks.leaf_paths(loaded[name], name),
-                       (np.shape(x) for x in jax.tree.leaves(loaded[name]))))
-        need = dict(zip(masks.leaf_paths(want, name), (x.shape for x in jax.tree.leaves(want))))
-        if got != need:
-          bad = sorted(set(got.items()) ^ set(need.items()))[:4]
-          raise ConfigError(f"the teacher checkpoint in {self.teacher_workdir} does not fit the "
-                            f"teacher model (first differences, path and shape: {bad}); fix "
-                            "distill.teacher_model or distill.teacher_workdir")
-      self._teacher_checked = True
-    return self.load_teacher()
+  def loaded_weights(self) -> tuple[LoadedWeights, ...]:
+    """The teacher: `params/teacher` and `model_state/teacher` from the teacher run's checkpoint."""
+    return (LoadedWeights(key="teacher", workdir=self.teacher_workdir, step=self.teacher_step,
+                          role="teacher", workdir_option="distill.teacher_workdir",
+                          step_option="distill.teacher_step",
+                          fix="fix distill.teacher_model or distill.teacher_workdir"),)
 
   # --- batches and models ----------------------------------------------------------------------
 
@@ -185,14 +153,13 @@ class Distill(Objective):
     return [(name, batch[name]) for name in sorted(batch)]
 
   def init(self, rng: jax.Array, batch: PyTree) -> tuple[PyTree, PyTree]:
-    images = self._parts(batch)[0][1]["image"]
-    variables = self.student.init(rng, jnp.zeros_like(images[:1]), train=False)
-    student_params = variables.pop("params")
-    teacher = self.teacher_variables(images)
-    as_arrays = lambda tree: jax.tree.map(jnp.asarray, tree)  # noqa: E731
-    params = {"student": student_params, "teacher": as_arrays(teacher["params"])}
-    model_state = {"student": dict(variables), "teacher": as_arrays(teacher["model_state"])}
-    return params, model_state
+    """Fresh student and teacher variables. The teacher's are placeholders of the right structure:
+    the trainer fills them from the teacher's checkpoint (`loaded_weights`)."""
+    images = jnp.zeros_like(self._parts(batch)[0][1]["image"][:1])
+    student = dict(self.student.init(rng, images, train=False))
+    teacher = dict(self.teacher.init(jax.random.fold_in(rng, 1), images, train=False))
+    params = {"student": student.pop("params"), "teacher": teacher.pop("params")}
+    return params, {"student": student, "teacher": teacher}
 
   def _teacher_logits(self, params, model_state, images, trainable, rng):
     """Teacher logits; a fully frozen teacher runs in inference mode and keeps its state as is."""
@@ -260,43 +227,3 @@ class Distill(Objective):
     features, _ = apply_model(self.student, params["student"], model_state["student"], images,
                               train=False, method="features")
     return features
-
-
-def student_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """A distillation run's config as the supervised run of its student alone: objective
-  `supervised`, no `distill` section, everything trainable, and no `data.mixture` (the base `data`
-  section, which the supervised objective reads, stays)."""
-  plain = config_lib.as_plain(config)
-  plain.pop("distill", None)
-  plain["objective"] = "supervised"
-  plain["trainable"] = [[".*", True]]
-  plain["data"]["mixture"] = {}
-  if plain.get("init_from"):
-    plain["init_from"]["workdir"] = None
-  return config_lib.from_plain(plain)
-
-
-def export_student(workdir: str, export_workdir: str, step: int | None = None) -> int:
-  """Writes the student of distillation run `workdir` (checkpoint `step`, default the latest) as a
-  supervised run in `export_workdir`: `config.json` and `checkpoints/<step>/` with the student's
-  params and model_state at the top level. Returns the step. Evaluate it with `python -m
-  experiments.evaluate --workdir=EXPORT`, or transfer from it with `init_from.workdir=EXPORT`."""
-  workdir = config_lib.resolve_path(str(workdir))
-  export_workdir = config_lib.resolve_path(str(export_workdir))
-  run = config_lib.load_run_config(workdir)
-  if run is None or run.get("objective") != "distill":
-    raise ConfigError(f"{workdir} is not a distillation run (no config.json with objective "
-                      "'distill'); pass the distillation run's workdir")
-  if checkpoint.completed_steps(export_workdir):
-    raise ConfigError(f"{export_workdir} already holds checkpoints; choose an empty export dir")
-  step, variables = checkpoint.load_variables(workdir, step)
-  target = epath.Path(export_workdir)
-  target.mkdir(parents=True, exist_ok=True)
-  config_lib.run_config_path(target).write_text(student_config(run).to_json_best_effort(indent=2))
-  state = types.SimpleNamespace(
-      params=jax.tree.map(jnp.asarray, variables["params"]["student"]),
-      model_state=jax.tree.map(jnp.asarray, dict(variables["model_state"].get("student", {}))),
-      opt_state={})
-  with checkpoint.manager(target, keep=None, async_save=False) as writer:
-    checkpoint.save(writer, step, state, force=True)
-  return step

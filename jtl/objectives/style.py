@@ -34,7 +34,7 @@ Conventions:
   `batch_size` keeps that cheap.
 * Metrics: `loss`, `content_loss` (L_content), `style_loss` (L_style, both unweighted), `tv_loss`,
   and `style_loss/<layer>` (E_l). Eval metrics are the same values, repeated per example.
-* Pictures: `after_training(config, workdir)` (called by `experiments.train` when the run ends) writes
+* Pictures: `jtl.pictures.style_transfer(config, workdir)` (called by `experiments.train` when the run ends) writes
   `plots/style_transfer.png`: content, style, and the image of every checkpoint.
 """
 from __future__ import annotations
@@ -146,11 +146,6 @@ class StyleTransfer(Objective):
       raise ConfigError("style transfer needs a trained encoder: set encoder=RUN (init_from.workdir) "
                         f"or a weights file ({PRETRAIN_HINT}), or --config.style.random_encoder=True "
                         "for an untrained one")
-    if init_from.get("workdir") and not init_from.get("path"):
-      from jtl import checkpoint  # pylint: disable=g-import-not-at-top  (orbax)
-      if not checkpoint.completed_steps(init_from.workdir):
-        raise ConfigError(f"no checkpoint in the encoder run {init_from.workdir}; {PRETRAIN_HINT} "
-                          "and pass encoder=RUN")
     if has_source and o["random_encoder"]:
       raise ConfigError("style.random_encoder=True but init_from also names an encoder; drop one")
     if o["random_encoder"]:
@@ -253,11 +248,6 @@ class StyleTransfer(Objective):
     rows = jax.tree.leaves(batch)[0].shape[0]
     return {k: jnp.full((rows,), v) for k, v in {"loss": total, **metrics}.items()}
 
-  @staticmethod
-  def after_training(config: ml_collections.ConfigDict, workdir: str) -> None:
-    """What `experiments.train` calls when the run ends: the picture (`picture`)."""
-    picture(config, workdir)
-
 
 def _layer_weights(layers: Any) -> dict[str, float]:
   """`style_layers` as {path: w_l}: a path or paths (w_l = 1/L each), or (path, weight) pairs."""
@@ -284,37 +274,3 @@ def data_shape(data_config: ml_collections.ConfigDict) -> tuple[int, int, int]:
   if not height or not width:
     raise ConfigError(f"{c.name} has images of varying size; set --config.data.image_size")
   return int(height), int(width), int(channels)
-
-
-def picture(config: ml_collections.ConfigDict, workdir: str) -> str | None:
-  """Writes `<workdir>/plots/style_transfer.png`: content, style and the image at every checkpoint
-  (denormalised, nearest-neighbour pixels); returns its path, None if the run has no checkpoint."""
-  from etils import epath  # pylint: disable=g-import-not-at-top
-  from jtl import checkpoint  # pylint: disable=g-import-not-at-top  (orbax)
-  from jtl.data import single_image  # pylint: disable=g-import-not-at-top  (TensorFlow)
-  from jtl import plots  # pylint: disable=g-import-not-at-top  (matplotlib, Agg)
-  plt = plots.plt
-  workdir = config_lib.resolve_path(str(workdir))
-  steps = checkpoint.completed_steps(workdir)
-  if not steps:
-    return None
-  o = config_lib.section_options(config, "style", default_config())
-  shape = data_shape(config.data)
-  panels = [(single_image.load(o[key], config.data, shape)) for key in ("content", "style")]
-  panels = [(image, f"{key}\n{caption}") for key, (image, caption) in zip(("content", "style"),
-                                                                          panels)]
-  for step in steps:
-    _, variables = checkpoint.load_variables(workdir, step)
-    panels.append((variables["params"]["image"][0], f"step {step}"))
-  normalize = config.data.get("normalize", "unit")
-  fig, axes = plt.subplots(1, len(panels), figsize=(1.6 * len(panels), 2.0), dpi=100)
-  for ax, (image, title) in zip(np.atleast_1d(axes), panels):
-    shown = single_image.denormalize(image, normalize)
-    grey = shown.shape[-1] == 1
-    ax.imshow(shown[..., 0] if grey else shown, cmap="gray" if grey else None, vmin=0.0, vmax=1.0,
-              interpolation="nearest")
-    ax.set_title(title, fontsize=7)
-    ax.set_axis_off()
-  path = plots.save(fig, epath.Path(workdir) / "plots" / "style_transfer.png")
-  logging.info("wrote %s", path)
-  return str(path)
