@@ -217,6 +217,10 @@ MUTATIONS: tuple[Mutation, ...] = (
       "    draws = per_position(preprocess.crop_draws(seed), preprocess.OFFSET_BLOCK)\n",
       "    draws = per_position(preprocess.crop_draws(seed + start_step), preprocess.OFFSET_BLOCK)\n",
       ("tests/test_real_resolution.py::test_inception_crops_flip_and_resume_exactly",)),
+    M("cpu-choice-last-writer", "processes sharing a choices file agree on the first choice written",
+      "jtl/models/cpu_ops.py", "      if name in on_file:\n", "      if False:\n",
+      ("tests/test_cpu_ops.py::test_a_choice_another_process_wrote_first_wins_over_this_ones_"
+       "measurement",)),
     M("evaluate-config-mesh-ignored", "evaluate --config takes that config's mesh section",
       "jtl/evaluate.py", 'for section in ("eval", "evals", "mesh"):', 'for section in ("eval", "evals"):',
       ("tests/test_evaluate.py::test_evaluate_with_config_takes_its_eval_and_mesh_sections",)),

@@ -192,6 +192,27 @@ def test_channel_padding_choices_are_shared_through_a_directory(monkeypatch, tmp
   cpu_ops.remember_choices(None)
 
 
+def test_a_choice_another_process_wrote_first_wins_over_this_ones_measurement(monkeypatch, tmp_path):
+  """Two processes time the same shape at once (a busy machine) and disagree: the one that writes
+  second adopts the first one's choice, so a run and its resumption trace the same program."""
+  monkeypatch.setattr(cpu_ops, "_PAD_CHOICES", {})
+  monkeypatch.setattr(cpu_ops, "_choices_path", None)
+  cpu_ops.remember_choices(str(tmp_path / "cache"))
+  saved = tmp_path / "cache" / cpu_ops.CHOICES_FILE
+  x, kernel = _random((2, 6, 6, 3), 0), _random((3, 3, 3, 5), 1)
+  key = repr(((2, 6, 6, 3), (3, 3, 3, 5), (1, 1), ((1, 1), (1, 1)), "float32", "float32"))
+
+  def measured_while_another_process_wrote(k):
+    saved.parent.mkdir(parents=True, exist_ok=True)
+    saved.write_text(json.dumps({key: False, "other shape": True}))  # it finished first: no padding
+    return 2.0 * cpu_ops.PAD_GAIN  # this process's timing says: pad
+  monkeypatch.setattr(cpu_ops, "_time_candidates", measured_while_another_process_wrote)
+  assert _conv_input_channels(lambda x: ON.conv_general_dilated(
+      x, kernel, (1, 1), "SAME", dimension_numbers=NHWC), x) == [3]
+  assert json.loads(saved.read_text()) == {key: False, "other shape": True}
+  cpu_ops.remember_choices(None)
+
+
 @pytest.mark.parametrize("shape,window,strides,padding", [
     ((2, 8, 8, 3), (2, 2), (2, 2), "VALID"),
     ((2, 7, 5, 3), (2, 2), (2, 2), "VALID"),

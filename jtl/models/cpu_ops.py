@@ -35,6 +35,7 @@ operations everywhere), and pass `fast_paths.conv_general_dilated` to `nn.Conv` 
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import functools
 import json
 import os
@@ -140,8 +141,8 @@ def _padding_channels_pays(lhs, rhs, strides: Sequence[int], pads: Pads) -> bool
   name = repr(key)  # (the JSON file's keys)
   if name not in _PAD_CHOICES:
     with jax.ensure_compile_time_eval():  # run the candidates now, not as part of the model's trace
-      _PAD_CHOICES[name] = _time_candidates(key) >= PAD_GAIN
-    _save_choices()
+      measured = _time_candidates(key) >= PAD_GAIN
+    _PAD_CHOICES[name] = _agreed_choice(name, measured)
   return _PAD_CHOICES[name]
 
 
@@ -152,25 +153,43 @@ def remember_choices(directory: str | None) -> None:
   shape whose two timings are close."""
   global _choices_path
   _choices_path = os.path.join(directory, CHOICES_FILE) if directory else None
-  if _choices_path and os.path.exists(_choices_path):
-    try:
-      with open(_choices_path) as f:
-        _PAD_CHOICES.update({str(k): bool(v) for k, v in json.load(f).items()})
-    except (OSError, ValueError, AttributeError):  # unreadable: measure again, rewrite it
-      pass
+  if _choices_path:
+    _PAD_CHOICES.update(_read_choices(_choices_path))
 
 
-def _save_choices() -> None:
+def _read_choices(path: str) -> dict[str, bool]:
+  try:
+    with open(path) as f:
+      return {str(k): bool(v) for k, v in json.load(f).items()}
+  except (OSError, ValueError, AttributeError):  # missing or unreadable: measure again, rewrite it
+    return {}
+
+
+def _agreed_choice(name: str, measured: bool) -> bool:
+  """The choice for `name` every process sharing the choices file uses: the first one written.
+
+  Two processes may measure the same shape at once and time it differently (a busy machine); if
+  each kept its own, a run and its resumption could trace different programs (outputs ~1 ulp apart).
+  So under an exclusive lock the file is read again: a choice already there wins over `measured`,
+  otherwise `measured` is added (atomically, the other entries kept)."""
   if not _choices_path:
-    return
+    return measured
   try:
     os.makedirs(os.path.dirname(_choices_path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(_choices_path), suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-      json.dump(_PAD_CHOICES, f, indent=0, sort_keys=True)
-    os.replace(tmp, _choices_path)  # atomic: concurrent processes never read half a file
+    with open(_choices_path + ".lock", "a") as lock:
+      fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+      on_file = _read_choices(_choices_path)
+      if name in on_file:
+        _PAD_CHOICES.update(on_file)
+        return on_file[name]
+      on_file.update({**_PAD_CHOICES, name: measured})
+      fd, tmp = tempfile.mkstemp(dir=os.path.dirname(_choices_path), suffix=".tmp")
+      with os.fdopen(fd, "w") as f:
+        json.dump(on_file, f, indent=0, sort_keys=True)
+      os.replace(tmp, _choices_path)  # atomic: readers without the lock never see half a file
   except OSError:  # a read-only cache directory costs a re-measurement next time, nothing else
     pass
+  return measured
 
 
 def _time_candidates(key) -> float:
