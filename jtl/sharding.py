@@ -103,6 +103,13 @@ def state_shardings(abstract_state: Any, mesh: Mesh, rules: Any,
       spec = fsdp_spec(tuple(leaf.shape), fsdp_axis, mesh.shape[fsdp_axis],
                        int(cfg.get("fsdp_min_size", 2**12)))
     spec = tuple(spec)
+    unknown = [a for entry in spec if entry is not None for a in np.atleast_1d(entry)
+               if a not in mesh.axis_names]
+    if unknown:
+      raise ConfigError(f"mesh rule {spec} names axis {str(unknown[0])!r}, which the mesh lacks (its "
+                        f"axes: {', '.join(mesh.axis_names)}); add it to config.mesh.axes (e.g. "
+                        f"--config.mesh.axes=\"(('data',-1),('{unknown[0]}',2))\") or fix "
+                        "config.mesh.rules")
     if len(spec) > len(leaf.shape):
       spec = ()  # scalars and vectors matched by a broad rule stay replicated
     for dim, axis in zip(leaf.shape, spec):
