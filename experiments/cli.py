@@ -189,8 +189,8 @@ def _config_file_problem(argv: list[str], error: BaseException) -> str | None:
 
 
 def _not_a_config(path: str, value: object) -> str:
-  return (f"config file {path!r}: get_config() returned a value of type {type(value).__name__}, not an "
-          "ml_collections.ConfigDict; return one (see experiments/configs/)")
+  return (f"config file {path!r}: get_config() returned a value of type {type(value).__name__}, "
+          "not an ml_collections.ConfigDict; return one (see experiments/configs/)")
 
 
 def _no_get_config(path: str) -> str:

@@ -92,7 +92,7 @@ def state_shardings(abstract_state: Any, mesh: Mesh, rules: Any,
   specs = masks.match(abstract_state, rules, prefix="", default=(), what="mesh rule")
   fsdp_axis = cfg.get("fsdp_axis", "data")
 
-  def to_sharding(leaf, spec):
+  def to_sharding(path, leaf, spec):
     if isinstance(spec, str):
       if spec != "fsdp":
         raise ConfigError(f"mesh rule spec {spec!r} is not a PartitionSpec tuple or 'fsdp'; fix "
@@ -114,11 +114,17 @@ def state_shardings(abstract_state: Any, mesh: Mesh, rules: Any,
       spec = ()  # scalars and vectors matched by a broad rule stay replicated
     for dim, axis in zip(leaf.shape, spec):
       if axis is not None and dim % int(np.prod([mesh.shape[a] for a in np.atleast_1d(axis)])):
-        raise ConfigError(f"mesh rule {spec} cannot split a dimension of size {dim} (shape "
-                          f"{leaf.shape}); change config.mesh.rules")
+        raise ConfigError(f"mesh rule {spec} cannot split a dimension of size {dim} of {path} "
+                          f"(shape {leaf.shape}); change config.mesh.rules (a narrower pattern "
+                          "before it, another dimension, or 'fsdp', which picks a dimension that "
+                          "divides)")
     return NamedSharding(mesh, PartitionSpec(*spec))
-  return jax.tree.map(to_sharding, abstract_state, specs,
-                      is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
+  is_leaf = lambda x: isinstance(x, jax.ShapeDtypeStruct)  # noqa: E731
+  leaves, treedef = jax.tree.flatten(abstract_state, is_leaf=is_leaf)
+  paths = masks.leaf_paths(abstract_state, "")
+  spec_leaves = treedef.flatten_up_to(specs)
+  return jax.tree.unflatten(treedef, [to_sharding(p, leaf, spec) for p, leaf, spec
+                                      in zip(paths, leaves, spec_leaves)])
 
 
 def to_global(local_batch: Any, sharding: NamedSharding) -> Any:
