@@ -128,10 +128,10 @@ def load_config(flag_values: FlagValues) -> ml_collections.ConfigDict | None:
   flag = flag_values["config"]
   if flag.value is None:
     return None
+  reference = _config_as_written(config_flags.get_config_filename(flag))  # (a missing file: says so)
   config = flag.value
   if not isinstance(config, ml_collections.ConfigDict):
     raise ConfigError(_not_a_config(config_flags.get_config_filename(flag).split(":", 1)[0], config))
-  reference = _config_as_written(config_flags.get_config_filename(flag))
   none_paths = [flag_values[name].path for name in flag_values
                 if isinstance(flag_values[name], _NoneOverride) and flag_values[name].present]
   for path in [*config_flags.get_override_values(flag), *none_paths]:
