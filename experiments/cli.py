@@ -188,6 +188,37 @@ def _config_file_problem(argv: list[str], error: BaseException) -> str | None:
   return None
 
 
+def _missing_parent(argv: list[str], error: BaseException) -> str | None:
+  """config_flags' KeyError for `--config.A.B.C=...` whose section A.B does not exist: the unknown
+  key error with the keys there are (None if that is not what happened)."""
+  spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+  if not isinstance(error, KeyError) or not spec:
+    return None
+  try:
+    reference = _config_as_written(spec)
+  except Exception:  # pylint: disable=broad-except  (_config_file_problem speaks for the file)
+    return None
+  for arg in argv:
+    named = re.match(r"--config\.([\w.]+)(=|$)", arg)
+    if named and "." in named[1] and not _has_key(reference, named[1].rsplit(".", 1)[0]):
+      path = named[1]
+      section = next((p for p in OPEN_SECTIONS if path.startswith(p + ".")), None)
+      if section is None:
+        return str(unknown_override_error(path, reference))
+      entry = path[len(section) + 1:].split(".")[0]
+      return (f"--config.{path}: config.{section} has no {entry!r} (it has: "
+              f"{', '.join(_keys(reference, section)) or 'nothing'}); the command line sets keys of "
+              f"what the config file defines: add config.{section}.{entry} there, or fix the name")
+  return None
+
+
+def _keys(config: ml_collections.ConfigDict, path: str) -> list[str]:
+  node = config
+  for part in path.split("."):
+    node = node.get(part) if isinstance(node, ml_collections.ConfigDict) else None
+  return list(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+
+
 def _not_a_config(path: str, value: object) -> str:
   return (f"config file {path!r}: get_config() returned a value of type {type(value).__name__}, "
           "not an ml_collections.ConfigDict; return one (see experiments/configs/)")
@@ -216,7 +247,7 @@ def _parse(flag_values: FlagValues, argv: list[str]) -> list[str] | int:
                    f"{flag_values[named[1]].flag_type()}")
     return _fail(message)
   except Exception as e:  # pylint: disable=broad-except  (a config file is user code: anything)
-    return _fail(_config_file_problem(argv, e) or _one_line(e))
+    return _fail(_config_file_problem(argv, e) or _missing_parent(argv, e) or _one_line(e))
 
 
 def _start_distributed(flag_values: FlagValues) -> None:

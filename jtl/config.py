@@ -285,4 +285,5 @@ def unknown_override_error(path: str, reference: ml_collections.ConfigDict) -> C
     close = [".".join(parts[:depth] + close)]
   hint = f" (did you mean --config.{close[0]}?)" if close else ""
   where = f"config.{parent}" if parent else "the config"
-  return ConfigError(f"unknown config key {path!r}{hint}; keys of {where}: {', '.join(names)}")
+  keys = f"keys of {where}: {', '.join(names)}" if names else f"{where} has no keys"
+  return ConfigError(f"unknown config key {path!r}{hint}; {keys}")

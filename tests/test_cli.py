@@ -199,6 +199,10 @@ BAD_INPUTS = [
     # `--config.KEY=None` reaches the key's owner, which says whether None is valid there.
     ("train", PRETRAIN, ["--config.total_steps=None"], "total_steps must be a positive integer, got None"),
     ("train", PRETRAIN, ["--config.optim.lrr=None"], "(did you mean --config.optim.lr?)"),
+    ("train", PRETRAIN, ["--config.evals.test.type=bogus"],
+     "--config.evals.test.type: config.evals has no 'test' (it has: nothing); the command line sets"),
+    ("train", PRETRAIN, ["--config.data.train_split=train[:0]"],
+     "split 'train[:0]' of dataset 'sklearn_digits' holds no examples"),
     # explain and export.
     ("explain", None, ["--workdir={mt}"], "objective 'multitask': its model returns ("),
     ("export", None, ["--workdir={pre}", "--out=/proc/jtl_export.npz"],
