@@ -6,8 +6,8 @@ abstract traces of the objective's loss (`jax.eval_shape`: no array is allocated
 compiled) on a small batch and on twice that batch: the difference, divided by the examples added,
 is the per-example part (parameters and other fixed-size residuals cancel). The step needs at least
 that many bytes per example it processes at once, and usually more: XLA's temporaries come on top
-(on the digits CNN the compiled step's temporary memory was 1.05-1.08x the estimate at batch
-64-4096), as do parameters, optimizer state and the input pipeline. So a batch whose estimate alone
+(the compiled gradient's temporary memory was 1.08-1.29x the estimate on the digits CNNs at batch
+512-2048, tests/test_memory.py), as do parameters, optimizer state and the input pipeline. So a batch whose estimate alone
 exceeds the memory that is free refuses a run that could not have run.
 
 Memory that counts: on CPU, the host's available memory (all local CPU devices share it; a step
