@@ -50,10 +50,43 @@ OPEN_SECTIONS = ("model", "evals", "multitask.arch_options", "multitask.weightin
 EXIT_BAD_INPUT, EXIT_RUN_FAILED = 2, 3
 
 
+_NONE_OVERRIDE = re.compile(r"--config\.([\w.]+)=None")
+
+
+class _NoneOverride(flags.Flag):
+  """`--config.KEY=None`: sets KEY to None whatever its type. config_flags parses `None` only for
+  keys typed `object`: an int key (`init_from.step`) refuses it, a str key (`data.data_dir`) takes
+  the string 'None', a tuple key (`data.labels`) becomes `(None,)`, so options documented as
+  accepting None would not."""
+
+  def __init__(self, path: str):
+    super().__init__(flags.EnumParser(["None"]), flags.ArgumentSerializer(), f"config.{path}",
+                     None, f"Sets config.{path} to None.")
+    self.path = path
+
+
 def define_config_flag(flag_values: FlagValues, argv: list[str], help_string: str) -> None:
-  """`--config=path[:args]` plus its `--config.KEY=VALUE` overrides (checked by `load_config`)."""
+  """`--config=path[:args]` plus its `--config.KEY=VALUE` overrides (checked by `load_config`);
+  `--config.KEY=None` sets any key to None (the owner of the key says if None is valid there)."""
+  none_paths = [m[1] for m in map(_NONE_OVERRIDE.fullmatch, argv) if m]
+  rest = [a for a in argv if not _NONE_OVERRIDE.fullmatch(a)]
   config_flags.DEFINE_config_file("config", None, help_string, flag_values=flag_values,
-                                  lock_config=False, accept_new_attributes=True, sys_argv=argv)
+                                  lock_config=False, accept_new_attributes=True, sys_argv=rest)
+  for path in dict.fromkeys(none_paths):
+    flags.DEFINE_flag(_NoneOverride(path), flag_values=flag_values)
+
+
+def _set_none(config: ml_collections.ConfigDict, path: str,
+              reference: ml_collections.ConfigDict) -> None:
+  *parents, key = path.split(".")
+  node = config
+  for part in parents:
+    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+      raise unknown_override_error(path, reference)
+    node = node[part]
+  if not isinstance(node, ml_collections.ConfigDict):
+    raise unknown_override_error(path, reference)
+  node[key] = None
 
 
 def _define_distributed(flag_values: FlagValues) -> None:
@@ -98,11 +131,17 @@ def load_config(flag_values: FlagValues) -> ml_collections.ConfigDict | None:
   flag = flag_values["config"]
   if flag.value is None:
     return None
-  reference = _config_as_written(config_flags.get_config_filename(flag))
-  for path in config_flags.get_override_values(flag):
+  reference = _config_as_written(config_flags.get_config_filename(flag))  # (a missing file: says so)
+  config = flag.value
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ConfigError(_not_a_config(config_flags.get_config_filename(flag).split(":", 1)[0], config))
+  none_paths = [flag_values[name].path for name in flag_values
+                if isinstance(flag_values[name], _NoneOverride) and flag_values[name].present]
+  for path in [*config_flags.get_override_values(flag), *none_paths]:
     if not _has_key(reference, path) and not any(path.startswith(p + ".") for p in OPEN_SECTIONS):
       raise unknown_override_error(path, reference)
-  config = flag.value
+  for path in none_paths:
+    _set_none(config, path, reference)
   config.lock()  # from here on a typo in code that sets a key fails loudly too
   return config
 
@@ -122,9 +161,10 @@ def _fail(message: str, status: int = EXIT_BAD_INPUT) -> int:
   return status
 
 
-def _config_file_problem(argv: list[str]) -> str | None:
-  """What is wrong with the `--config` file itself (absl's own words for it name a module
-  `config_config`, or only "an earlier failure" once an override is given), or None."""
+def _config_file_problem(argv: list[str], error: BaseException) -> str | None:
+  """What is wrong with the `--config` file itself, given the `error` loading it raised (absl's own
+  words for it name a module `config_config`, or only "an earlier failure" once an override is
+  given; Python's are a traceback), or None if the file is fine and the error is about a value."""
   spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")),
               next((b for a, b in zip(argv, argv[1:]) if a == "--config"), None))
   if not spec:
@@ -132,10 +172,59 @@ def _config_file_problem(argv: list[str]) -> str | None:
   path = spec.split(":", 1)[0]
   if not os.path.isfile(path):
     return _missing_config(path)
+  if isinstance(error, SyntaxError):
+    return (f"config file {path!r} has a syntax error at line {error.lineno}: {error.msg}; fix "
+            "the file")
+  if isinstance(error, ImportError):
+    return f"config file {path!r} cannot be imported ({error}); fix its imports"
   with open(path) as f:
     if not re.search(r"\bget_config\b", f.read()):  # (only asked once loading it failed)
       return _no_get_config(path)
+  if not isinstance(error, ValueError):  # (ValueError, ConfigError: get_config's own message)
+    try:
+      config = _config_as_written(spec)
+    except Exception as again:  # pylint: disable=broad-except  (any bug in the user's file)
+      return (f"config file {path!r}: get_config raised {type(again).__name__}: "
+              f"{_one_line(again)}; fix the config file or its :arguments")
+    if not isinstance(config, ml_collections.ConfigDict):
+      return _not_a_config(path, config)
   return None
+
+
+def _missing_parent(argv: list[str], error: BaseException) -> str | None:
+  """config_flags' KeyError for `--config.A.B.C=...` whose section A.B does not exist: the unknown
+  key error with the keys there are (None if that is not what happened)."""
+  spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+  if not isinstance(error, KeyError) or not spec:
+    return None
+  try:
+    reference = _config_as_written(spec)
+  except Exception:  # pylint: disable=broad-except  (_config_file_problem speaks for the file)
+    return None
+  for arg in argv:
+    named = re.match(r"--config\.([\w.]+)(=|$)", arg)
+    if named and "." in named[1] and not _has_key(reference, named[1].rsplit(".", 1)[0]):
+      path = named[1]
+      section = next((p for p in OPEN_SECTIONS if path.startswith(p + ".")), None)
+      if section is None:
+        return str(unknown_override_error(path, reference))
+      entry = path[len(section) + 1:].split(".")[0]
+      return (f"--config.{path}: config.{section} has no {entry!r} (it has: "
+              f"{', '.join(_keys(reference, section)) or 'nothing'}); the command line sets keys of "
+              f"what the config file defines: add config.{section}.{entry} there, or fix the name")
+  return None
+
+
+def _keys(config: ml_collections.ConfigDict, path: str) -> list[str]:
+  node = config
+  for part in path.split("."):
+    node = node.get(part) if isinstance(node, ml_collections.ConfigDict) else None
+  return list(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+
+
+def _not_a_config(path: str, value: object) -> str:
+  return (f"config file {path!r}: get_config() returned a value of type {type(value).__name__}, "
+          "not an ml_collections.ConfigDict; return one (see experiments/configs/)")
 
 
 def _no_get_config(path: str) -> str:
@@ -160,8 +249,8 @@ def _parse(flag_values: FlagValues, argv: list[str]) -> list[str] | int:
       return _fail(f"{message}; --{named[1]} takes a value of type "
                    f"{flag_values[named[1]].flag_type()}")
     return _fail(message)
-  except (ConfigError, ValueError, TypeError, KeyError, AttributeError, OSError) as e:
-    return _fail(_config_file_problem(argv) or _one_line(e))
+  except Exception as e:  # pylint: disable=broad-except  (a config file is user code: anything)
+    return _fail(_config_file_problem(argv, e) or _missing_parent(argv, e) or _one_line(e))
 
 
 def _start_distributed(flag_values: FlagValues) -> None:

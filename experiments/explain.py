@@ -9,7 +9,10 @@ input stops with one `error:` line and exit status 2, before anything is written
 """
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
+import jax
 import numpy as np
 from absl import flags
 from etils import epath
@@ -51,13 +54,15 @@ def explain_run(flag_values: flags.FlagValues) -> epath.Path:
   if not isinstance(model, nn.Module):
     raise ConfigError(f"objective {config.get('objective', 'supervised')!r} has no single model to "
                       "explain")
-  step, variables = checkpoint.load_variables(workdir, flag_values.step)
   make_batches, _ = data.eval_iterator(config.data, split=config.data.eval_split,
                                        global_batch_size=flag_values.num, process_index=0,
                                        process_count=1)
   batch = next(iter(make_batches()))
+  _check_class_scores(model, config, batch["image"][:1])
+  step, variables = checkpoint.load_variables(workdir, flag_values.step)
   real = batch["mask"] > 0  # a split smaller than --num is padded
-  images, labels = batch["image"][real], batch["label"][real]
+  images = batch["image"][real]
+  labels = batch["label"][real] if "label" in batch else None  # (unlabelled data: no "true" line)
   maps, predicted, _ = explain.explain(model, variables, images, method=flag_values.method,
                                        layer=flag_values.layer)
   # With data.labels the model's class i is the dataset's class labels[i]: title with the latter.
@@ -68,6 +73,24 @@ def explain_run(flag_values: flags.FlagValues) -> epath.Path:
   title = f"{flag_values.method} at {layer}, step {step}"
   return explain.save_grid(images, np.asarray(maps), np.asarray(predicted), labels, path,
                            class_names, title=title)
+
+
+def _check_class_scores(model: nn.Module, config: Any, image: np.ndarray) -> None:
+  """ConfigError unless `model` maps images to class scores [B, classes] (a multitask model returns
+  one output per task, a contrastive one embeddings: neither has a class to explain)."""
+  objective = config.get("objective", "supervised")
+  try:
+    out = jax.eval_shape(lambda x: model.init_with_output(jax.random.key(0), x, train=False)[0],
+                         jax.ShapeDtypeStruct(image.shape, np.float32))
+  except Exception as e:  # a model that does not take one image batch at all (CLIP: image + text)
+    raise ConfigError(f"objective {objective!r}: its model does not map images to class scores "
+                      f"({type(e).__name__}); explain runs a classifier (e.g. a supervised run)"
+                      ) from e
+  if not (isinstance(out, jax.ShapeDtypeStruct) and out.ndim == 2 and out.shape[1] >= 2):
+    got = jax.tree.map(lambda a: tuple(a.shape), out)
+    raise ConfigError(f"objective {objective!r}: its model returns {got}, not class scores "
+                      "[batch, classes]; explain runs a classifier (e.g. a supervised run's "
+                      "--workdir)")
 
 
 def main(flag_values: flags.FlagValues) -> None:

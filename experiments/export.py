@@ -11,6 +11,7 @@ is exported as it is. Bad input (no run there, no such step, an `--out` not endi
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
@@ -44,14 +45,40 @@ def merged_variables(workdir: str, step: int | None = None) -> tuple[int, dict[s
   return step, {"params": params, "model_state": variables["model_state"]}
 
 
+def _check_out(out: str, given: str) -> None:
+  """ConfigError unless `out` (resolved) names a new or existing .npz file in a writable folder."""
+  if os.path.isdir(out):
+    raise ConfigError(f"--out={given} is an existing folder; name a file, e.g. "
+                      f"--out={os.path.join(given, 'weights.npz')}")
+  if not out.endswith(".npz"):
+    raise ConfigError(f"--out={given} must end in .npz; fix --out")
+  folder = os.path.dirname(out)
+  if not os.path.isdir(folder):
+    raise ConfigError(f"the folder of --out={out} does not exist; create it or fix --out")
+  if not os.access(folder, os.W_OK):
+    raise ConfigError(f"cannot write into {folder} (permission denied); choose a writable --out")
+
+
+def write_atomically(variables: dict[str, Any], out: str) -> None:
+  """`pretrained.save_npz` to a temporary file beside `out`, renamed onto it once complete: a write
+  that fails (a read-only or special file system, a full disk) leaves nothing behind but a
+  one-line ConfigError."""
+  tmp = f"{out}.tmp-{os.getpid()}.npz"
+  try:
+    pretrained.save_npz(variables, tmp)
+    os.replace(tmp, out)
+  except OSError as e:
+    with contextlib.suppress(OSError):
+      os.remove(tmp)
+    raise ConfigError(f"cannot write --out={out} ({e.strerror or type(e).__name__}); choose a "
+                      "writable --out on a regular file system") from e
+
+
 def main(flag_values: flags.FlagValues) -> None:
   out = config_lib.resolve_path(flag_values.out)
-  if not out.endswith(".npz"):
-    raise ConfigError(f"--out={flag_values.out} must end in .npz; fix --out")
-  if not os.path.isdir(os.path.dirname(out)):
-    raise ConfigError(f"the folder of --out={out} does not exist; create it or fix --out")
+  _check_out(out, flag_values.out)
   step, variables = merged_variables(flag_values.workdir, flag_values.step)
-  pretrained.save_npz(variables, out)
+  write_atomically(variables, out)
   logging.info("wrote %s (step %d of %s)", out, step, flag_values.workdir)
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import difflib
 import json
+import math
 import re
 from typing import Any
 
@@ -92,10 +93,11 @@ def section_options(config: ml_collections.ConfigDict, section: str,
 
 def check_number(value: Any, key: str, *, low: float | None = None, high: float | None = None,
                  low_open: bool = False, high_open: bool = False, allow_none: bool = False) -> None:
-  """ConfigError unless `value` is a number in the given (closed unless `*_open`) range."""
+  """ConfigError unless `value` is a finite number in the given (closed unless `*_open`) range
+  (inf and nan are never valid: `optim.lr=inf` would only fail at the first step, after writing)."""
   if value is None and allow_none:
     return
-  ok = _is_number(value)
+  ok = _is_number(value) and math.isfinite(value)
   if ok and low is not None:
     ok = value > low if low_open else value >= low
   if ok and high is not None:
@@ -280,4 +282,5 @@ def unknown_override_error(path: str, reference: ml_collections.ConfigDict) -> C
     close = [".".join(parts[:depth] + close)]
   hint = f" (did you mean --config.{close[0]}?)" if close else ""
   where = f"config.{parent}" if parent else "the config"
-  return ConfigError(f"unknown config key {path!r}{hint}; keys of {where}: {', '.join(names)}")
+  keys = f"keys of {where}: {', '.join(names)}" if names else f"{where} has no keys"
+  return ConfigError(f"unknown config key {path!r}{hint}; {keys}")

@@ -92,7 +92,7 @@ def state_shardings(abstract_state: Any, mesh: Mesh, rules: Any,
   specs = masks.match(abstract_state, rules, prefix="", default=(), what="mesh rule")
   fsdp_axis = cfg.get("fsdp_axis", "data")
 
-  def to_sharding(leaf, spec):
+  def to_sharding(path, leaf, spec):
     if isinstance(spec, str):
       if spec != "fsdp":
         raise ConfigError(f"mesh rule spec {spec!r} is not a PartitionSpec tuple or 'fsdp'; fix "
@@ -103,15 +103,28 @@ def state_shardings(abstract_state: Any, mesh: Mesh, rules: Any,
       spec = fsdp_spec(tuple(leaf.shape), fsdp_axis, mesh.shape[fsdp_axis],
                        int(cfg.get("fsdp_min_size", 2**12)))
     spec = tuple(spec)
+    unknown = [a for entry in spec if entry is not None for a in np.atleast_1d(entry)
+               if a not in mesh.axis_names]
+    if unknown:
+      raise ConfigError(f"mesh rule {spec} names axis {str(unknown[0])!r}, which the mesh lacks (its "
+                        f"axes: {', '.join(mesh.axis_names)}); add it to config.mesh.axes (e.g. "
+                        f"--config.mesh.axes=\"(('data',-1),('{unknown[0]}',2))\") or fix "
+                        "config.mesh.rules")
     if len(spec) > len(leaf.shape):
       spec = ()  # scalars and vectors matched by a broad rule stay replicated
     for dim, axis in zip(leaf.shape, spec):
       if axis is not None and dim % int(np.prod([mesh.shape[a] for a in np.atleast_1d(axis)])):
-        raise ConfigError(f"mesh rule {spec} cannot split a dimension of size {dim} (shape "
-                          f"{leaf.shape}); change config.mesh.rules")
+        raise ConfigError(f"mesh rule {spec} cannot split a dimension of size {dim} of {path} "
+                          f"(shape {leaf.shape}); change config.mesh.rules (a narrower pattern "
+                          "before it, another dimension, or 'fsdp', which picks a dimension that "
+                          "divides)")
     return NamedSharding(mesh, PartitionSpec(*spec))
-  return jax.tree.map(to_sharding, abstract_state, specs,
-                      is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
+  is_leaf = lambda x: isinstance(x, jax.ShapeDtypeStruct)  # noqa: E731
+  leaves, treedef = jax.tree.flatten(abstract_state, is_leaf=is_leaf)
+  paths = masks.leaf_paths(abstract_state, "")
+  spec_leaves = treedef.flatten_up_to(specs)
+  return jax.tree.unflatten(treedef, [to_sharding(p, leaf, spec) for p, leaf, spec
+                                      in zip(paths, leaves, spec_leaves)])
 
 
 def to_global(local_batch: Any, sharding: NamedSharding) -> Any:

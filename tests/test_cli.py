@@ -15,8 +15,12 @@ import time
 
 import pytest
 
+from absl import flags
+
 from experiments import cli
 from experiments import evaluate as evaluate_entry
+from experiments import explain as explain_entry
+from experiments import export as export_entry
 from experiments import train as train_entry
 from jtl import config as config_lib
 from jtl import lock as lock_lib
@@ -26,7 +30,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRETRAIN = os.path.join(ROOT, "experiments/configs/pretrain_digits.py")
 TRANSFER = os.path.join(ROOT, "experiments/configs/transfer_digits.py")
 FINETUNE = os.path.join(ROOT, "experiments/configs/finetune_digits.py")
+FOLDER = os.path.join(ROOT, "experiments/configs/finetune_folder.py")
+MULTITASK = os.path.join(ROOT, "experiments/configs/multitask_digits.py")
 NOT_A_CONFIG = os.path.join(ROOT, "jtl/errors.py")  # a Python file without get_config
+ENTRIES = {"train": train_entry, "evaluate": evaluate_entry, "explain": explain_entry,
+           "export": export_entry}
+# Config files that are broken in the ways a user's own file can be ("{cfg}/NAME.py").
+BROKEN_CONFIGS = {
+    "syntax": "def get_config(arg=None)\n  return None\n",
+    "returns_int": "def get_config(arg=None):\n  return 1\n",
+    "returns_dict": "def get_config(arg=None):\n  return {'total_steps': 3}\n",
+    "imports": "import jtl_no_such_module\ndef get_config(arg=None):\n  return None\n",
+    "raises": "def get_config(arg=None):\n  raise RuntimeError('boom')\n",
+}
 SMALL = ("--config.total_steps=4", "--config.batch_size=16", "--config.optim.warmup_steps=0",
          "--config.model.widths=(8,16)", "--config.checkpoint_every=2", "--config.log_every=2")
 
@@ -55,9 +71,33 @@ def snapshot(path):
 def pretrained(tmp_path_factory):
   """A tiny finished pretraining run (model widths (8, 16), checkpoints at steps 2 and 4)."""
   workdir = str(tmp_path_factory.mktemp("cli") / "pretrained")
-  status, errors = run(train_entry, f"--config={PRETRAIN}", f"--workdir={workdir}", *SMALL)
+  # (The None overrides are options documented as accepting None: they parse and the run takes them.)
+  status, errors = run(train_entry, f"--config={PRETRAIN}", f"--workdir={workdir}", *SMALL,
+                       "--config.keep_checkpoints=None", "--config.init_from.step=None",
+                       "--config.data.data_dir=None", "--config.eval.batch_size=None")
   assert status == 0, errors
   return workdir
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+  """Folders the bad-input rows name: a one-class image folder, a multitask run's workdir (its
+  config.json is all `explain` reads before it refuses), broken config files."""
+  import numpy as np
+  from PIL import Image
+
+  from experiments.configs import multitask_digits
+  root = tmp_path_factory.mktemp("inputs")
+  for i in range(4):
+    (root / "one_class" / "cat").mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((8, 8), 40 * i, np.uint8)).save(root / "one_class" / "cat" / f"{i}.png")
+  (root / "multitask").mkdir()
+  config_lib.run_config_path(root / "multitask").write_text(
+      multitask_digits.get_config().to_json_best_effort())
+  (root / "cfg").mkdir()
+  for name, text in BROKEN_CONFIGS.items():
+    (root / "cfg" / f"{name}.py").write_text(text)
+  return dict(one_class=root / "one_class", mt=root / "multitask", cfg=root / "cfg")
 
 
 # (entry point, config, extra arguments, expected part of the message). "{pre}" is the pretrained
@@ -122,13 +162,59 @@ BAD_INPUTS = [
     ("evaluate", None, ["--workdir={empty}"], "no checkpoints in"),
     ("evaluate", PRETRAIN, ["--workdir={pre}", "--config.optim.lrr=1"], "unknown config key"),
     ("evaluate", None, [], "--workdir is required"),
+    # Heads that cannot learn the labels (a softmax over one class has loss 0).
+    ("train", FOLDER + ":path={one_class}", [],
+     "a classifier needs at least 2 classes: image folder {one_class} holds a single class folder"),
+    ("train", PRETRAIN, ["--config.model.num_classes=0"],
+     "model.num_classes=0: a classifier needs at least 2 classes"),
+    ("train", PRETRAIN, ["--config.model.num_classes=1"], "set --config.model.num_classes=5"),
+    ("train", PRETRAIN, ["--config.data.labels=(0,1,2,3,4,5,6)"],
+     "data has 7 classes but model.num_classes=5: labels 5..6 have no output; set "
+     "--config.model.num_classes=7"),
+    ("train", PRETRAIN, ["--config.data.labels=(3,)"], "data selects a single class"),
+    # Batches whose activations cannot fit (the digits CNN keeps ~90 KB per example).
+    ("train", PRETRAIN, ["--config.batch_size=10000000"],
+     "batch_size=10000000 needs at least "),
+    ("train", PRETRAIN, ["--config.batch_size=1000000000", "--config.grad_accum_steps=8"],
+     "examples at once), more than the "),
+    # Mesh rules.
+    ("train", PRETRAIN, ["--config.mesh.rules=(('.*/kernel',('model',None)),('.*',()))"],
+     "names axis 'model', which the mesh lacks (its axes: data)"),
+    ("train", PRETRAIN, ["--config.mesh.axes=(('data',-1),('fsdp',8))",
+                         "--config.mesh.rules=(('.*/kernel',('fsdp',None)),('.*',()))"],
+     "cannot split a dimension of size 3 of params/backbone/stage1/conv/kernel"),
+    # Non-finite numbers.
+    ("train", PRETRAIN, ["--config.optim.lr=inf"], "optim.lr must be a number in (0.0, inf), got inf"),
+    ("train", PRETRAIN, ["--config.optim.clip_norm=inf"],
+     "optim.clip_norm must be a number in (0.0, inf), got inf"),
+    # Config files that do not load.
+    ("train", "{cfg}/syntax.py", [], "has a syntax error at line 1: expected ':'; fix the file"),
+    ("train", "{cfg}/syntax.py", ["--config.total_steps=5"], "has a syntax error at line 1"),
+    ("train", "{cfg}/returns_int.py", [], "get_config() returned a value of type int, not an "
+     "ml_collections.ConfigDict"),
+    ("train", "{cfg}/returns_int.py", ["--config.total_steps=5"], "returned a value of type int"),
+    ("train", "{cfg}/returns_dict.py", [], "returned a value of type dict"),
+    ("train", "{cfg}/imports.py", [], "cannot be imported (No module named 'jtl_no_such_module')"),
+    ("train", "{cfg}/raises.py", [], "get_config raised RuntimeError: boom"),
+    # `--config.KEY=None` reaches the key's owner, which says whether None is valid there.
+    ("train", PRETRAIN, ["--config.total_steps=None"], "total_steps must be a positive integer, got None"),
+    ("train", PRETRAIN, ["--config.optim.lrr=None"], "(did you mean --config.optim.lr?)"),
+    ("train", PRETRAIN, ["--config.evals.test.type=bogus"],
+     "--config.evals.test.type: config.evals has no 'test' (it has: nothing); the command line sets"),
+    ("train", PRETRAIN, ["--config.data.train_split=train[:0]"],
+     "split 'train[:0]' of dataset 'sklearn_digits' holds no examples"),
+    # explain and export.
+    ("explain", None, ["--workdir={mt}"], "objective 'multitask': its model returns ("),
+    ("export", None, ["--workdir={pre}", "--out=/proc/jtl_export.npz"],
+     "cannot write --out=/proc/jtl_export.npz"),
+    ("export", None, ["--workdir={pre}", "--out={empty}"], "is an existing folder; name a file"),
 ]
 
 
 @pytest.mark.parametrize("entry, config, extra, expected", BAD_INPUTS,
                          ids=[f"{e}:{' '.join(x) or (c or '').rsplit('/', 1)[-1]}" for e, c, x, _ in BAD_INPUTS])
-def test_bad_input_is_one_line_exit_2_nothing_written(pretrained, tmp_path, entry, config, extra,
-                                                      expected):
+def test_bad_input_is_one_line_exit_2_nothing_written(pretrained, inputs, tmp_path, entry, config,
+                                                      extra, expected):
   empty = tmp_path / "empty"
   empty.mkdir()
   locked = tmp_path / "locked"  # a run whose trainer still runs, on another machine
@@ -137,17 +223,52 @@ def test_bad_input_is_one_line_exit_2_nothing_written(pretrained, tmp_path, entr
       "host": "elsewhere", "pid": 4321, "machine": "elsewhere", "started": time.time() - 60,
       "heartbeat": time.time(), "token": "theirs"}))
   work = str(tmp_path / "run")
-  args = [a.format(pre=pretrained, empty=empty, locked=locked) for a in extra]
+  names = dict(pre=pretrained, empty=empty, locked=locked, **inputs)
+  args = [a.format(**names) for a in extra]
   if config:
-    args.insert(0, "--config=" + config.format(pre=pretrained))
+    args.insert(0, "--config=" + config.format(**names))
   if entry == "train" and not any(a.startswith("--workdir") for a in args):
     args.append(f"--workdir={work}")
-  watched = [work, pretrained, str(empty), str(locked)]
+  watched = [work, pretrained, str(empty), str(locked), *map(str, inputs.values())]
   before = [snapshot(p) for p in watched]
-  status, errors = run(train_entry if entry == "train" else evaluate_entry, *args)
+  status, errors = run(ENTRIES[entry], *args)
   assert status == 2 and len(errors) == 1, (status, errors)
-  assert expected in errors[0], errors[0]
+  assert expected.format(**names) in errors[0], errors[0]
   assert [snapshot(p) for p in watched] == before
+
+
+# Options documented as accepting None (config comments, docstrings, docs/): `--config.KEY=None`
+# must give None, whatever the key's type (int, str and tuple keys each failed differently), and
+# the run's checks must take it.
+DOCUMENTED_NONE = ("keep_checkpoints", "init_from.step", "init_from.workdir", "init_from.path",
+                   "compilation_cache", "data.data_dir", "data.labels", "data.shots",
+                   "data.image_size", "eval.splits", "eval.batch_size", "optim.clip_norm",
+                   "optim.layer_decay", "model.widths")
+
+
+def parsed_config(*args):
+  """The config `experiments.train` would run with these arguments (parsing only)."""
+  argv = ["train", f"--config={PRETRAIN}", "--workdir=never_written", *args]
+  flag_values = flags.FlagValues()
+  train_entry.define_flags(flag_values, argv)
+  flag_values(argv)
+  return cli.load_config(flag_values)
+
+
+def test_options_documented_as_none_accept_none():
+  config = parsed_config(*[f"--config.{key}=None" for key in DOCUMENTED_NONE])
+  flat = config_lib.flatten(config.to_dict())
+  assert {key: flat[key] for key in DOCUMENTED_NONE} == dict.fromkeys(DOCUMENTED_NONE)
+  assert parsed_config().data.labels == (0, 1, 2, 3, 4)  # (not None unless asked)
+  from jtl import data, objectives
+  prepared = config_lib.prepare(config)  # the checks take them ...
+  assert prepared.data.data_dir is None  # (not the path of a folder named 'None')
+  data.validate(prepared.data)
+  with pytest.raises(Exception, match="model.num_classes=5"):  # (all 10 digits, a 5-way head)
+    objectives.build(prepared)
+  prepared.model.num_classes = 10
+  model = objectives.build(prepared).model  # ... and the model takes its default widths
+  assert model.backbone.widths == (32, 64, 128)
 
 
 @pytest.fixture(scope="module")

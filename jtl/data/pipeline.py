@@ -105,7 +105,7 @@ def train_iterator(data_config: ml_collections.ConfigDict, *, global_batch_size:
   local = _local_batch_size(global_batch_size, process_index, process_count)
   if start_step < 0:
     raise ConfigError(f'start_step={start_step} must be >= 0')
-  image_shape = _image_shape(c)
+  image_shape = stored_image_shape(c)
   # tf.data costs ~0.2 ms per element handed to Python, as long as a small model's step. So each
   # element is a chunk of k consecutive steps, computed with vectorised ops, and Python hands out
   # views of it. Every batch is still a function of its step alone, whatever k is.
@@ -272,7 +272,8 @@ def _streamed_chunks(c: ml_collections.ConfigDict, seed: int, start_step: int, l
   return ds.map(lambda chunk, extra: {**chunk, **extra}), offsets is not None
 
 
-def _image_shape(c: ml_collections.ConfigDict) -> tuple[int, int, int]:
+def stored_image_shape(c: ml_collections.ConfigDict) -> tuple[int, int, int]:
+  """(height, width, channels) of the images a batch of (resolved) data config `c` holds."""
   height, width, channels = source.get_builder(c).info.features['image'].shape
   return (c.image_size, c.image_size, channels) if c.image_size else (height, width, channels)
 

@@ -158,11 +158,14 @@ def check_split(builder: tfds.core.DatasetBuilder, name: str, split: str, where:
   try:
     if not isinstance(split, str):
       raise ValueError(f'a split must be a string, got {type(split).__name__}')
-    builder.info.splits[split]
+    examples = builder.info.splits[split].num_examples
   except (KeyError, ValueError, AssertionError) as e:
     why = '' if _first_line(e).startswith('Unknown split') else f' ({_first_line(e)})'
     raise ConfigError(f'bad split {split!r} for dataset {name!r}{why}; set {where} to one of '
                       f"{list(builder.info.splits.keys())}, or a slice like 'train[:90%]'") from e
+  if not examples:  # (TFDS would fail later, reading: "Instruction [] corresponds to no data!")
+    raise ConfigError(f'split {split!r} of dataset {name!r} holds no examples; set {where} to a '
+                      "non-empty split or slice, e.g. 'train[:90%]'")
 
 
 def _key(c: ml_collections.ConfigDict) -> str:

@@ -48,6 +48,7 @@ from jtl import losses, models
 from jtl import config as config_lib
 from jtl.errors import ConfigError
 from jtl.losses import domain as domain_losses
+from jtl.objectives import labels
 from jtl.objectives.base import Metrics, Objective, PyTree, apply_model, step_or_counter
 
 METHODS = ("dann", "coral", "mmd")
@@ -134,6 +135,7 @@ class DomainAdaptation(Objective):
     model = models.build(config.model)
     if not getattr(model, "num_classes", None):
       raise ConfigError("domain adaptation needs a label classifier: set --config.model.num_classes")
+    labels.check_head_fits_labels(config, model.num_classes, members=("source",))
     return cls(model, method, weight=o["weight"], gamma=o["gamma"], hidden=tuple(o["hidden"] or ()),
                total_steps=config.total_steps, mmd_estimator=o["mmd_estimator"],
                mmd_multipliers=multipliers, target_batchnorm=o["target_batchnorm"])

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from jtl import lora, losses, models
+from jtl.objectives import labels
 from jtl.objectives.base import Metrics, Objective, PyTree, apply_model
 
 
@@ -21,6 +22,7 @@ class Supervised(Objective):
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> "Supervised":
+    labels.check_head_fits_labels(config, config.model.get("num_classes"))
     model = models.build(config.model)
     if lora.enabled(config):  # adapters on the kernels config.lora.rules selects
       model = lora.wrap(model, config.lora)
