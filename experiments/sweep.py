@@ -327,8 +327,8 @@ def main(argv: list[str]) -> int:
     print(f"error: {e}", file=sys.stderr, flush=True)
     return EXIT_CELL_FAILED
   except StopRequested:
-    print(f"sweep stopped by a signal; running cells saved their checkpoints; rerun the same "
-          f"command to resume", file=sys.stderr, flush=True)
+    print("sweep stopped by a signal; running cells saved their checkpoints; rerun the same "
+          "command to resume", file=sys.stderr, flush=True)
     return EXIT_STOPPED
   print(f"sweep {sweep.name}: {len(cells.order)} cells finished ({time.time() - start:.0f}s); table: "
         f"python -m experiments.report --workdir={FLAGS.workdir}", flush=True)

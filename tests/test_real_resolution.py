@@ -7,8 +7,6 @@ import importlib.util
 import io
 import os
 
-import jax
-import ml_collections
 import numpy as np
 import pytest
 import safetensors.numpy
