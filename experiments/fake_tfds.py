@@ -15,6 +15,7 @@ over a dataset already prepared there.
 from __future__ import annotations
 
 import sys
+import tempfile
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -63,10 +64,19 @@ def fake_value(feature: tfds.features.FeatureConnector, rng: np.random.RandomSta
 
 def write(name: str, data_dir: str, splits: dict[str, int], *, image_size: int = 256,
           seed: int = 0) -> str:
-  """Prepares the stand-in of `name` in `data_dir`; returns the dataset's directory."""
+  """Prepares the stand-in of `name` in `data_dir` (a gs:// one: prepared in a local temporary
+  folder, then copied up, as for a real dataset); returns the dataset's directory."""
   builder = tfds.builder(name, data_dir=data_dir)
   if builder.is_prepared():
     raise ValueError(f"{builder.data_dir} already holds a prepared {name}; choose another data_dir")
+  if "://" in data_dir:  # TFDS prepares by renaming a folder, which object stores cannot do
+    with tempfile.TemporaryDirectory() as local:
+      prepared = epath.Path(write(name, local, splits, image_size=image_size, seed=seed))
+      target = epath.Path(builder.data_dir)
+      for path in prepared.glob("*"):
+        target.mkdir(parents=True, exist_ok=True)
+        path.copy(target / path.name, overwrite=True)
+    return str(target)
   rng = np.random.RandomState(seed)
   features = builder.info.features
   examples = {split: [(i, fake_value(features, rng, i, image_size)) for i in range(n)]
