@@ -174,3 +174,20 @@ def test_missing_or_unreachable_bucket_is_one_line_error_before_compiling(gcs):
     assert last.startswith("error: ") and what in last, output[-2000:]
     assert "XLA compilation" not in output and "Compiling " not in output, output[-2000:]
   assert not epath.Path("gs://bucket/cut-off").exists()
+
+
+def test_a_tfds_stand_in_written_to_and_read_from_the_bucket(gcs):
+  """experiments.fake_tfds prepares locally and copies up to a gs:// data_dir; the real cifar10
+  builder then reads it from the bucket through the pipeline (crops and all)."""
+  from experiments import fake_tfds
+  from jtl import data
+  from jtl.data import config as data_config
+  path = fake_tfds.write("cifar10", "gs://bucket/fake_tfds", {"train": 8, "test": 4})
+  assert path == "gs://bucket/fake_tfds/cifar10/3.0.2"
+  assert epath.Path(path, "dataset_info.json").exists()
+  c = data_config.default_data_config()
+  c.update(dict(name="cifar10", data_dir="gs://bucket/fake_tfds", image_size=40, crop="inception",
+                flip=True))
+  batch = next(data.train_iterator(c, global_batch_size=4, seed=0))
+  assert batch["image"].shape == (4, 40, 40, 3)
+  assert data.num_examples(c, "test") == 4
