@@ -40,6 +40,7 @@ from jtl.config import unknown_override_error  # noqa: E402
 from jtl.errors import ConfigError, RunError, storage_problem  # noqa: E402
 
 FlagValues = flags.FlagValues
+_NONE_OVERRIDE = re.compile(r"--config\.([\w.]+)=None")
 Define = Callable[[FlagValues, list[str]], None]
 Main = Callable[[FlagValues], None]
 # Config sections whose valid keys depend on a choice; their owners validate them.
@@ -48,9 +49,17 @@ EXIT_BAD_INPUT, EXIT_RUN_FAILED = 2, 3
 
 
 def define_config_flag(flag_values: FlagValues, argv: list[str], help_string: str) -> None:
-  """`--config=path[:args]` plus its `--config.KEY=VALUE` overrides (checked by `load_config`)."""
+  """`--config=path[:args]` plus its `--config.KEY=VALUE` overrides (checked by `load_config`).
+
+  `--config.KEY=None` is taken out of `argv` (in place: it is the list parsed next) and applied by
+  `load_config`, because ml_collections parses an int or str field's "None" as a number or the
+  string 'None'.
+  """
+  none_overrides = [a for a in argv if _NONE_OVERRIDE.fullmatch(a)]
+  argv[:] = [a for a in argv if a not in none_overrides]
   config_flags.DEFINE_config_file("config", None, help_string, flag_values=flag_values,
                                   lock_config=False, accept_new_attributes=True, sys_argv=argv)
+  flag_values["config"].none_overrides = [_NONE_OVERRIDE.fullmatch(a)[1] for a in none_overrides]
 
 
 def _define_distributed(flag_values: FlagValues) -> None:
@@ -96,12 +105,35 @@ def load_config(flag_values: FlagValues) -> ml_collections.ConfigDict | None:
   if flag.value is None:
     return None
   reference = _config_as_written(config_flags.get_config_filename(flag))
-  for path in config_flags.get_override_values(flag):
+  none_overrides = getattr(flag, "none_overrides", [])
+  for path in [*config_flags.get_override_values(flag), *none_overrides]:
     if not _has_key(reference, path) and not any(path.startswith(p + ".") for p in OPEN_SECTIONS):
       raise unknown_override_error(path, reference)
   config = flag.value
+  for path in none_overrides:
+    _set_none(config, reference, path)
   config.lock()  # from here on a typo in code that sets a key fails loudly too
   return config
+
+
+def _set_none(config: ml_collections.ConfigDict, reference: ml_collections.ConfigDict,
+              path: str) -> None:
+  """`--config.PATH=None`: allowed where the config file declares the key as possibly None (a
+  placeholder or typed field, or the value None) and in the open sections (the component checks)."""
+  *parents, leaf = path.split(".")
+  written = reference
+  for part in parents:
+    written = written[part] if isinstance(written, ml_collections.ConfigDict) else None
+  declared = written._fields.get(leaf) if isinstance(written, ml_collections.ConfigDict) else None  # pylint: disable=protected-access
+  if not (declared is None or isinstance(declared, ml_collections.FieldReference)
+          or any(path.startswith(p + ".") for p in OPEN_SECTIONS)):
+    raise ConfigError(f"--config.{path}=None: {path} takes a value of type "
+                      f"{type(declared).__name__}, not None; give a value or leave the flag out")
+  node = config
+  for part in parents:
+    node = node[part]
+  with node.unlocked():
+    node[leaf] = None
 
 
 def _one_line(error: BaseException) -> str:
