@@ -38,7 +38,7 @@ SCRIPT_LANGS = {"bash", "sh", "shell"}
 CONSOLE_LANGS = {"console"}
 NOT_RUN_LANGS = {"text", "python", "yaml", "json", "toml", "ini", "diff"}
 MAX_STEPS = "2"  # JTL_MAX_STEPS for every documented run
-COMMAND_TIMEOUT_S = 600
+COMMAND_TIMEOUT_S = 900  # a busy machine; building the glyphs dataset takes 75-90 s on an idle one
 # Lines of a not-run block that look like a shell command (they belong in a bash block, or after `$ `).
 _LOOKS_LIKE_COMMAND = re.compile(r"^\s*(python3?|\.venv/bin/\w+|make|pip|bash|gcloud|sbatch)\s")
 # What the copy of the repository leaves out: version control, environments, run outputs.
@@ -214,6 +214,28 @@ def test_commands_are_found():
       (12, "python -m a --b=c"), (15, 'python -c " print(1) "'), (18, "make demo # a note")]
   console = Block("x.md", 3, "console", ("$ python -m bench --rounds=7", "model  steps/s", "mlp 1.0"))
   assert [(c.line, c.text) for c in commands(console)] == [(4, "python -m bench --rounds=7")]
+
+
+def test_max_steps_override_clips_total_steps_and_fits_the_schedule(monkeypatch):
+  """JTL_MAX_STEPS, which shortens every documented run: total_steps clipped, the warmup and the
+  phases fitted into the shorter run (so the config still validates); unset, nothing changes."""
+  from experiments.configs import finetune_digits
+  from jtl import config as config_lib
+  from jtl.errors import ConfigError
+
+  written = finetune_digits.get_config("method=lpft,pretrain=runs/pre")
+  assert written.total_steps > 2 and written.optim.warmup_steps >= 2 and written.phases[1][0] >= 2
+  monkeypatch.delenv(config_lib.MAX_STEPS_ENV, raising=False)
+  assert config_lib.prepare(written).total_steps == written.total_steps
+  monkeypatch.setenv(config_lib.MAX_STEPS_ENV, "2")
+  short = config_lib.prepare(written)
+  assert (short.total_steps, short.optim.warmup_steps) == (2, 1)
+  assert [p[0] for p in short.phases] == [0, 1]
+  monkeypatch.setenv(config_lib.MAX_STEPS_ENV, str(written.total_steps + 5))  # never lengthens
+  assert config_lib.prepare(written).total_steps == written.total_steps
+  monkeypatch.setenv(config_lib.MAX_STEPS_ENV, "two")
+  with pytest.raises(ConfigError, match="JTL_MAX_STEPS='two' is not a positive whole number"):
+    config_lib.prepare(written)
 
 
 def _fresh_tree(tmp_path: Path) -> Path:
