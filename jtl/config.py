@@ -17,6 +17,7 @@ import copy
 import difflib
 import json
 import math
+import os
 import re
 from typing import Any
 
@@ -185,11 +186,34 @@ def _apply_precision(config: ml_collections.ConfigDict) -> None:
     config.model.dtype = "bfloat16"
 
 
+MAX_STEPS_ENV = "JTL_MAX_STEPS"
+
+
+def clip_to_max_steps(config: ml_collections.ConfigDict) -> None:
+  """`total_steps` at most $JTL_MAX_STEPS, when that is set (in place).
+
+  For smoke runs of commands as they are written (tests/test_docs.py runs every documented command
+  this way): the command needs no edit, and `fit_to_total_steps` then fits warmups and phases into
+  the shorter run. One log line says so; config.json records the value the run used.
+  """
+  limit = os.environ.get(MAX_STEPS_ENV, "").strip()
+  if not limit:
+    return
+  if not limit.isdigit() or int(limit) < 1:
+    raise ConfigError(f"{MAX_STEPS_ENV}={limit!r} is not a positive whole number of steps; unset it "
+                      f"or set it to e.g. 5")
+  total = config.get("total_steps")
+  if _is_int(total) and total > int(limit):
+    config.total_steps = int(limit)
+    logging.warning("total_steps=%d clipped to %d by $%s", total, int(limit), MAX_STEPS_ENV)
+
+
 def prepare(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """A checked copy of `config` with local paths absolute; ConfigError on a bad value."""
   config = copy.deepcopy(config)
   _resolve_paths(config)
   check_values(config)
+  clip_to_max_steps(config)
   fit_to_total_steps(config)
   _apply_precision(config)
   name = config.data.get("name") if "data" in config else None

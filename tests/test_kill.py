@@ -28,7 +28,7 @@ ARGS = ("--config=experiments/configs/pretrain_digits.py", f"--config.total_step
         "--config.optim.warmup_steps=2", "--config.model.widths=(8,16)")
 # Only a hang guard: every wait below is for an event (a log row, a checkpoint, an exit), and a busy
 # machine may take many times the idle duration to reach it. No assertion is about elapsed time but
-# the heartbeat bound the README states.
+# the heartbeat bound docs/reliability.md states.
 TIMEOUT_S = 1800
 HEARTBEAT_TIMEOUT_S = 10
 
@@ -171,7 +171,7 @@ def test_two_hosts_train_like_one_a_dead_one_stops_its_peer_and_the_pair_resumes
     killed_at = time.monotonic()  # the peer is dead (reaped) from here
     output = survivor.wait(deadline)
     assert processes[0].returncode != 0, output[-2000:]
-    # The README's bound: the survivor stops within --heartbeat_timeout of the peer's death. Its
+    # docs/reliability.md's bound: the survivor stops within --heartbeat_timeout of the peer's death. Its
     # stop is the coordination service's report (the process then aborts); how long the abort and
     # the reading of its output take on a busy machine is not part of the claim.
     noticed = survivor.first("another task died")

@@ -99,7 +99,7 @@ def test_shared_params_space_equals_explicit_per_task_gradients():
 
 
 # Every architecture and every weighting and aggregator at least once, each space once or more (the
-# whole matrix runs from the CLI: see the README's multitask section).
+# whole matrix runs from the CLI: see docs/multitask.md).
 COMBINATIONS = [
     ("hard", "equal", "representation"), ("hard", "rlw", "representation"),
     ("hard", "dwa", "representation"), ("hard", "gradnorm", "representation"),

@@ -12,7 +12,7 @@ The demo's pretraining (`make demo`). One `cnn_small` backbone, two heads, each 
 No handwritten 5–9 is seen, but the target classes 5–9 *are* seen in the printed (synthetic) domain:
 the few-shot target task becomes sim-to-real transfer, not transfer to unseen classes. That is the
 point: a linear classifier on raw pixels already gets ~0.72 from one handwritten example per class,
-and features learnt on five other classes alone do not beat it (README, "Transfer on the digits").
+and features learnt on five other classes alone do not beat it (docs/transfer.md, "Transfer on the digits").
 
 The backbone is `params/backbone/...` as in `cnn_small`, so a run is the `init_from` of
 `transfer_digits.py` as it is (`pretrain=<this workdir>`; the two heads are not loaded). Evaluation:

@@ -1,0 +1,287 @@
+"""Documentation that is executed: every shell command of README.md, BUILD.md and docs/*.md runs.
+
+A fenced block's language says what it is:
+
+  ```bash / ```sh / ```shell   a script: every command in it runs (continuation lines and multi-line
+                               quotes are one command; comment lines are not commands);
+  ```console                   a transcript: the lines starting with `$ ` are commands, the rest output;
+  ```text / ```python / ...    not run; such a block must not hold a shell command;
+  ``` (no language)            an error: say which of the above it is.
+
+Each document runs in its own fresh copy of the repository tree (a temporary folder; the repository
+itself is never written), its commands in document order, so a fine-tuning finds the pretraining run
+an earlier command wrote there. `python` and `.venv/bin/python` are this interpreter. Step counts are
+shortened by `JTL_MAX_STEPS` (jtl/config.py `clip_to_max_steps`: `total_steps` clipped, warmups and
+phases fitted), so a documented 3,000-step run takes two; the commands themselves are run as written.
+
+A command that cannot run here (accelerators, several hosts, network, a cloud account, the long
+benchmarks and table scripts, `make test` itself) is listed in `EXCEPTED` with its reason. A command
+that is neither run successfully nor listed fails the test, and so does an `EXCEPTED` entry that no
+longer matches any command (the docs moved on: update the list).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+DOCS = ("README.md", "BUILD.md", *sorted(f"docs/{p.name}" for p in (REPO / "docs").glob("*.md")))
+SCRIPT_LANGS = {"bash", "sh", "shell"}
+CONSOLE_LANGS = {"console"}
+NOT_RUN_LANGS = {"text", "python", "yaml", "json", "toml", "ini", "diff"}
+MAX_STEPS = "2"  # JTL_MAX_STEPS for every documented run
+COMMAND_TIMEOUT_S = 900  # a busy machine; building the glyphs dataset takes 75-90 s on an idle one
+# Lines of a not-run block that look like a shell command (they belong in a bash block, or after `$ `).
+_LOOKS_LIKE_COMMAND = re.compile(r"^\s*(python3?|\.venv/bin/\w+|make|pip|bash|gcloud|sbatch)\s")
+# What the copy of the repository leaves out: version control, environments, run outputs.
+_NOT_COPIED = shutil.ignore_patterns(".git", ".venv", "*.egg-info", "__pycache__", ".pytest_cache",
+                                     "workdirs", "runs", "my_images")
+
+# (document, the command's start, why it does not run here). A command is excepted when its text,
+# whitespace-normalised, starts with the given start; every entry must match at least one command.
+EXCEPTED: tuple[tuple[str, str, str], ...] = (
+    ("README.md", "make demo", "tests/test_demo.py runs the demo; CI runs `make demo` itself"),
+    ("README.md", "make test", "the test suite itself"),
+    ("README.md", "make mutants", "the mutation harness: hours on 2 cores (docs/mutants.md)"),
+    ("README.md", ".venv/bin/python -m experiments.mutants --only",
+     "runs mutations (minutes each); tests/test_mutants.py checks the harness"),
+    ("BUILD.md", "python3 -m venv .venv && .venv/bin/pip install", "an install (network, minutes)"),
+    ("BUILD.md", "python -m experiments.train --config=... --workdir=gs://bucket/run",
+     "multi-host launch on a cluster (`...` for the user's config; tests/test_launch.py)"),
+    ("BUILD.md", "XLA_FLAGS=--xla_force_host_platform_device_count=2 python -m experiments.train ...",
+     "two-process launch template (`...` for the user's config); tests/test_launch.py runs it"),
+    ("docs/cloud.md", "python -m experiments.train --config=experiments/configs/pretrain_digits.py "
+     "--workdir=gs://", "needs a GCS bucket, or the emulator's environment; tests/test_gcs.py"),
+    ("docs/cloud.md", "python -m experiments.evaluate --workdir=gs://",
+     "needs a GCS bucket, or the emulator's environment; tests/test_gcs.py"),
+    ("docs/cloud.md", "python -m experiments.gcs_emulator",
+     "a server that runs until Ctrl-C; tests/test_gcs.py starts it"),
+    ("docs/cloud.md", "export ", "the environment the emulator prints (its ports differ per run)"),
+    ("docs/cloud.md", "tensorboard --logdir=gs://", "a server; needs the emulator's environment"),
+    ("docs/running.md", ".venv/bin/python -m experiments.gcs_emulator",
+     "a server that runs until Ctrl-C; tests/test_gcs.py starts it"),
+    ("docs/running.md", "python -m experiments.train --config=experiments/configs/pretrain_digits.py "
+     "--workdir=gs://", "needs the emulator's environment; tests/test_gcs.py"),
+    ("docs/running.md", "python -m experiments.evaluate --workdir=gs://",
+     "needs the emulator's environment; tests/test_gcs.py"),
+    ("docs/mutants.md", "make mutants", "the mutation harness: hours on 2 cores"),
+    ("docs/mutants.md", "python -m experiments.mutants --only",
+     "runs mutations (minutes each); tests/test_mutants.py checks the harness"),
+    ("docs/mutants.md", "python -m experiments.mutants --shard", "runs a quarter of the mutations"),
+    ("docs/mutants.md", "python -m experiments.mutants --baseline ...",
+     "`...` for the user's selection; runs the mapped tests"),
+    ("docs/performance.md", "pip install -e .[bench]", "an install (PyTorch, network, minutes)"),
+    ("docs/performance.md", "python -m experiments.bench.", "a benchmark (minutes; figures, not tests)"),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Block:
+  doc: str
+  line: int  # of the opening fence, 1-based
+  lang: str
+  lines: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+  doc: str
+  line: int
+  text: str
+
+  @property
+  def normalised(self) -> str:
+    return " ".join(self.text.replace("\\\n", " ").split())
+
+
+def blocks(doc: str) -> list[Block]:
+  """The fenced code blocks of `doc` (fences may be indented, as inside a list item)."""
+  out, opening, body = [], None, []
+  for number, line in enumerate((REPO / doc).read_text().split("\n"), 1):
+    fence = re.match(r"^(\s*)```(.*)$", line)
+    if opening is None and fence:
+      opening, indent, body = (number, fence.group(2).strip()), len(fence.group(1)), []
+    elif opening is not None and fence and not fence.group(2).strip():
+      out.append(Block(doc, opening[0], opening[1], tuple(body)))
+      opening = None
+    elif opening is not None:
+      body.append(line[indent:] if not line[:indent].strip() else line.lstrip())
+  assert opening is None, f"{doc}:{opening[0]}: a code fence is never closed"
+  return out
+
+
+def _complete(text: str) -> bool:
+  """Whether `text` is a complete shell command (no open quote, no unfinished construct)."""
+  return subprocess.run(["bash", "-n"], input=text, capture_output=True, text=True).returncode == 0
+
+
+def commands(block: Block) -> list[Command]:
+  """The commands of a shell or console block, each with the line it starts on."""
+  if block.lang in CONSOLE_LANGS:
+    return [Command(block.doc, block.line + 1 + i, line[2:].strip())
+            for i, line in enumerate(block.lines) if line.startswith("$ ")]
+  out, buffer, start = [], [], 0
+  for i, line in enumerate(block.lines):
+    if not buffer and (not line.strip() or line.lstrip().startswith("#")):
+      continue
+    if not buffer:
+      start = block.line + 1 + i
+    buffer.append(line)
+    text = "\n".join(buffer)
+    if not line.rstrip().endswith("\\") and _complete(text):
+      out.append(Command(block.doc, start, text.strip()))
+      buffer = []
+  assert not buffer, f"{block.doc}:{start}: an incomplete shell command: {' '.join(buffer)[:200]}"
+  return out
+
+
+def all_commands(doc: str) -> list[Command]:
+  return [c for b in blocks(doc) if b.lang in SCRIPT_LANGS | CONSOLE_LANGS for c in commands(b)]
+
+
+def exception_for(command: Command) -> tuple[str, str, str] | None:
+  for entry in EXCEPTED:
+    if entry[0] == command.doc and command.normalised.startswith(entry[1]):
+      return entry
+  return None
+
+
+def to_run(doc: str) -> list[Command]:
+  return [c for c in all_commands(doc) if exception_for(c) is None]
+
+
+def test_every_block_says_what_it_is_and_every_exception_is_used():
+  problems = []
+  for doc in DOCS:
+    for block in blocks(doc):
+      where = f"{doc}:{block.line}"
+      if not block.lang:
+        problems.append(f"{where}: a code block without a language: tag it ```bash (its commands "
+                        "run in tests/test_docs.py) or ```text (output, not run)")
+      elif block.lang not in SCRIPT_LANGS | CONSOLE_LANGS | NOT_RUN_LANGS:
+        problems.append(f"{where}: unknown block language {block.lang!r} (known: "
+                        f"{sorted(SCRIPT_LANGS | CONSOLE_LANGS | NOT_RUN_LANGS)})")
+      elif block.lang in NOT_RUN_LANGS:
+        problems += [f"{where}: a ```{block.lang} block holds a shell command ({line.strip()[:80]!r}): "
+                     "put it in a ```bash block so that it runs" for line in block.lines
+                     if _LOOKS_LIKE_COMMAND.match(line)]
+  for entry in EXCEPTED:
+    doc, start, reason = entry
+    assert reason.strip(), entry
+    if not any(exception_for(c) == entry for c in all_commands(doc) if c.doc == doc):
+      problems.append(f"EXCEPTED entry {entry[:2]} matches no command of {doc}: remove or update it")
+  assert not problems, "\n".join(problems)
+
+
+def _anchors(doc: Path) -> set[str]:
+  """GitHub's anchors for the headings of `doc`: lower case, punctuation dropped, spaces to '-'."""
+  headings = re.findall(r"^#+ (.+)$", doc.read_text(), flags=re.M)
+  return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
+
+
+def test_links_between_pages_resolve():
+  """Every relative link of README.md, BUILD.md and docs/ names a file that exists and, with
+  `#anchor`, a heading of that file."""
+  broken = []
+  for doc in DOCS:
+    text = re.sub(r"```.*?```", "", (REPO / doc).read_text(), flags=re.S)
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+      if re.match(r"^[a-z]+:", target):
+        continue
+      path, _, anchor = target.partition("#")
+      file = (REPO / doc).parent / path if path else REPO / doc
+      if not file.exists():
+        broken.append(f"{doc}: ({target}): no file {path}")
+      elif anchor and file.suffix == ".md" and anchor not in _anchors(file):
+        broken.append(f"{doc}: ({target}): {path or doc} has no heading #{anchor}")
+  assert not broken, "\n".join(broken)
+
+
+def test_commands_are_found():
+  """The extraction itself, on blocks written here: continuation lines and multi-line quotes are
+  one command, comments are not commands, `$ ` marks a console block's commands."""
+  script = Block("x.md", 10, "bash", ("# a comment", "python -m a \\", "  --b=c", "",
+                                      "python -c \"", "print(1)", "\"", "make demo   # a note"))
+  assert [(c.line, c.normalised) for c in commands(script)] == [
+      (12, "python -m a --b=c"), (15, 'python -c " print(1) "'), (18, "make demo # a note")]
+  console = Block("x.md", 3, "console", ("$ python -m bench --rounds=7", "model  steps/s", "mlp 1.0"))
+  assert [(c.line, c.text) for c in commands(console)] == [(4, "python -m bench --rounds=7")]
+
+
+def test_max_steps_override_clips_total_steps_and_fits_the_schedule(monkeypatch):
+  """JTL_MAX_STEPS, which shortens every documented run: total_steps clipped, the warmup and the
+  phases fitted into the shorter run (so the config still validates); unset, nothing changes."""
+  from experiments.configs import finetune_digits
+  from jtl import config as config_lib
+  from jtl.errors import ConfigError
+
+  written = finetune_digits.get_config("method=lpft,pretrain=runs/pre")
+  assert written.total_steps > 2 and written.optim.warmup_steps >= 2 and written.phases[1][0] >= 2
+  monkeypatch.delenv(config_lib.MAX_STEPS_ENV, raising=False)
+  assert config_lib.prepare(written).total_steps == written.total_steps
+  monkeypatch.setenv(config_lib.MAX_STEPS_ENV, "2")
+  short = config_lib.prepare(written)
+  assert (short.total_steps, short.optim.warmup_steps) == (2, 1)
+  assert [p[0] for p in short.phases] == [0, 1]
+  monkeypatch.setenv(config_lib.MAX_STEPS_ENV, str(written.total_steps + 5))  # never lengthens
+  assert config_lib.prepare(written).total_steps == written.total_steps
+  monkeypatch.setenv(config_lib.MAX_STEPS_ENV, "two")
+  with pytest.raises(ConfigError, match="JTL_MAX_STEPS='two' is not a positive whole number"):
+    config_lib.prepare(written)
+
+
+def _fresh_tree(tmp_path: Path) -> Path:
+  """A copy of the repository's tree to run in, with `python` and `.venv/bin/python` this
+  interpreter (a wrapper script: a symlink would lose the virtual environment)."""
+  tree = tmp_path / "jtl"
+  shutil.copytree(REPO, tree, ignore=_NOT_COPIED)
+  bin_dir = tree / ".venv" / "bin"
+  bin_dir.mkdir(parents=True)
+  for name in ("python", "python3"):
+    wrapper = bin_dir / name
+    wrapper.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    wrapper.chmod(wrapper.stat().st_mode | stat.S_IEXEC)
+  return tree
+
+
+def _environment(tree: Path) -> dict[str, str]:
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)  # one CPU device, as a user has; a command may set its own
+  env.pop("PYTEST_XDIST_WORKER", None)
+  env.update(PATH=f"{tree / '.venv' / 'bin'}{os.pathsep}{env.get('PATH', '')}", PYTHONPATH=str(tree),
+             JTL_MAX_STEPS=MAX_STEPS, TF_CPP_MIN_LOG_LEVEL="3",
+             # Two-step runs: XLA's optimisation passes would cost more than the steps themselves.
+             JAX_DISABLE_MOST_OPTIMIZATIONS="1")
+  return env
+
+
+def _param(doc: str):
+  # The glyphs dataset takes over a minute to build: its commands share test_glyphs.py's worker
+  # (and TFDS data dir), so it is built once per session.
+  glyphs = any("glyphs" in c.text for c in to_run(doc))
+  return pytest.param(doc, marks=[pytest.mark.xdist_group("glyphs")] if glyphs else [], id=doc)
+
+
+@pytest.mark.parametrize("doc", [_param(d) for d in DOCS if to_run(d)])
+def test_documented_commands_run(doc, tmp_path):
+  tree = _fresh_tree(tmp_path)
+  env = _environment(tree)
+  for command in to_run(doc):
+    try:
+      result = subprocess.run(["bash", "-c", command.text], cwd=tree, env=env, capture_output=True,
+                              text=True, timeout=COMMAND_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+      pytest.fail(f"{command.doc}:{command.line}: still running after {COMMAND_TIMEOUT_S} s:\n"
+                  f"{command.text}")
+    assert result.returncode == 0, (
+        f"{command.doc}:{command.line}: exit status {result.returncode} from the documented command\n"
+        f"{command.text}\n--- its output (last lines) ---\n"
+        f"{(result.stdout + result.stderr)[-4000:]}")
