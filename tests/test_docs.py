@@ -80,6 +80,12 @@ EXCEPTED: tuple[tuple[str, str, str], ...] = (
      "`...` for the user's selection; runs the mapped tests"),
     ("docs/performance.md", "pip install -e .[bench]", "an install (PyTorch, network, minutes)"),
     ("docs/performance.md", "python -m experiments.bench.", "a benchmark (minutes; figures, not tests)"),
+    ("docs/accumulation.md", "python -m experiments.bench.", "a benchmark (minutes; figures, not tests)"),
+    ("docs/tfds.md", "python -m experiments.train --config=experiments/configs/finetune_tfds.py:"
+     "dataset=cifar10,model=vit_small,weights=", "needs a downloaded weights file and the real "
+     "dataset; tests/test_real_resolution.py runs it at 224 on stand-ins"),
+    ("docs/tfds.md", "python -m experiments.evaluate --workdir=runs/cifar10_vit_lora",
+     "evaluates the run above"),
 )
 
 
