@@ -187,14 +187,16 @@ def _apply_precision(config: ml_collections.ConfigDict) -> None:
 
 
 MAX_STEPS_ENV = "JTL_MAX_STEPS"
+SMOKE_EPISODES = 20  # episodic evaluations of a JTL_MAX_STEPS run draw at most this many episodes
 
 
 def clip_to_max_steps(config: ml_collections.ConfigDict) -> None:
-  """`total_steps` at most $JTL_MAX_STEPS, when that is set (in place).
+  """`total_steps` at most $JTL_MAX_STEPS, when that is set (in place), and episodic evaluators at
+  most SMOKE_EPISODES episodes (600 by default: minutes of evaluation after a two-step run).
 
   For smoke runs of commands as they are written (tests/test_docs.py runs every documented command
   this way): the command needs no edit, and `fit_to_total_steps` then fits warmups and phases into
-  the shorter run. One log line says so; config.json records the value the run used.
+  the shorter run. One log line says so; config.json records the values the run used.
   """
   limit = os.environ.get(MAX_STEPS_ENV, "").strip()
   if not limit:
@@ -206,6 +208,14 @@ def clip_to_max_steps(config: ml_collections.ConfigDict) -> None:
   if _is_int(total) and total > int(limit):
     config.total_steps = int(limit)
     logging.warning("total_steps=%d clipped to %d by $%s", total, int(limit), MAX_STEPS_ENV)
+  for name, entry in (config.get("evals") or {}).items():
+    if isinstance(entry, ml_collections.ConfigDict) and entry.get("type") == "episodic":
+      episodes = entry.get("num_episodes", 600)
+      if _is_int(episodes) and episodes > SMOKE_EPISODES:
+        with entry.unlocked():
+          entry.num_episodes = SMOKE_EPISODES
+        logging.warning("evals.%s.num_episodes=%d clipped to %d by $%s", name, episodes,
+                        SMOKE_EPISODES, MAX_STEPS_ENV)
 
 
 def prepare(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -237,6 +237,9 @@ def test_max_steps_override_clips_total_steps_and_fits_the_schedule(monkeypatch)
   short = config_lib.prepare(written)
   assert (short.total_steps, short.optim.warmup_steps) == (2, 1)
   assert [p[0] for p in short.phases] == [0, 1]
+  from experiments.configs import protonet_glyphs
+  glyph = config_lib.prepare(protonet_glyphs.get_config())  # episodic evaluations: a few episodes
+  assert {e.num_episodes for e in glyph.evals.values()} == {config_lib.SMOKE_EPISODES}
   monkeypatch.setenv(config_lib.MAX_STEPS_ENV, str(written.total_steps + 5))  # never lengthens
   assert config_lib.prepare(written).total_steps == written.total_steps
   monkeypatch.setenv(config_lib.MAX_STEPS_ENV, "two")

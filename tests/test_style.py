@@ -199,7 +199,7 @@ def test_resume_continues_exactly(encoder_dir, style_run, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (lambda enc, tmp: style_args(str(tmp / "no_such_run"), 10), "pretrain_digits.py"),
+    (lambda enc, tmp: style_args(str(tmp / "no_such_run"), 10), "train there first"),
     (lambda enc, tmp: style_args(enc, 10, content="sklearn_digits@99999"), "pick an index below"),
     (lambda enc, tmp: style_args(enc, 10, style=str(tmp / "missing.png")), "existing image file"),
     (lambda enc, tmp: (*style_args(enc, 10), "--config.style.content_layer=backbone/stage9"),
