@@ -6,6 +6,7 @@ import contextlib
 import importlib.util
 import io
 import os
+import re
 
 import numpy as np
 import pytest
@@ -275,3 +276,14 @@ def test_resnet50_full_bf16_remat_streams_imagenet_at_224(data_dir, tmp_path):
                             "--config.model.remat=True")
   assert row["step"] == 2 and row["validation/num_examples"] == 6
   assert np.isfinite(row["validation/loss"])
+
+
+@pytest.mark.parametrize("arg,message", [
+    ("dataset=cifar11", "did you mean 'cifar10_1' or 'cifar10'"),
+    ("dataset=glue", "no 'image' and 'label' features"),
+    ("dataset=cifar10,method=lora", "pass weights=<file or workdir>"),
+    ("dataset=cifar10,norm=imagenett", "choose one of imagenet, bit, unit or auto"),
+])
+def test_finetune_tfds_bad_arguments_name_the_fix(arg, message):
+  with pytest.raises(ValueError, match=re.escape(message)):
+    finetune_tfds.get_config(arg)

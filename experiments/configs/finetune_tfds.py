@@ -32,6 +32,8 @@ use `--config.grad_accum_steps`, `--config.precision=bfloat16`, `--config.model.
 """
 from __future__ import annotations
 
+import difflib
+
 import numpy as np
 import tensorflow_datasets as tfds
 
@@ -68,7 +70,17 @@ def get_config(arg=None):
   if not a.weights and a.method != "full":
     raise ValueError(f"method={a.method} fine-tunes pretrained weights; pass weights=<file or "
                      "workdir>, or use method=full to train from scratch")
+  base = a.dataset.split(":")[0].split("/")[0]
+  known = tfds.list_builders(with_community_datasets=False)
+  if base not in known:
+    close = difflib.get_close_matches(base, known, n=3)
+    hint = f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
+    raise ValueError(f"unknown TFDS dataset {a.dataset!r}{hint}; pass dataset=<a TFDS image "
+                     "classification dataset>, e.g. dataset=cifar10")
   builder = tfds.builder(a.dataset.split(":")[0])  # features come from code: no data needed
+  if "image" not in builder.info.features or "label" not in builder.info.features:
+    raise ValueError(f"dataset={a.dataset} has no 'image' and 'label' features "
+                     f"({', '.join(builder.info.features)}); finetune_tfds.py classifies images")
   features = builder.info.features
   c = base_config()
   c.total_steps = 2500
