@@ -33,10 +33,12 @@ def test_estimate_is_a_tight_lower_bound_of_the_compiled_step():
   # At most what XLA allocates (so a refusal is never wrong), and most of it (so it refuses what
   # cannot run): measured 0.78 of the compiled temporaries here, 0.93 with widths (32, 64, 128).
   assert 0.7 * compiled <= per_example * rows <= compiled, (per_example * rows, compiled)
-  # The estimate is linear: the same per example from a larger small batch.
+  # The estimate is linear: about the same per example from a larger small batch (not exactly: on
+  # CPU the 1-channel stem's channel padding is timed per input shape, cpu_ops.py, and a busy
+  # machine can choose differently for 8 and 24 rows: 2% apart seen once).
   bigger = next(data.train_iterator(config.data, global_batch_size=24, seed=0))
   assert memory.activation_bytes_per_example(objective, config, bigger) == pytest.approx(
-      per_example, rel=1e-6)
+      per_example, rel=0.05)
 
 
 def test_a_batch_past_the_free_memory_is_refused_before_anything_is_written(tmp_path, monkeypatch):
