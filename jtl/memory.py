@@ -25,7 +25,9 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from jtl import masks, phases, sharding
+from jtl import data as data_lib
+from jtl import masks, objectives, phases, sharding
+from jtl.data import pipeline
 from jtl.errors import ConfigError
 
 PyTree = Any
@@ -149,3 +151,26 @@ def check_batch_fits(config: ml_collections.ConfigDict, objective: Any, small_ba
       f"({_size(per_example)} per {unit} x {at_once:g} {examples} at once), more than the "
       f"{_size(free)} of {where}{data}; lower --config.batch_size (about {fits} fits) or raise "
       f"--config.grad_accum_steps (the step then holds batch_size / k {examples} at once)")
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """ConfigError if batch_size's activations cannot fit in memory, judged before the
+  first full batch is built (a batch of 1e9 images would not fit either). Batches whose input is
+  small against the free memory (`worth_estimating`: every ordinary run) skip the estimate,
+  which costs a small batch and two traces."""
+  members = data_lib.mixture_members(config.data)
+  resolved = list(members.values()) or [data_lib.validate(config.data)]
+  input_bytes = max(int(np.prod(pipeline.stored_image_shape(c))) * 4 for c in resolved)
+  episodes = config.data.get("episodes") or {}
+  if episodes.get("ways", 0):  # batch_size counts episodes
+    input_bytes *= episodes.ways * (episodes.shots + episodes.queries)
+  if not worth_estimating(config, input_bytes):
+    return
+  small = jax.process_count() * max(1, len(members))
+  small_batch = next(data_lib.train_iterator(config.data, global_batch_size=small, seed=config.seed,
+                                         process_index=jax.process_index(),
+                                         process_count=jax.process_count()))
+  train_examples = (None if members or episodes.get("ways", 0) else
+                    data_lib.num_examples(config.data, config.data.train_split))
+  check_batch_fits(config, objectives.build(config), small_batch, train_examples,
+                          unit="episode" if episodes.get("ways", 0) else "example")

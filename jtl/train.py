@@ -17,7 +17,6 @@ import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from absl import logging
 from etils import epath
@@ -27,7 +26,6 @@ from jtl import (accumulate, checkpoint, compile_cache, data, hparams, keep, loo
                  objectives, optim, phases, progress, sharding, signals)
 from jtl import config as config_lib
 from jtl import lock as workdir_lock
-from jtl.data import pipeline
 from jtl.errors import ConfigError
 from jtl.metric_writer import MetricWriter
 from jtl.models import cpu_ops
@@ -336,7 +334,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
     return data.train_iterator(
         config.data, global_batch_size=config.batch_size, seed=config.seed, start_step=step,
         process_index=jax.process_index(), process_count=jax.process_count())
-  _check_batch_memory(config)
+  memory.check_config(config)
   example = next(batches_from(0))
   _check_signal("data ready")
   s = setup(config, example, schedule[0])
@@ -344,29 +342,6 @@ def _train(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
   _check_signal("set up")
   with workdir_lock.hold(workdir, take_over=take_over_lock):
     return _write_and_run(config, workdir, s, example, schedule, loaded, batches_from)
-
-
-def _check_batch_memory(config: ml_collections.ConfigDict) -> None:
-  """ConfigError if batch_size's activations cannot fit in memory (`jtl.memory`), judged before the
-  first full batch is built (a batch of 1e9 images would not fit either). Batches whose input is
-  small against the free memory (`memory.worth_estimating`: every ordinary run) skip the estimate,
-  which costs a small batch and two traces."""
-  members = data.mixture_members(config.data)
-  resolved = list(members.values()) or [data.validate(config.data)]
-  input_bytes = max(int(np.prod(pipeline.stored_image_shape(c))) * 4 for c in resolved)
-  episodes = config.data.get("episodes") or {}
-  if episodes.get("ways", 0):  # batch_size counts episodes
-    input_bytes *= episodes.ways * (episodes.shots + episodes.queries)
-  if not memory.worth_estimating(config, input_bytes):
-    return
-  small = jax.process_count() * max(1, len(members))
-  small_batch = next(data.train_iterator(config.data, global_batch_size=small, seed=config.seed,
-                                         process_index=jax.process_index(),
-                                         process_count=jax.process_count()))
-  train_examples = (None if members or episodes.get("ways", 0) else
-                    data.num_examples(config.data, config.data.train_split))
-  memory.check_batch_fits(config, objectives.build(config), small_batch, train_examples,
-                          unit="episode" if episodes.get("ways", 0) else "example")
 
 
 def _step_name(s: Setup, schedule: list[phases.Phase]) -> str:

@@ -65,9 +65,9 @@ def test_ordinary_batches_are_not_estimated(monkeypatch):
   config = config_lib.prepare(digits_config())
   calls = []
   monkeypatch.setattr(memory, "check_batch_fits", lambda *a, **k: calls.append(a))
-  train._check_batch_memory(config)
+  memory.check_config(config)
   assert not calls
   monkeypatch.setattr(memory, "available_bytes", lambda: (10 ** 6, "test memory"))
-  train._check_batch_memory(config)
+  memory.check_config(config)
   assert len(calls) == 1
   assert np.isfinite(memory.INPUT_FACTOR)

@@ -29,6 +29,18 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   return out
 
 
+WEIGHT_FILES = (".npz", ".pt", ".pth", ".bin", ".safetensors")  # (jtl/pretrained reads these)
+
+
+def init_from_source(c: ml_collections.ConfigDict, source: str) -> None:
+  """`c.init_from` reads `source`, a weights file (by its suffix) or a run's workdir, all but the
+  head (a new task's head starts fresh)."""
+  is_file = str(source).endswith(WEIGHT_FILES)
+  c.init_from.path = str(source) if is_file else None
+  c.init_from.workdir = None if is_file else str(source)
+  c.init_from.dont_load = ("params/head/.*",)
+
+
 def base_config() -> ml_collections.ConfigDict:
   """Standard keys with defaults; experiment configs override what they need."""
   c = ml_collections.ConfigDict()

@@ -25,10 +25,8 @@ grayscale digits run's first convolution). Images are scaled to [0, 1]; set
 from __future__ import annotations
 
 from experiments.configs import finetune_digits
-from experiments.configs.common import base_config, parse_arg
+from experiments.configs.common import base_config, init_from_source, parse_arg
 from jtl.data import folder
-
-WEIGHT_SUFFIXES = (".npz", ".pt", ".pth", ".bin", ".safetensors")
 
 
 def get_config(arg=None):
@@ -51,9 +49,6 @@ def get_config(arg=None):
   c.optim.lr = 3e-3
   c.optim.warmup_steps = 10
   if a.init:
-    is_file = str(a.init).endswith(WEIGHT_SUFFIXES)
-    c.init_from.path = str(a.init) if is_file else None
-    c.init_from.workdir = None if is_file else str(a.init)
-    c.init_from.dont_load = ("params/head/.*",)
+    init_from_source(c, a.init)
   return finetune_digits.apply_method(c, a.method, rank=a.rank, lp_steps=a.lp_steps,
                                       unfreeze_every=a.unfreeze_every)

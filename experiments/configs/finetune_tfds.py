@@ -38,14 +38,13 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from experiments.configs import finetune_digits
-from experiments.configs.common import base_config, parse_arg
+from experiments.configs.common import base_config, init_from_source, parse_arg
 
 NORMS = {"imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
          "bit": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)), "unit": "unit"}
 VALIDATION_SPLIT = {"imagenet2012": "validation", "imagenette": "validation", "imagenet_v2": "test"}
 VIT_LORA = ((".*/attn/(query|value)/kernel", True), (".*", False))
 RESNET_LORA = ((".*/conv2/kernel", True), (".*", False))
-WEIGHT_SUFFIXES = (".npz", ".pt", ".pth", ".bin", ".safetensors")
 
 
 def weights_norm(weights: str) -> str:
@@ -106,10 +105,7 @@ def get_config(arg=None):
   c.optim.warmup_steps = c.total_steps // 20
   c.optim.clip_norm = 1.0
   if a.weights:
-    is_file = str(a.weights).endswith(WEIGHT_SUFFIXES)
-    c.init_from.path = str(a.weights) if is_file else None
-    c.init_from.workdir = None if is_file else str(a.weights)
-    c.init_from.dont_load = ("params/head/.*",)
+    init_from_source(c, a.weights)
   lr = c.optim.lr
   c = finetune_digits.apply_method(c, a.method, rank=int(a.rank), lp_steps=int(a.lp_steps),
                                    unfreeze_every=int(a.unfreeze_every))

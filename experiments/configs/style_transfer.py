@@ -30,11 +30,10 @@ by the mask. Re-running the command resumes from the newest checkpoint (the imag
 """
 import ml_collections
 
-from experiments.configs.common import base_config, parse_arg
+from experiments.configs.common import WEIGHT_FILES, base_config, parse_arg
 from jtl import config as config_lib
 from jtl.objectives import style
 
-WEIGHT_FILES = (".npz", ".pt", ".pth", ".bin", ".safetensors")
 # The encoder run's preprocessing: the images must reach the encoder as its training data did.
 DATA_KEYS = ("name", "data_dir", "normalize", "image_size")
 
