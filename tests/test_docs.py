@@ -48,7 +48,7 @@ _NOT_COPIED = shutil.ignore_patterns(".git", ".venv", "*.egg-info", "__pycache__
 # (document, the command's start, why it does not run here). A command is excepted when its text,
 # whitespace-normalised, starts with the given start; every entry must match at least one command.
 EXCEPTED: tuple[tuple[str, str, str], ...] = (
-    ("README.md", "make demo", "tests/test_demo.py runs the demo; CI runs `make demo` itself"),
+    ("README.md", "make demo", "tests/test_demo.py runs `make demo` itself"),
     ("README.md", "make test", "the test suite itself"),
     ("README.md", "make mutants", "the mutation harness: hours on 2 cores (docs/mutants.md)"),
     ("README.md", ".venv/bin/python -m experiments.mutants --only",

@@ -22,7 +22,7 @@ from jtl.metric_writer import read_jsonl
 from tests.helpers import digits_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS = 240
+STEPS = 120  # the signals land by step 32; the rest is the resumed runs
 ARGS = ("--config=experiments/configs/pretrain_digits.py", f"--config.total_steps={STEPS}",
         "--config.batch_size=16", "--config.log_every=10", "--config.checkpoint_every=8",
         "--config.optim.warmup_steps=2", "--config.model.widths=(8,16)")
