@@ -9,6 +9,16 @@ each line once (lines compared without absl's time stamp and thread id), and at 
 without its INFO notices at all (`quiet`: the console shows jtl's own lines; `--verbosity=1` keeps
 them). Entry points call it before anything else imports TF; later calls, and processes where TF is
 already imported, do nothing.
+
+Keras is not imported with it. `import tensorflow` imports all of Keras 3 eagerly ("so that any
+function that needs to happen at load time will trigger", inside a `try: ... except ImportError`),
+a third of TF's import time, though jtl uses only tf.data, tf.io and the summary writer: every
+entry point, documented command and sweep cell pays it. While TF imports, `keras` is marked
+unimportable (`sys.modules["keras"] = None`, which TF's guard catches); right after, the mark is
+removed, so `import keras` and `tf.keras` load Keras as usual when someone asks for it. What differs:
+TF's `__path__` lacks Keras' folders, so the module-path form `import tensorflow.keras` fails (use
+`tf.keras` or `import keras`). `TF_USE_LEGACY_KERAS=1` keeps TF's own behaviour. The saving is
+measured by `python -m experiments.bench.startup`.
 """
 from __future__ import annotations
 
@@ -71,9 +81,15 @@ def import_tensorflow(quiet: bool = False) -> None:
   reader.start()
   os.dup2(write_end, 2)
   os.close(write_end)
+  skip_keras = "keras" not in sys.modules and os.environ.get("TF_USE_LEGACY_KERAS", "") not in (
+      "1", "true", "True")
+  if skip_keras:
+    sys.modules["keras"] = None  # type: ignore[assignment]  (TF's eager Keras import fails quietly)
   try:
     import tensorflow  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
   finally:
+    if skip_keras:
+      del sys.modules["keras"]
     sys.stderr.flush()
     os.dup2(saved, 2)  # the pipe's last write end closes: the reader sees the end
     os.close(saved)

@@ -2,9 +2,14 @@
 preparation, and TensorFlow's start-up notices once (end to end: tests/test_lock.py's trainers)."""
 import itertools
 import logging
+import os
+import subprocess
+import sys
 
 from jtl import progress, startup_notices
 from jtl.data import printed_digits
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_the_first_call_is_announced_and_timed_once(caplog):
@@ -43,3 +48,22 @@ def test_repeated_startup_notices_are_written_once():
             b"WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n"
             b"I0000 00:00:1796520352.830080   10871 port.cc:153] oneDNN custom operations are on.\n")
   assert startup_notices.dedupe(output) == b"".join(output.splitlines(keepends=True)[:3])
+
+
+def test_entry_points_import_tensorflow_without_keras_and_keras_still_loads_on_demand():
+  """An entry point's start-up (experiments/cli.py) leaves Keras out of TF's import; tf.data works,
+  and `import keras` / `tf.keras` load it afterwards as usual."""
+  script = (
+      "import sys\n"
+      "from experiments import cli\n"
+      "import tensorflow as tf\n"
+      "assert not [m for m in sys.modules if m == 'keras' or m.startswith('keras.')], 'keras loaded'\n"
+      "assert list(tf.data.Dataset.range(3).map(lambda x: 2 * x).as_numpy_iterator()) == [0, 2, 4]\n"
+      "import keras\n"
+      "assert tf.keras.layers.Dense is keras.layers.Dense\n"
+      "print('ok')\n")
+  env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+  env.pop("TF_USE_LEGACY_KERAS", None)
+  result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+  assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
