@@ -135,7 +135,10 @@ class Cells:
     if not rows:
       raise RunError(f"cell {cell.name}: {source} has no row for step {cell.step}; is step "
                      f"{cell.step} checkpointed and evaluated in cell {cell.of}?")
-    row = {cell.rename.get(key, key): value for key, value in rows[-1].items()}
+    # A renamed key replaces a source key of the same name (a chance or pixel row's values become
+    # the table's metrics), whichever comes first in the source row.
+    row = {key: value for key, value in rows[-1].items() if key not in cell.rename.values()}
+    row.update({cell.rename[key]: value for key, value in rows[-1].items() if key in cell.rename})
     with open(os.path.join(self.folder(cell), "eval_metrics.jsonl"), "w") as f:
       f.write(json.dumps(row) + "\n")
     return row
