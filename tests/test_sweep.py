@@ -211,7 +211,8 @@ def config_of(spec):
   """`get_config(arg)` of a cell's `path[:arg]`, as experiments.train loads it (read only)."""
   import importlib.util
   path, _, arg = spec.partition(":")
-  module_spec = importlib.util.spec_from_file_location("sweep_cell_config", os.path.join(ROOT, path))
+  module_spec = importlib.util.spec_from_file_location("sweep_cell_config",
+                                                       os.path.join(ROOT, path))
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
   return module.get_config(arg or None)
@@ -219,7 +220,8 @@ def config_of(spec):
 
 def test_each_contrastive_table_row_reads_the_probe_of_its_shots_and_shots_seed():
   """Every view of simclr_digits.py's sweep renames keys its encoder cell's evaluators write: the
-  probe of that row's input (pixels for raw pixels), shots (its column) and shots_seed (its seed)."""
+  probe of that row's input (pixels for raw pixels), shots (its column) and shots_seed (its
+  seed)."""
   table = sweep.load(f"{ROOT}/experiments/configs/simclr_digits.py:sweep=table")
   by_name = {cell.name: cell for cell in table.cells}
   rows, seeds = {}, {}
@@ -247,7 +249,8 @@ def test_each_contrastive_table_row_reads_the_probe_of_its_shots_and_shots_seed(
              for (_, column), s in seeds.items())
   # The random-init row reads step 0 of the SimCLR run: saved, kept and evaluated.
   simclr = by_name["simclr"]
-  assert simclr.overrides["checkpoint_initial"] is True and simclr.overrides["keep_checkpoints"] is None
+  assert simclr.overrides["checkpoint_initial"] is True
+  assert simclr.overrides["keep_checkpoints"] is None
   assert config_of(by_name["supervised"].config).objective == "supervised"
   assert config_of(by_name["supcon"].config).objective == "supcon"
 

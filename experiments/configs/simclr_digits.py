@@ -94,7 +94,7 @@ def get_config(arg=None):
 
 
 SIMCLR = "experiments/configs/simclr_digits.py"
-ENCODERS = {  # train cell -> (config, report row); each evaluates table_evals() at every checkpoint
+ENCODERS = {  # train cell -> (config, report row); each evaluates table_evals() (evals=table)
     "supervised": ("experiments/configs/pretrain_digits.py:evals=table", "supervised (CE on 0-4)"),
     "simclr": (f"{SIMCLR}:evals=table", "SimCLR (0-4)"),
     "supcon": ("experiments/configs/supcon_digits.py:evals=table", "SupCon (0-4)"),

@@ -90,7 +90,8 @@ def load_in_memory(c: ml_collections.ConfigDict, split: str, *,
   ds = ds.map(_decoder(c, train=train), num_parallel_calls=tf.data.AUTOTUNE).batch(4096)
   batches = list(_options(ds).as_numpy_iterator())
   _LOAD_CACHE[key] = (np.concatenate([x['image'] for x in batches]),
-                      {k: np.concatenate([x[k] for x in batches]) for k in batches[0] if k != 'image'})
+                      {k: np.concatenate([x[k] for x in batches])
+                       for k in batches[0] if k != 'image'})
 
   def size(entry):
     return entry[0].nbytes + sum(v.nbytes for v in entry[1].values())
