@@ -22,17 +22,16 @@ import dataclasses
 import io
 import json
 import os
-import sys
 from typing import Any
 
 import numpy as np
 from absl import flags
 
+from experiments import tool
 from jtl.errors import ConfigError
 from jtl.metric_writer import read_jsonl
 
 FLAGS = flags.FLAGS
-EXIT_BAD_INPUT = 2
 
 
 def define_flags(flag_values: flags.FlagValues) -> None:
@@ -219,8 +218,7 @@ def main(argv: list[str]) -> int:
       raise ConfigError(f"--metric: {', '.join(missing)} is in no finished cell's "
                         f"eval_metrics.jsonl; available: {', '.join(sorted(seen - {'step'}))}")
   except ConfigError as e:
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    return EXIT_BAD_INPUT
+    return tool.bad_input(e)
   table = markdown(index, groups, metrics, unfinished)
   with open(os.path.join(root, "report.md"), "w") as f:
     f.write(table)
@@ -231,15 +229,5 @@ def main(argv: list[str]) -> int:
   return 0
 
 
-def run() -> None:
-  define_flags(FLAGS)
-  try:
-    argv = FLAGS(sys.argv)
-  except flags.Error as e:
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    sys.exit(EXIT_BAD_INPUT)
-  sys.exit(main(argv))
-
-
 if __name__ == "__main__":
-  run()
+  tool.run(define_flags, main)

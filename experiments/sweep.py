@@ -30,10 +30,11 @@ from typing import Any
 
 from absl import flags
 
+from experiments import tool
 from jtl import sweep as sweep_lib
 from jtl.errors import ConfigError, RunError
 
-EXIT_BAD_INPUT, EXIT_CELL_FAILED, EXIT_STOPPED = 2, 3, 4
+EXIT_BAD_INPUT, EXIT_CELL_FAILED, EXIT_STOPPED = tool.EXIT_BAD_INPUT, 3, 4
 _OVERRIDE = re.compile(r"--config\.([\w.]+)=(.*)", re.S)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -135,7 +136,10 @@ class Cells:
     if not rows:
       raise RunError(f"cell {cell.name}: {source} has no row for step {cell.step}; is step "
                      f"{cell.step} checkpointed and evaluated in cell {cell.of}?")
-    row = {cell.rename.get(key, key): value for key, value in rows[-1].items()}
+    # A renamed key replaces a source key of the same name (a chance or pixel row's values become
+    # the table's metrics), whichever comes first in the source row.
+    row = {key: value for key, value in rows[-1].items() if key not in cell.rename.values()}
+    row.update({cell.rename[key]: value for key, value in rows[-1].items() if key in cell.rename})
     with open(os.path.join(self.folder(cell), "eval_metrics.jsonl"), "w") as f:
       f.write(json.dumps(row) + "\n")
     return row
@@ -302,8 +306,7 @@ def main(argv: list[str]) -> int:
     cells = Cells(sweep, root, OVERRIDES, FLAGS.only)
     states = {cell.name: cells.finished(cell) for cell in cells.order}  # a mismatch stops here
   except ConfigError as e:
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    return EXIT_BAD_INPUT
+    return tool.bad_input(e)
   if FLAGS.list:
     for cell in cells.order:
       state = "finished" if states[cell.name] else (
@@ -342,13 +345,7 @@ def run() -> None:
   """`__main__`: the `--config.KEY=VALUE` overrides are set aside for the cells, the rest parsed."""
   global OVERRIDES
   argv, OVERRIDES = split_overrides(sys.argv)
-  define_flags(FLAGS)
-  try:
-    FLAGS(argv)
-  except flags.Error as e:
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    sys.exit(EXIT_BAD_INPUT)
-  sys.exit(main(argv))
+  tool.run(define_flags, main, argv)
 
 
 if __name__ == "__main__":

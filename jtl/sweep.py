@@ -19,8 +19,9 @@ A cell is one of three kinds:
   baseline  `jtl.baselines` (`baseline=` one of its NAMES) fitted on `config`'s data, written as an
             evaluation row of the eval split (`test/accuracy`), so the report shows it as a row;
   view      no process: the row of another cell's `eval_metrics.jsonl` at `step` (None: its last;
-            keys renamed by `rename`), e.g. the zero-shot accuracy a transfer run measures at its
-            step 0, or one run shown in several columns.
+            keys renamed by `rename`, a renamed key replacing the source's key of that name),
+            e.g. the zero-shot accuracy a transfer run measures at its step 0, or one run shown in
+            several columns.
 `{cell:NAME}` inside `config` or an override value stands for the absolute workdir of cell NAME and
 makes this cell wait for that one (`after` adds more such dependencies).
 """

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from scipy import stats
 
 from jtl import augment, evaluate, masks, train
 from jtl import text as tokenizer
@@ -70,7 +71,8 @@ def test_zero_shot_and_retrieval_from_the_checkpoint_equal_numpy_references(clip
   images and the held-out prompts."""
   config, state, workdir = clip_run
   config = config.copy_and_resolve_references()
-  config.evals = dict(zero_shot=dict(type="zero_shot"), retrieval=dict(type="retrieval"))
+  config.evals = dict(zero_shot=dict(type="zero_shot", chance=True),
+                      retrieval=dict(type="retrieval", chance=True))
   row, = evaluate.evaluate_checkpoints(config, str(workdir))
   obj = build_objective(config)
   images, targets = pipeline.load_in_memory(config.data, "test")  # digits 0-4
@@ -88,6 +90,16 @@ def test_zero_shot_and_retrieval_from_the_checkpoint_equal_numpy_references(clip
         references.np_recall(image_emb, text_emb, relevant, k))
     assert row[f"test/retrieval_t2i_r{k}"] == pytest.approx(
         references.np_recall(text_emb, image_emb, relevant.T, k))
+  # chance=True: the same metrics for a uniform guess and a random ranking. Recall@k at chance is
+  # P(a hypergeometric draw of k from the gallery holds a relevant item), scipy's, per query.
+  assert row["test/zero_shot_accuracy_chance"] == pytest.approx(1 / 5)
+  counts = np.bincount(labels, minlength=5)
+  for k in (1, 5, 10):
+    i2t = 1 - stats.hypergeom(20, 4, k).pmf(0)  # 20 captions, 4 of the image's class
+    t2i = np.mean([1 - stats.hypergeom(len(labels), counts[c], k).pmf(0)
+                   for c in np.repeat(np.arange(5), 4)])
+    assert row[f"test/retrieval_i2t_r{k}_chance"] == pytest.approx(i2t, rel=1e-9)
+    assert row[f"test/retrieval_t2i_r{k}_chance"] == pytest.approx(t2i, rel=1e-9)
 
 
 def test_chunked_siglip_trains_from_the_paper_init(tmp_path):

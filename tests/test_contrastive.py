@@ -104,16 +104,21 @@ def test_knn_and_probe_from_the_checkpoint_equal_numpy_references(simclr_run):
   config.evals = ml_collections.ConfigDict(dict(
       knn=dict(type="knn", data=few_shot, k=3, tag="5-9"),
       probe=dict(type="linear_probe", data=few_shot, tag="5-9"),
-      knn_source=dict(type="knn")))
+      knn_source=dict(type="knn"),
+      # The raw-pixel baseline of the contrastive table: the same protocol on the flattened images.
+      knn_pixels=dict(type="knn", data=few_shot, k=3, tag="pixels", input="pixels"),
+      probe_pixels=dict(type="linear_probe", data=few_shot, tag="pixels", input="pixels")))
   row, = evaluate.evaluate_checkpoints(config, str(workdir))
   features = jax.jit(build_objective(config).features)
 
-  def split(data_overrides, name):
+  def split(data_overrides, name, pixels=False):
     data_config = config.data.copy_and_resolve_references()
     data_config.update(data_overrides)
     images, targets = pipeline.load_in_memory(data_config, name)
-    x = features(state.params, state.model_state, images.astype(np.float32) / 255)
-    return np.asarray(x), targets["label"]
+    images = images.astype(np.float32) / 255
+    if pixels:
+      return images.reshape(len(images), -1), targets["label"]
+    return np.asarray(features(state.params, state.model_state, images)), targets["label"]
 
   bank_x, bank_y = split(few_shot, "train")
   assert len(bank_y) == 10  # 2 shots of 5 classes
@@ -126,6 +131,14 @@ def test_knn_and_probe_from_the_checkpoint_equal_numpy_references(simclr_run):
   x, y = split({}, "test")
   expected = np.mean(references.np_knn(bank_x, bank_y, x, 20, 0.07, 5) == y)
   assert row["test/knn_accuracy"] == pytest.approx(expected)
+  bank_x, bank_y = split(few_shot, "train", pixels=True)
+  x, y = split(few_shot, "test", pixels=True)
+  assert bank_x.shape == (10, 64)
+  expected = np.mean(references.np_knn(bank_x, bank_y, x, 3, 0.07, 5) == y)
+  assert row["test/pixels/knn_accuracy"] == pytest.approx(expected)
+  expected = np.mean(references.np_ridge(bank_x, bank_y, x, 1e-3, 5) == y)
+  assert row["test/pixels/linear_probe_accuracy"] == pytest.approx(expected)
+  assert row["test/pixels/knn_accuracy"] != row["test/5-9/knn_accuracy"]  # not the encoder's
 
 
 def test_supcon_trains(tmp_path):

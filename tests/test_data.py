@@ -123,6 +123,28 @@ def test_kshot_selection(raw):
   assert collections.Counter(filtered[1]) == {0: 3, 1: 3}
 
 
+def test_in_memory_splits_are_kept_by_bytes_least_recently_used_first(monkeypatch):
+  """load_in_memory decodes a selection once while it fits the byte budget (the contrastive
+  table's evaluators read 9 selections, 56 times), and drops the least recently used beyond it."""
+  decoded = []
+  host_examples = pipeline.source.host_examples
+  monkeypatch.setattr(pipeline.source, 'host_examples',
+                      lambda c, split, *a: decoded.append((c.shots_seed, split))
+                      or host_examples(c, split, *a))
+  pipeline._LOAD_CACHE.clear()
+  configs = [_config(shots=1, shots_seed=seed) for seed in range(6)]
+  first = [pipeline.load_in_memory(c, 'train')[0] for c in configs]
+  assert [pipeline.load_in_memory(c, 'train')[0] is x for c, x in zip(configs, first)] == [True] * 6
+  assert decoded == [(seed, 'train') for seed in range(6)]  # each decoded once
+  images, targets = next(iter(pipeline._LOAD_CACHE.values()))
+  one = images.nbytes + sum(v.nbytes for v in targets.values())  # 10 examples; 2 shots: 20
+  monkeypatch.setattr(pipeline, '_LOAD_CACHE_BYTES', 3 * one)
+  pipeline.load_in_memory(configs[4], 'train')  # used: seed 5 is now the least recent
+  pipeline.load_in_memory(_config(shots=2, shots_seed=0), 'train')  # a new, larger one: seeds go
+  assert [key[5] for key in pipeline._LOAD_CACHE] == [4, 0]  # shots_seed 4, then the newest
+  pipeline._LOAD_CACHE.clear()
+
+
 @pytest.mark.parametrize('cache', [True, False])
 @pytest.mark.parametrize('augment', [False, True])
 def test_resume_is_exact(cache, augment):

@@ -3,6 +3,7 @@
 test_contrastive.py and test_clip.py), an objective stub for zero-shot, config errors."""
 from __future__ import annotations
 
+import itertools
 import types
 
 import jax
@@ -133,6 +134,23 @@ def test_zero_shot_and_retrieval_through_a_text_tower_that_names_the_class():
                                                            relevant.T, k))
 
 
+def test_recall_chance_equals_the_mean_over_every_ranking():
+  """Expected Recall@k of a random ranking against all 720 orders of a 6-item gallery, for queries
+  with 1, 2 and 3 relevant items; retrieval_chance's two directions from the class counts."""
+  orders = list(itertools.permutations(range(6)))
+  for k in (1, 2, 4, 6):
+    by_count = [np.mean([any(item < r for item in order[:k]) for order in orders])
+                for r in (1, 2, 3)]  # items 0..r-1 are the relevant ones
+    assert rep.recall_chance([1, 2, 3], 6, k) == pytest.approx(np.mean(by_count), abs=1e-12)
+    assert rep.recall_chance([2], 6, k) == pytest.approx(by_count[1], abs=1e-12)
+  # 3 images of class 0, 1 of class 1; 2 prompts a class: an image query has 2 relevant among 4
+  # captions; a caption of class 0 (two of them) has 3 relevant among 4 images, of class 1 one.
+  chance = rep.retrieval_chance(np.array([0, 0, 0, 1]), num_classes=2, num_prompts=2, ks=(1, 2))
+  assert chance == pytest.approx({"i2t_r1": 2 / 4, "i2t_r2": 1 - 1 / 6,
+                                  "t2i_r1": (3 / 4 + 3 / 4 + 1 / 4 + 1 / 4) / 4,
+                                  "t2i_r2": (1 + 1 + 1 / 2 + 1 / 2) / 4})
+
+
 @pytest.mark.parametrize("kind, missing", [
     ("knn", "features"), ("linear_probe", "features"),
     ("zero_shot", "embed_images, embed_text, prompt_tokens")])
@@ -146,6 +164,9 @@ def test_an_objective_without_the_method_is_a_config_error_naming_it(kind, missi
 def test_unknown_evaluator_option_is_a_config_error():
   config = digits_config(evals={"e": {"type": "knn", "kk": 3}})
   with pytest.raises(ConfigError, match="did you mean 'k'"):
+    evaluators.build(types.SimpleNamespace(config=config, objective=None))
+  config = digits_config(evals={"e": {"type": "linear_probe", "input": "pixel"}})
+  with pytest.raises(ConfigError, match="input='pixel'; choose 'features'"):
     evaluators.build(types.SimpleNamespace(config=config, objective=None))
 
 

@@ -4,6 +4,7 @@ computation from the cells' eval_metrics.jsonl files."""
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import os
 import queue
@@ -135,6 +136,9 @@ def assert_report_matches_hand_computation(root):
       pixels[0]["test/accuracy"]
   assert float(table[("fast, step 0", "test/loss")]["mean"]) == \
       final_rows(root, "fast_s0", 0)[0]["test/loss"]
+  step0 = final_rows(root, "fast_s0", 0)[0]
+  assert float(table[("fast, step 0, accuracy as loss", "test/loss")]["mean"]) == \
+      step0["test/accuracy"] != step0["test/loss"]
   with open(os.path.join(root, "report.png"), "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
   with open(os.path.join(root, "report.md")) as f:
@@ -161,7 +165,7 @@ def test_kill_mid_grid_then_rerun_skips_finished_cells_and_the_report_matches(tm
 
   code, out, err = finish(start("experiments.sweep", *args, "--parallel=2"))
   assert code == 0, out + err
-  assert "1 of 6 cells already finished: skipped" in out
+  assert "1 of 7 cells already finished: skipped" in out
   assert "start  slow_s0" not in out and "start  slow_s1" in out
   assert finished == {f: os.stat(os.path.join(root, "slow_s0", f)).st_mtime_ns for f in finished}
   with open(os.path.join(root, "slow_s0", "log.txt")) as f:
@@ -172,7 +176,7 @@ def test_kill_mid_grid_then_rerun_skips_finished_cells_and_the_report_matches(tm
     steps = [r["step"] for r in read_rows(os.path.join(root, name, "eval_metrics.jsonl"))]
     assert sorted(steps) == [0, 2, 4], (name, steps)  # every checkpoint evaluated once
   # The console: a line per start and per end of a cell, nothing from the cells themselves.
-  assert all(line.startswith(("[", "sweep tiny: 6 cells finished", "1 of 6 cells already"))
+  assert all(line.startswith(("[", "sweep tiny: 7 cells finished", "1 of 7 cells already"))
              for line in out.splitlines()), out
 
   assert_report_matches_hand_computation(root)
@@ -198,3 +202,72 @@ def test_unknown_sweep_is_one_line_and_writes_nothing(tmp_path):
   code, _, err = finish(start("experiments.sweep", f"--config={TINY}:sweep=nope", f"--workdir={root}"))
   assert code == 2 and err == f"error: {TINY}: unknown sweep 'nope'; this config has: tiny, broken\n", err
   assert not root.exists()
+
+
+# --- the contrastive tables' sweeps (docs/contrastive.md) ----------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def config_of(spec):
+  """`get_config(arg)` of a cell's `path[:arg]`, as experiments.train loads it (read only)."""
+  import importlib.util
+  path, _, arg = spec.partition(":")
+  module_spec = importlib.util.spec_from_file_location("sweep_cell_config",
+                                                       os.path.join(ROOT, path))
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg or None)
+
+
+def test_each_contrastive_table_row_reads_the_probe_of_its_shots_and_shots_seed():
+  """Every view of simclr_digits.py's sweep renames keys its encoder cell's evaluators write: the
+  probe of that row's input (pixels for raw pixels), shots (its column) and shots_seed (its
+  seed)."""
+  table = sweep.load(f"{ROOT}/experiments/configs/simclr_digits.py:sweep=table")
+  by_name = {cell.name: cell for cell in table.cells}
+  rows, seeds = {}, {}
+  for cell in table.cells:
+    if cell.kind != "view":
+      continue
+    evals = config_of(by_name[cell.of].config).evals
+    by_key = {f"test/{e.tag}/{e.type}_accuracy": e for e in evals.values()}
+    assert sorted(cell.rename.values()) == ["test/knn_accuracy", "test/linear_probe_accuracy"]
+    for source in cell.rename:
+      e = by_key[source]  # KeyError: the view reads a key no evaluator writes
+      assert (e.input == "pixels") == (cell.variant == "raw pixels"), cell.name
+      if cell.column == "0-4, all labels":
+        assert e.data.labels == (0, 1, 2, 3, 4) and "shots" not in e.data and cell.seed is None
+      else:
+        assert e.data.labels == (5, 6, 7, 8, 9)
+        assert f"{e.data.shots} shot" in cell.column and e.data.shots_seed == cell.seed
+    assert cell.step == (0 if cell.variant.startswith("random init") else None)
+    rows.setdefault(cell.variant, set()).add(cell.column)
+    seeds.setdefault((cell.variant, cell.column), set()).add(cell.seed)
+  assert list(rows) == ["raw pixels", "random init (cnn_small)", "supervised (CE on 0-4)",
+                        "SimCLR (0-4)", "SupCon (0-4)"]
+  assert all(columns == {"1 shot", "5 shots", "0-4, all labels"} for columns in rows.values())
+  assert all(s == ({None} if column.startswith("0-4") else {0, 1, 2})
+             for (_, column), s in seeds.items())
+  # The random-init row reads step 0 of the SimCLR run: saved, kept and evaluated.
+  simclr = by_name["simclr"]
+  assert simclr.overrides["checkpoint_initial"] is True
+  assert simclr.overrides["keep_checkpoints"] is None
+  assert config_of(by_name["supervised"].config).objective == "supervised"
+  assert config_of(by_name["supcon"].config).objective == "supcon"
+
+
+def test_the_chance_row_of_the_two_tower_table_is_the_evaluators_chance_values():
+  table = sweep.load(f"{ROOT}/experiments/configs/clip_digits.py:sweep=table")
+  by_name = {cell.name: cell for cell in table.cells}
+  chance = by_name["chance"]
+  assert chance.kind == "view" and chance.step is None
+  assert sorted(chance.rename.values()) == sorted(table.metrics)
+  assert chance.rename == {f"{m}_chance": m for m in table.metrics}
+  clip = by_name[chance.of]
+  evals = config_of(clip.config).evals
+  types = {m.split("/")[1].split("_")[0] for m in table.metrics}  # zero / retrieval
+  assert {"zero", "retrieval"} == types
+  for name in ("zero_shot", "retrieval"):
+    assert evals[name].type == name and clip.overrides[f"evals.{name}.chance"] is True
+  assert {(c.name, c.config) for c in table.cells if c.kind == "train"} == {
+      ("clip", "experiments/configs/clip_digits.py:loss=softmax"),
+      ("siglip", "experiments/configs/clip_digits.py:loss=sigmoid")}

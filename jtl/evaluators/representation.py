@@ -13,6 +13,10 @@ scored side, `split`. `data.shots` (and `shots_seed`) apply to the fitting side 
 `data=dict(labels=(5,6,7,8,9), shots=5)` is the few-shot protocol: fit on 5 labelled digits per
 class of 5-9, score on every test digit of 5-9.
 
+Both take `input="pixels"`: the same protocol on the flattened input images (as the pipeline
+yields them, normalised, not augmented) instead of the encoder's features, so a raw-pixel baseline
+sees exactly the examples and code an encoder does; it needs no objective method.
+
 * knn: cosine kNN with exp(sim/T)-weighted votes (Wu et al. 2018; DINO's k=20, T=0.07); k is capped
   at the bank size (a 1-shot, 5-class bank has 5 entries).
 * linear_probe: closed-form ridge on standardised features (`jtl.probes`, default) or a softmax
@@ -25,11 +29,16 @@ class of 5-9, score on every test digit of 5-9.
   each caption queries the test images. Recall@k = the fraction of queries with a relevant item in their top k.
   Chance Recall@1 is 1/C in both directions (for balanced classes).
 
+zero_shot and retrieval take `chance=True`: each metric also comes as `<metric>_chance`, its
+expected value for a random guess on this very split and gallery (zero-shot: 1/C; Recall@k: a
+uniformly random ranking, `recall_chance`), so a table's chance row is computed, not typed in.
+
 Keys are `<split>/<metric>`, or `<split>/<tag>/<metric>` with the option `tag`, so several
 evaluators of one type (1-shot and 5-shot probes) can share a split.
 """
 from __future__ import annotations
 
+import math
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -58,7 +67,14 @@ def require(objective: Any, methods: Sequence[str], evaluator: str) -> None:
                       f"objective that provides it or remove the evaluator from config.evals")
 
 
+def _pixels(params, model_state, batch):
+  del params, model_state
+  return {"x": batch["image"].reshape(batch["image"].shape[0], -1), "label": batch["label"]}
+
+
 def _feature_fn(objective: Any, method: str) -> Callable:
+  if method == "pixels":  # no objective method: the flattened input images
+    return _pixels
   fns = _FEATURE_FNS.setdefault(objective, {})
   if method not in fns:
     embed = getattr(objective, method)
@@ -125,6 +141,30 @@ def linear_probe_accuracy(train_feats: np.ndarray, train_labels: np.ndarray, fea
   return float(np.mean(np.asarray(predicted) == np.asarray(labels)))
 
 
+def recall_chance(relevant: Sequence[int], gallery: int, k: int) -> float:
+  """Expected Recall@k of a uniformly random ranking of a gallery of `gallery` items, averaged over
+  queries, query i having `relevant[i]` relevant items: 1 - C(gallery - r, k) / C(gallery, k) each
+  (the chance that none of the r relevant items is among the k drawn without replacement)."""
+  if not 1 <= k <= gallery:
+    raise ValueError(f"k={k} must be in [1, gallery={gallery}]")
+  per_query = [1 - math.comb(gallery - int(r), k) / math.comb(gallery, k) for r in relevant]
+  return float(np.mean(per_query))
+
+
+def retrieval_chance(labels: np.ndarray, num_classes: int, num_prompts: int,
+                     ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+  """`retrieval_recalls`' keys at chance: image->text queries have `num_prompts` relevant captions
+  among C*P, the captions of class c have the count of class-c images relevant among them all."""
+  counts = np.bincount(np.asarray(labels), minlength=num_classes)
+  sides = (("i2t", [num_prompts] * len(labels), num_classes * num_prompts),
+           ("t2i", np.repeat(counts, num_prompts), len(labels)))
+  out = {}
+  for direction, relevant, gallery in sides:
+    out.update({f"{direction}_r{k}": recall_chance(relevant, gallery, k) for k in ks
+                if k <= gallery})
+  return out
+
+
 def class_text_embeddings(objective: Any, params: Any, model_state: Any,
                           classes: Sequence[int]) -> np.ndarray:
   """float32 [C, P, E]: the objective's text embeddings of its zero-shot prompts for `classes`."""
@@ -169,7 +209,7 @@ class _Representation(Evaluator):
 
   def __init__(self, s, name, cfg):
     super().__init__(s, name, cfg)
-    require(s.objective, self.NEEDS, type(self).TYPE)
+    require(s.objective, self.needs(), type(self).TYPE)
     self.key_prefix = f"{self.prefix}/{self.options['tag']}" if self.options["tag"] else self.prefix
     self.make_batches, _ = split_batches(s, self.data_config, self.split, self.batch_size)
 
@@ -179,12 +219,18 @@ class _Representation(Evaluator):
                   model_state)
     return out["x"].astype(np.float32), out["label"]
 
+  def needs(self) -> tuple[str, ...]:
+    """The objective methods this evaluator calls."""
+    return self.NEEDS
+
 
 class _FittedOnTrain(_Representation):
   """kNN and linear probe: a second, fitting split (`train_split` + `train_data` overrides)."""
 
   NEEDS = ("features",)
-  OPTIONS = {**_Representation.OPTIONS, "train_split": None, "train_data": None}
+  OPTIONS = {**_Representation.OPTIONS, "train_split": None, "train_data": None,
+             "input": "features"}
+  INPUTS = ("features", "pixels")
 
   def __init__(self, s, name, cfg):
     super().__init__(s, name, cfg)
@@ -196,9 +242,16 @@ class _FittedOnTrain(_Representation):
                                                self.batch_size)
     self.num_classes = len(classes_of(self.data_config))
 
+  def needs(self) -> tuple[str, ...]:
+    if self.options["input"] not in self.INPUTS:  # checked here: needs() depends on it
+      raise ConfigError(f"evals.{self.name}.input={self.options['input']!r}; choose 'features' "
+                        "(the objective's encoder) or 'pixels' (the flattened input images)")
+    return () if self.options["input"] == "pixels" else self.NEEDS
+
   def both_sides(self, params, model_state):
-    return (*self.embeddings("features", self.make_train_batches, params, model_state),
-            *self.embeddings("features", self.make_batches, params, model_state))
+    method = self.options["input"]  # "features" (an objective method) or "pixels"
+    return (*self.embeddings(method, self.make_train_batches, params, model_state),
+            *self.embeddings(method, self.make_batches, params, model_state))
 
 
 @register("knn")
@@ -247,6 +300,7 @@ class LinearProbe(_FittedOnTrain):
 
 class _ImageText(_Representation):
   NEEDS = ("embed_images", "embed_text", "prompt_tokens")
+  OPTIONS = {**_Representation.OPTIONS, "chance": False}
 
   def image_and_class_text(self, params, model_state):
     image_emb, labels = self.embeddings("embed_images", self.make_batches, params, model_state)
@@ -257,21 +311,30 @@ class _ImageText(_Representation):
 
 @register("zero_shot")
 class ZeroShot(_ImageText):
-  """Yields `<split>/zero_shot_accuracy` through the objective's held-out prompts."""
+  """Yields `<split>/zero_shot_accuracy` through the objective's held-out prompts (with chance=True
+  also `zero_shot_accuracy_chance`: 1/C, a uniform guess among the split's C classes)."""
   TYPE = "zero_shot"
 
   def run(self, params: Any, model_state: Any) -> Iterator[tuple[str, float]]:
     image_emb, labels, class_emb = self.image_and_class_text(params, model_state)
     yield f"{self.key_prefix}/zero_shot_accuracy", zero_shot_accuracy(image_emb, labels, class_emb)
+    if self.options["chance"]:
+      yield f"{self.key_prefix}/zero_shot_accuracy_chance", 1.0 / len(class_emb)
 
 
 @register("retrieval")
 class Retrieval(_ImageText):
-  """Yields `<split>/retrieval_{i2t,t2i}_r{k}` for k in `ks` (default 1, 5, 10)."""
+  """Yields `<split>/retrieval_{i2t,t2i}_r{k}` for k in `ks` (default 1, 5, 10); with chance=True
+  also each `..._chance` (`retrieval_chance`)."""
   TYPE = "retrieval"
-  OPTIONS = {**_Representation.OPTIONS, "ks": (1, 5, 10)}
+  OPTIONS = {**_ImageText.OPTIONS, "ks": (1, 5, 10)}
 
   def run(self, params: Any, model_state: Any) -> Iterator[tuple[str, float]]:
     image_emb, labels, class_emb = self.image_and_class_text(params, model_state)
     for key, value in retrieval_recalls(image_emb, labels, class_emb, self.options["ks"]).items():
       yield f"{self.key_prefix}/retrieval_{key}", value
+    if self.options["chance"]:
+      num_classes, num_prompts, _ = class_emb.shape
+      for key, value in retrieval_chance(labels, num_classes, num_prompts,
+                                         self.options["ks"]).items():
+        yield f"{self.key_prefix}/retrieval_{key}_chance", value
