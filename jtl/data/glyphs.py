@@ -37,17 +37,31 @@ only the four DejaVu Sans faces). Each instance, from a generator seeded by (see
    is a thicker stroke), then averaged over 2x2 blocks: 28x28 (Omniglot's usual size) in 0..255, ink
    high, background 0.
 
+Two builder configs; `glyphs` is `glyphs/omniglot`:
+  omniglot   the 28x28 images above (the default).
+  optdigits  the same characters, fonts and generator draws in the format of scikit-learn's 8x8
+             digits (`sklearn_digits`, the UCI optdigits), the target of transfer to handwriting, made
+             as `printed_digits` makes its digits: steps 1-3 up to the jitter matrix as above (the
+             same elastic field, rotation, shear and aspect), then the optdigits box instead of the
+             56x56 one: the bounding box of the distorted, jittered ink is scaled to the full 32 px
+             height, its width by the same factor but at most 20 px (a wider glyph is squeezed),
+             centred horizontally and shifted by U(-1, 1) px; thresholded at U(0.25, 0.6) of full ink
+             as in step 4, the 32x32 bitmap's 4x4 blocks counted (0..16), stored as
+             round(count * 255 / 16) in uint8 [8, 8, 1], exactly as `sklearn_digits` stores its pixels.
+             Mean ink 0.29 of the bitmap against 0.305 for the handwritten digits.
+
 Splits (by script, never mixed): `train` = the background scripts (`BACKGROUND`), `test` = the
 evaluation scripts (`EVALUATION`). Features: `image` uint8 [28, 28, 1]; `label` the character's index
 in `characters()` (background characters first, so the test split's labels start where the train
 split's end); `alphabet` the script; `family` the font family (sans, sans_mono, serif, stix, cm);
 `bold` and `italic` (0/1) of the face; `code_point`.
 
-Determinism: fixed seeds and VERSION; the pixels depend on the installed fonts, FreeType and Pillow, so
+Determinism: fixed seeds and VERSION (both configs); the pixels depend on the installed fonts, FreeType and Pillow, so
 bump the VERSION when those change the output.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -110,6 +124,9 @@ _MAX_ROTATION_DEG, _MAX_SHEAR, _MAX_LOG_ASPECT = 10.0, 0.2, 0.15
 _BOX = 2 * IMAGE_SIZE  # rendered at twice the size, then 2x2-averaged
 _SIDE_RANGE, _MAX_SHIFT, _THRESHOLD_RANGE = (36.0, 44.0), 2.0, (0.25, 0.6)
 _DEDUP_SIDE, _MIN_EXTENT = 12, 3
+# The optdigits config: printed_digits' box (jtl/data/printed_digits.py) and optdigits' 4x4 blocks.
+_OPT_BOX, _OPT_BLOCK, _OPT_MAX_WIDTH, _OPT_MAX_SHIFT = 32, 4, 20.0, 1.0
+_OPT_SIDE = _OPT_BOX // _OPT_BLOCK  # 8
 _LETTERS = ("Lu", "Ll", "Lt", "Lo")
 
 
@@ -204,8 +221,11 @@ def _blurred(font_index: int, code_point: int) -> np.ndarray:
   return ndimage.gaussian_filter(_render(font_index, chr(code_point)), _BLUR_SIGMA)
 
 
-def render_instance(font_index: int, code_point: int, rng: np.random.Generator) -> np.ndarray:
-  """One distorted rendering (steps 1-4 of the module docstring): uint8 [28, 28]."""
+def _distort(font_index: int, code_point: int, rng: np.random.Generator
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Steps 1-3 up to the box: (distorted canvas float32 [96, 96], jitter matrix A, centres (x, y) of
+  the canvas pixels >= half ink, about the canvas centre). Draws the elastic field, then rotation,
+  shear and aspect from `rng`, in that order."""
   from scipy import ndimage  # pylint: disable=g-import-not-at-top
   image = _blurred(font_index, code_point)
   dx, dy = (ndimage.gaussian_filter(rng.uniform(-1, 1, image.shape), _ELASTIC_SIGMA) * _ELASTIC_ALPHA
@@ -221,25 +241,69 @@ def render_instance(font_index: int, code_point: int, rng: np.random.Generator) 
   if len(centres) == 0:  # the distortion thinned a hairline glyph away: use the undistorted one
     image = _blurred(font_index, code_point)
     centres = np.argwhere(image >= 127.5)[:, ::-1] + 0.5 - _CANVAS / 2
+  return image, jitter, centres
+
+
+def _to_box(image: np.ndarray, jitter: np.ndarray, low: np.ndarray, origin: np.ndarray,
+            scale: np.ndarray, side: int) -> np.ndarray:
+  """The jittered canvas resampled into a `side` x `side` box: jittered point `low` lands on box point
+  `origin`, jittered lengths times `scale` (x, y). float32 [side, side] in 0..255."""
+  # Output point p -> jittered point low + (p - origin) / scale -> canvas point by the inverse jitter
+  # (PIL's AFFINE maps output coordinates to input coordinates).
+  unjitter = np.linalg.inv(jitter)
+  linear = unjitter / scale  # column j over scale[j]: the divisions of the 28x28 data, unchanged
+  offset = unjitter @ (low - origin / scale) + _CANVAS / 2
+  coefficients = (linear[0, 0], linear[0, 1], offset[0], linear[1, 0], linear[1, 1], offset[1])
+  return np.asarray(Image.fromarray(image).transform(
+      (side, side), Image.Transform.AFFINE, coefficients, Image.Resampling.BILINEAR), np.float32)
+
+
+def render_instance(font_index: int, code_point: int, rng: np.random.Generator) -> np.ndarray:
+  """One distorted rendering (steps 1-4 of the module docstring): uint8 [28, 28]."""
+  image, jitter, centres = _distort(font_index, code_point, rng)
   moved = centres @ jitter.T
   low, high = moved.min(0) - 0.5, moved.max(0) + 0.5
   scale = rng.uniform(*_SIDE_RANGE) / max(high - low)
   shift = rng.uniform(-_MAX_SHIFT, _MAX_SHIFT, 2)
   origin = (_BOX - (high - low) * scale) / 2 + shift  # where the box corner `low` lands
-  # Output point p -> jittered point low + (p - origin) / scale -> canvas point by the inverse jitter
-  # (PIL's AFFINE maps output coordinates to input coordinates).
-  unjitter = np.linalg.inv(jitter)
-  linear = unjitter / scale
-  offset = unjitter @ (low - origin / scale) + _CANVAS / 2
-  coefficients = (linear[0, 0], linear[0, 1], offset[0], linear[1, 0], linear[1, 1], offset[1])
-  box = np.asarray(Image.fromarray(image).transform(
-      (_BOX, _BOX), Image.Transform.AFFINE, coefficients, Image.Resampling.BILINEAR), np.float32)
+  box = _to_box(image, jitter, low, origin, np.array([scale, scale]), _BOX)
   ink = box >= rng.uniform(*_THRESHOLD_RANGE) * 255.0
   small = ink.reshape(IMAGE_SIZE, 2, IMAGE_SIZE, 2).mean(axis=(1, 3))
   return np.round(small * 255.0).astype(np.uint8)
 
 
-def generate(split: str) -> Iterator[dict[str, Any]]:
+def render_optdigits_instance(font_index: int, code_point: int,
+                              rng: np.random.Generator) -> np.ndarray:
+  """One rendering in the format of scikit-learn's digits (the `optdigits` config): the distortion of
+  steps 1-3, then optdigits' 32x32 box and 4x4 block counts. int64 [8, 8] in 0..16."""
+  image, jitter, centres = _distort(font_index, code_point, rng)
+  moved = centres @ jitter.T
+  low, high = moved.min(0) - 0.5, moved.max(0) + 0.5
+  width, height = high - low
+  # printed_digits' size normalisation (measured on the handwritten digits): full height, the width
+  # at the same scale but at most 20 px, centred, shifted horizontally by U(-1, 1) px.
+  scale_y = _OPT_BOX / height
+  scale_x = min(scale_y, _OPT_MAX_WIDTH / width)
+  left = (_OPT_BOX - width * scale_x) / 2 + rng.uniform(-_OPT_MAX_SHIFT, _OPT_MAX_SHIFT)
+  box = _to_box(image, jitter, low, np.array([left, 0.0]), np.array([scale_x, scale_y]), _OPT_BOX)
+  ink = box >= rng.uniform(*_THRESHOLD_RANGE) * 255.0
+  return ink.reshape(_OPT_SIDE, _OPT_BLOCK, _OPT_SIDE, _OPT_BLOCK).sum(axis=(1, 3))
+
+
+@dataclasses.dataclass(eq=False)
+class Format(tfds.core.BuilderConfig):
+  """How an instance is drawn and stored: the image side, and the renderer of steps 1-4."""
+  image_size: int = IMAGE_SIZE
+  optdigits: bool = False  # False: render_instance (28x28); True: render_optdigits_instance (8x8)
+
+
+OMNIGLOT = Format(name="omniglot", description="28x28 in 0..255 (Omniglot's usual size); the default.")
+OPTDIGITS = Format(name="optdigits", description="8x8 4x4-block counts 0..16 of a 32x32 bitmap, stored "
+                   "as round(x * 255 / 16), like sklearn_digits and printed_digits.",
+                   image_size=_OPT_SIDE, optdigits=True)
+
+
+def generate(split: str, variant: Format = OMNIGLOT) -> Iterator[dict[str, Any]]:
   """The examples of `split` ('train': background scripts, 'test': evaluation), character-major."""
   scripts = {"train": BACKGROUND, "test": EVALUATION}[split]
   chars = [c for c in characters() if c.script in scripts]
@@ -249,13 +313,18 @@ def generate(split: str) -> Iterator[dict[str, Any]]:
     for i in range(INSTANCES):
       font = char.fonts[i % len(char.fonts)]
       _, family, bold, italic = FONTS[font]
-      yield {"image": render_instance(font, char.code_point, rng)[..., None], "label": char.label,
+      if variant.optdigits:  # 0..16 onto 0..255 exactly as sklearn_digits stores its pixels
+        image = np.round(render_optdigits_instance(font, char.code_point, rng) * 255.0 / 16.0
+                         ).astype(np.uint8)
+      else:
+        image = render_instance(font, char.code_point, rng)
+      yield {"image": image[..., None], "label": char.label,
              "alphabet": scripts.index(char.script) + (0 if split == "train" else len(BACKGROUND)),
              "family": FAMILIES.index(family), "bold": bold, "italic": italic,
              "code_point": char.code_point}
     if (n + 1) % 200 == 0 or n + 1 == len(chars):
-      logging.info("glyphs %s: %d/%d characters rendered (%.0f s)", split, n + 1, len(chars),
-                   time.monotonic() - start)
+      logging.info("glyphs/%s %s: %d/%d characters rendered (%.0f s)", variant.name, split, n + 1,
+                   len(chars), time.monotonic() - start)
   _blurred.cache_clear()
 
 
@@ -264,14 +333,17 @@ class Glyphs(tfds.core.GeneratorBasedBuilder):
 
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Initial release: 17 scripts (9 background, 8 evaluation), 20 "
-                            "instances per character."}
+                            "instances per character; configs omniglot (28x28, the "
+                            "default) and optdigits (8x8 block counts)."}
+  BUILDER_CONFIGS = [OMNIGLOT, OPTDIGITS]
 
   def _info(self) -> tfds.core.DatasetInfo:
+    side = self.builder_config.image_size
     return self.dataset_info_from_configs(
         description="Omniglot-style characters of 17 scripts rendered from matplotlib's fonts with "
                     "elastic, affine and stroke-width jitter; split by script.",
         features=tfds.features.FeaturesDict({
-            "image": tfds.features.Image(shape=(IMAGE_SIZE, IMAGE_SIZE, 1), dtype=np.uint8),
+            "image": tfds.features.Image(shape=(side, side, 1), dtype=np.uint8),
             "label": tfds.features.ClassLabel(num_classes=len(characters())),
             "alphabet": tfds.features.ClassLabel(names=BACKGROUND + EVALUATION),
             "family": tfds.features.ClassLabel(names=FAMILIES),
@@ -292,6 +364,6 @@ class Glyphs(tfds.core.GeneratorBasedBuilder):
     return {split: self._generate_examples(split) for split in ("train", "test")}
 
   def _generate_examples(self, split: str) -> Iterator[tuple[int, dict[str, Any]]]:
-    for i, example in enumerate(generate(split)):
+    for i, example in enumerate(generate(split, self.builder_config)):
       # A PIL image is PNG-encoded by Pillow: cheaper than TFDS's per-example TF encoder.
       yield i, {**example, "image": Image.fromarray(example["image"][..., 0])}
