@@ -144,8 +144,8 @@ def _copy(source: socket.socket, sink: socket.socket) -> None:
     _close(source, sink)
 
 
-# The bucket a JSON-API (`/storage/v1/b/B/...`, `/upload/...`, `/download/...`) or XML-API (`/B/...`)
-# request is about.
+# The bucket a request is about: JSON API (`/storage/v1/b/B/...`, `/upload/...`, `/download/...`) or
+# XML API (`/B/...`).
 _BUCKET = re.compile(rb"^/(?:(?:upload/|download/)?storage/v1/b/([^/?]+)|([^/?]+))")
 
 
@@ -229,9 +229,9 @@ class GcsEmulator:
   `env`: the variables that point every file layer jtl uses at them.
 
   Use as a context manager, or `start()` / `stop()`. Buckets are made with `create_bucket`.
-  `refuse`: buckets the bridge answers with HTTP 403 (permission denied), as GCS answers a bucket the
-  credentials may not use. Only requests through the bridge (TensorFlow's file system, which jtl's
-  up-front bucket check uses) are refused; tensorstore and google-cloud-storage talk to
+  `refuse`: buckets the bridge answers with HTTP 403 (permission denied), as GCS answers a bucket
+  the credentials may not use. Only requests through the bridge (TensorFlow's file system, which
+  jtl's up-front bucket check uses) are refused; tensorstore and google-cloud-storage talk to
   fake-gcs-server directly.
   """
 
@@ -340,7 +340,8 @@ def main(argv: Sequence[str]) -> None:
   with GcsEmulator(refuse=_REFUSE.value) as emulator:
     for name in _BUCKETS.value:
       emulator.create_bucket(name)
-    print(f"# GCS emulator at {emulator.url}, buckets: {', '.join(_BUCKETS.value)}. "
+    refused = f"; answering HTTP 403 for: {', '.join(_REFUSE.value)}" if _REFUSE.value else ""
+    print(f"# GCS emulator at {emulator.url}, buckets: {', '.join(_BUCKETS.value)}{refused}. "
           "In the shell that runs jtl:")
     for key, value in emulator.env.items():
       print(f"export {key}={value}")

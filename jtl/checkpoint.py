@@ -49,7 +49,8 @@ def checkpoint_dir(workdir: str | epath.Path) -> epath.Path:
 def _item_files(folder: epath.Path) -> dict[str, epath.Path]:
   """{path relative to the step folder: path} of every data file of a step's items."""
   return {rel: folder / rel for rel in sorted(remote.file_sizes(folder))
-          if rel.split("/", 1)[0] in ITEMS and "/" in rel and rel.rsplit("/", 1)[-1] not in _NOT_DATA}
+          if "/" in rel and rel.split("/", 1)[0] in ITEMS
+          and rel.rsplit("/", 1)[-1] not in _NOT_DATA}
 
 
 def _crc32(path: epath.Path) -> tuple[int, int]:

@@ -142,11 +142,12 @@ def good_steps(workdir: str | epath.Path) -> list[int]:
 
 def delete(mgr: ocp.CheckpointManager, workdir: str | epath.Path, step: int,
            attempts: int = 3) -> None:
-  """Deletes checkpoint `step`, while another process may be deleting it too (a finished evaluator's
-  catch-up and the trainer's last prune). On a local disk the loser gets FileNotFoundError (or orbax's
-  ValueError for a step it no longer lists). On `gs://` a folder is deleted object by object, and
-  TensorFlow's recursive delete fails ("could not fully delete dir") when the other process took some
-  of the objects first: the step is gone (or is tried again) rather than an error."""
+  """Deletes checkpoint `step`, while another process may be deleting it too (a finished
+  evaluator's catch-up and the trainer's last prune). On a local disk the loser gets
+  FileNotFoundError (or orbax's ValueError for a step it no longer lists). On `gs://` a folder is
+  deleted object by object, and TensorFlow's recursive delete fails ("could not fully delete dir")
+  when the other process took some of the objects first: the step is gone (or is tried again)
+  rather than an error."""
   for attempt in range(attempts):
     try:
       mgr.delete(step)

@@ -242,7 +242,8 @@ def test_missing_unauthorised_or_unreachable_bucket_is_one_line_error_before_com
   deadline = time.monotonic() + DEADLINE_S
   with pytest.raises(ConfigError, match="does not exist"):
     remote.check_reachable("gs://no-such-bucket/run")
-  with pytest.raises(ConfigError, match=r"permission denied on gs://locked \(HTTP 403\).*credentials"):
+  denied = r"permission denied on gs://locked \(HTTP 403\).*credentials"
+  with pytest.raises(ConfigError, match=denied):
     remote.check_reachable("gs://locked/run")
   remote.check_reachable("gs://bucket/anything")  # exists: passes
   closed = f"http://127.0.0.1:{free_port()}"  # nothing listens there
@@ -301,6 +302,6 @@ def test_deleting_a_checkpoint_another_process_deletes_at_the_same_time(tmp_path
   assert lost.calls == 1 and not folder.exists()
   folder.mkdir()
   stuck = _LosingDeleter(folder, other_finishes=False)
-  with pytest.raises(RuntimeError, match="could not fully delete"):  # still there: tried, then raised
+  with pytest.raises(RuntimeError, match="could not fully delete"):  # still there: tries, raises
     keep.delete(stuck, tmp_path, 5)
   assert stuck.calls == 3
