@@ -116,7 +116,7 @@ def test_train_kill_resume_watch_quarantine_and_transfer_on_gcs(gcs, tmp_path):
     while len(checkpoint.completed_steps(run)) < 2:  # two checkpoints in the bucket: kill -9
       assert victim.poll() is None, victim.communicate()[0][-3000:]
       assert time.monotonic() < deadline, "no checkpoints in the bucket before the deadline"
-      time.sleep(0.2)
+      time.sleep(0.5)  # (each look is a few requests to the bucket)
     victim.send_signal(signal.SIGKILL)
     finish(victim, deadline, expect=None)
     kept = checkpoint.completed_steps(run)
@@ -138,7 +138,7 @@ def test_train_kill_resume_watch_quarantine_and_transfer_on_gcs(gcs, tmp_path):
 
     # A watching evaluator sees the damaged checkpoint first: it evaluates the good one(s), skips
     # that one with a warning, and follows the resumed run to its end.
-    watcher = start(gcs.env, f"--workdir={run}", "--watch", "--poll_every=0.5", "--timeout=400",
+    watcher = start(gcs.env, f"--workdir={run}", "--watch", "--poll_every=2", "--timeout=400",
                     module="experiments.evaluate", log=tmp_path / "watch.log")
     processes.append(watcher)
     while f"checkpoint {damaged} is broken" not in read(watcher):
