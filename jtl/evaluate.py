@@ -106,13 +106,18 @@ def evaluate_checkpoints(config: ml_collections.ConfigDict | None, workdir: str 
   s, evaluator_list = setup_for_eval(config)
   writer = MetricWriter(workdir, "eval_metrics")
   done = {row["step"] for row in read_jsonl(writer.path)}
-  broken: set[int] = set()  # skipped with a warning, never recorded as evaluated
+  # Skipped with a warning, never recorded as evaluated: step -> which checkpoint it was (its
+  # metadata), so one the trainer writes again (after moving the broken one aside) is evaluated.
+  broken: dict[int, str | None] = {}
   new_rows = []
   said_waiting = False
   try:
     while True:
       available = checkpoint.completed_steps(workdir)
-      todo = [t for t in available if t not in done | broken and (step is None or t == step)]
+      for t in [t for t in available if t in broken]:
+        if _identity(workdir, t) != broken[t]:
+          del broken[t]  # written again since it was found broken
+      todo = [t for t in available if t not in done | broken.keys() and (step is None or t == step)]
       for t in todo:
         why = keep.problem(workdir, t)
         if why and not _still_there(workdir, t):
@@ -120,7 +125,7 @@ def evaluate_checkpoints(config: ml_collections.ConfigDict | None, workdir: str 
           continue
         if why:
           logging.warning("checkpoint %d is broken (%s); skipped, not recorded as evaluated", t, why)
-          broken.add(t)
+          broken[t] = _identity(workdir, t)
           continue
         try:
           row = evaluate_step(s, evaluator_list, workdir, t)
@@ -135,7 +140,7 @@ def evaluate_checkpoints(config: ml_collections.ConfigDict | None, workdir: str 
           if why is None:
             raise
           logging.warning("checkpoint %d is broken (%s); skipped, not recorded as evaluated", t, why)
-          broken.add(t)
+          broken[t] = _identity(workdir, t)
           continue
         writer.write(t, row)
         done.add(t)
@@ -198,6 +203,15 @@ def _gave_up(workdir: epath.Path, target: int, timeout: float, available: list[i
   return (f"--watch gave up after --timeout={timeout:g} s: step {target} of {workdir} never "
           f"appeared ({newest}, {len(done)} evaluated; {_trainer_state(workdir)}); rerun the "
           "training command to resume the run, then watch again (or raise --timeout)")
+
+
+def _identity(workdir: epath.Path, step: int) -> str | None:
+  """Which save of checkpoint `step` is there now: its orbax metadata (with the save's timestamps),
+  or None if that is unreadable."""
+  try:
+    return (checkpoint.checkpoint_dir(workdir) / str(step) / "_CHECKPOINT_METADATA").read_text()
+  except (OSError, UnicodeDecodeError):  # (FileNotFoundError included)
+    return None
 
 
 def _still_there(workdir: epath.Path, step: int) -> bool:

@@ -29,19 +29,10 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
-from jtl import checkpoint
+from jtl import checkpoint, remote
 
 EVALUATOR_FILE = "evaluator.json"
 HEARTBEAT_FRESH_S = 600.0  # an evaluator silent for longer is taken to be gone
-
-
-def _files(folder: epath.Path) -> list[epath.Path]:
-  """Every file under `folder` (epath has no recursive glob for remote storage)."""
-  out, todo = [], [folder]
-  while todo:
-    for entry in todo.pop().iterdir():
-      (todo if entry.is_dir() else out).append(entry)
-  return out
 
 
 def problem(workdir: str | epath.Path, step: int) -> str | None:
@@ -52,13 +43,14 @@ def problem(workdir: str | epath.Path, step: int) -> str | None:
     items = list(meta.get("item_handlers") or [])
     if "params" not in items:
       return "its metadata lists no params item"
+    sizes = remote.file_sizes(folder)  # (one listing of the whole checkpoint: cheap on gs://)
     for item in items:
-      item_dir = folder / item
-      if not item_dir.exists():
+      inside = sorted((rel, size) for rel, size in sizes.items() if rel.startswith(f"{item}/"))
+      if not inside:
         return f"item folder {item} is missing"
-      json.loads((item_dir / "_METADATA").read_text())
-      empty = [p.name for p in _files(item_dir) if p.stat().length == 0
-               and p.name != "commit_success.txt"]
+      json.loads((folder / item / "_METADATA").read_text())
+      empty = [rel.rsplit("/", 1)[-1] for rel, size in inside
+               if size == 0 and not rel.endswith("/commit_success.txt")]
       if empty:
         return f"{item}/{empty[0]} is empty"
   except FileNotFoundError as e:
@@ -148,6 +140,27 @@ def good_steps(workdir: str | epath.Path) -> list[int]:
   return out
 
 
+def delete(mgr: ocp.CheckpointManager, workdir: str | epath.Path, step: int,
+           attempts: int = 3) -> None:
+  """Deletes checkpoint `step`, while another process may be deleting it too (a finished
+  evaluator's catch-up and the trainer's last prune). On a local disk the loser gets
+  FileNotFoundError (or orbax's ValueError for a step it no longer lists). On `gs://` a folder is
+  deleted object by object, and TensorFlow's recursive delete fails ("could not fully delete dir")
+  when the other process took some of the objects first: the step is gone (or is tried again)
+  rather than an error."""
+  for attempt in range(attempts):
+    try:
+      mgr.delete(step)
+      return
+    except (FileNotFoundError, ValueError):
+      return
+    except Exception:  # pylint: disable=broad-except  (TensorFlow's PermissionDeniedError, ...)
+      if not (checkpoint.checkpoint_dir(workdir) / str(step)).exists():
+        return
+      if attempt == attempts - 1:
+        raise
+
+
 def evaluator_progress(workdir: str | epath.Path) -> int | None:
   """The last step a live watching evaluator reported as evaluated (-1: none yet); None if no
   evaluator is watching (no file, or a stale heartbeat)."""
@@ -185,10 +198,7 @@ def catch_up(workdir: str | epath.Path, keep: int | None, evaluated: set[int]) -
     return
   with checkpoint.manager(workdir, keep=None, async_save=False, create=False) as mgr:
     for step in doomed:
-      try:
-        mgr.delete(step)
-      except (FileNotFoundError, ValueError):  # the trainer's own pruning got there first
-        pass
+      delete(mgr, workdir, step)  # (the trainer's own pruning may get there first)
   logging.info("the evaluator is done: deleted checkpoints %s (keep_checkpoints=%d)", doomed, keep)
 
 
@@ -258,10 +268,7 @@ class Keeper:
       doomed = [int(s) for s in multihost_utils.broadcast_one_to_all(
           np.asarray(doomed + [-1] * (len(good) - len(doomed)), np.int64)) if s >= 0]
     for step in doomed:
-      try:
-        mgr.delete(step)
-      except (FileNotFoundError, ValueError):  # deleted meanwhile by a finished evaluator's catch-up
-        pass
+      delete(mgr, self.workdir, step)  # (a finished evaluator's catch-up may get there first)
     try:
       mgr.reload()
     except FileNotFoundError:  # (the same: a step that vanished while orbax listed it)
