@@ -1,7 +1,9 @@
 """On-device image augmentation in JAX: the random views of contrastive objectives (SimCLR, SupCon).
 
 The pipeline follows SimCLR (Chen et al., 2020, "A Simple Framework for Contrastive Learning of Visual
-Representations", Appendix A): random resized crop → horizontal flip → colour jitter (brightness,
+Representations", Appendix A), after two optional geometric distortions for handwriting-like data
+(off by default): a small random rotation and an elastic distortion (Simard et al. 2003), applied as
+one bilinear resampling; then random resized crop → horizontal flip → colour jitter (brightness,
 contrast, saturation, hue, in a random order, with probability p) → random grayscale → Gaussian blur;
 plus optional additive Gaussian noise. The jitter amounts are (0.8s, 0.8s, 0.8s, 0.2s) for SimCLR's
 strength s (`strength`); a factor f ~ U[max(0, 1 - a), 1 + a] is drawn for an amount a, a hue shift
@@ -22,7 +24,13 @@ Conventions:
 * Formulas: brightness x·f (SimCLR v2's multiplicative form); contrast (x - μ_c)·f + μ_c with μ_c the
   per-channel mean (as tf.image.adjust_contrast); saturation g + f·(x - g) with g the BT.601 luma (as
   torchvision); hue: rotation in HSV; blur: separable Gaussian with half-sample symmetric padding, which
-  keeps a constant image constant and the image mean exactly.
+  keeps a constant image constant and the image mean exactly; rotation and elastic distortion: output
+  pixel p reads the input at R(-theta) (p - c) + c + d(p) (c the image centre, d the elastic field),
+  bilinearly, outside positions clamped to the border pixels (scipy.ndimage's order=1, mode='nearest').
+  The elastic field is Simard et al.'s: uniform [-1, 1] per pixel and axis, Gaussian-smoothed with
+  std `elastic_sigma` (half-sample symmetric padding, radius 3 sigma), times `elastic_alpha` pixels.
+  Its H*W*2 uniforms come from a second stream, `fold_in(example key, 1)`, drawn only when the op is
+  on, so the other ops' draws are the same with it on or off.
 """
 from __future__ import annotations
 
@@ -57,8 +65,10 @@ _DRAW_SLICES = {op: slice(start, end)
                 for op, start, end in zip(_DRAW_SIZES, _DRAW_OFFSETS, _DRAW_OFFSETS[1:])}
 _NUM_DRAWS = _DRAW_OFFSETS[-1]
 
-_PROBABILITIES = ("crop_prob", "flip_prob", "jitter_prob", "grayscale_prob", "blur_prob", "noise_prob")
-_NON_NEGATIVE = ("brightness", "contrast", "saturation", "hue", "strength", "noise_std")
+_PROBABILITIES = ("crop_prob", "flip_prob", "jitter_prob", "grayscale_prob", "blur_prob", "noise_prob",
+                  "rotate_prob", "elastic_prob")
+_NON_NEGATIVE = ("brightness", "contrast", "saturation", "hue", "strength", "noise_std",
+                 "rotate_degrees", "elastic_alpha")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -86,6 +96,14 @@ def default_config() -> ml_collections.ConfigDict:
       noise_prob=0.0,  # probability of additive Gaussian noise
       noise_std=0.05,  # standard deviation of that noise
       clip_range=(0.0, 1.0),  # pixel range to clip to after each jitter op and the noise; None = off
+      # Geometric distortions, before the crop (off by default; glyphs: represent_glyphs.py).
+      rotate_prob=0.0,  # probability of a rotation about the centre
+      rotate_degrees=15.0,  # the angle ~ U[-a, a] degrees
+      elastic_prob=0.0,  # probability of an elastic distortion (Simard et al. 2003)
+      # Displacement scale in pixels, of the smoothed [-1, 1] field: at sigma 3, alpha 20 moves a pixel
+      # by about 1 pixel (std), what the glyphs' own elastic distortion does at 28x28.
+      elastic_alpha=20.0,
+      elastic_sigma=3.0,  # std of the field's Gaussian smoothing, in pixels
   ))
 
 
@@ -134,6 +152,8 @@ def _options(cfg: Mapping[str, Any] | ml_collections.ConfigDict) -> dict[str, An
   _check_pair(options, "crop_scale", 0.0, low_inclusive=False, high=1.0)
   _check_pair(options, "crop_ratio", 0.0, low_inclusive=False)
   _check_pair(options, "blur_sigma", 0.0, low_inclusive=False)
+  if not _is_number(options["elastic_sigma"]) or options["elastic_sigma"] <= 0:
+    _fail("elastic_sigma", options["elastic_sigma"], "must be a finite number > 0")
   if options["clip_range"] is not None:
     _check_pair(options, "clip_range", -math.inf, low_inclusive=False)
     if options["clip_range"][0] == options["clip_range"][1]:
@@ -307,6 +327,45 @@ def gaussian_blur(image: jax.Array, sigma: jax.Array | float,
   return jnp.einsum("ih,hwc,jw->ijc", rows, image, cols, precision=jax.lax.Precision.HIGHEST)
 
 
+def warp(image: jax.Array, angle: jax.Array | float, displacement: jax.Array | None = None
+         ) -> jax.Array:
+  """The image rotated by `angle` radians about its centre and displaced by `displacement` [H, W, 2]
+  (rows, columns; pixels): output pixel p reads the input at R(-angle) (p - c) + c + d(p),
+  bilinearly, with positions outside the image clamped to its border pixels.
+
+  A positive angle turns the content counter-clockwise as displayed (row 0 at the top), as
+  scipy.ndimage.rotate does.
+  """
+  height, width = image.shape[:2]
+  rows, cols = jnp.meshgrid(jnp.arange(height, dtype=jnp.float32),
+                            jnp.arange(width, dtype=jnp.float32), indexing="ij")
+  centre_r, centre_c = (height - 1) / 2.0, (width - 1) / 2.0
+  cos, sin = jnp.cos(angle), jnp.sin(angle)
+  dr, dc = rows - centre_r, cols - centre_c
+  source_r = cos * dr + sin * dc + centre_r
+  source_c = -sin * dr + cos * dc + centre_c
+  if displacement is not None:
+    source_r, source_c = source_r + displacement[..., 0], source_c + displacement[..., 1]
+  source_r = jnp.clip(source_r, 0.0, height - 1.0)
+  source_c = jnp.clip(source_c, 0.0, width - 1.0)
+  # Bilinear: the four neighbours' weights (a weight is 0 where the position is on a pixel centre).
+  r0, c0 = jnp.floor(source_r), jnp.floor(source_c)
+  wr, wc = (source_r - r0)[..., None], (source_c - c0)[..., None]
+  r0, c0 = r0.astype(jnp.int32), c0.astype(jnp.int32)
+  r1, c1 = jnp.minimum(r0 + 1, height - 1), jnp.minimum(c0 + 1, width - 1)
+  return ((1 - wr) * ((1 - wc) * image[r0, c0] + wc * image[r0, c1])
+          + wr * ((1 - wc) * image[r1, c0] + wc * image[r1, c1]))
+
+
+def elastic_field(uniforms: jax.Array, alpha: float, sigma: float) -> jax.Array:
+  """[H, W, 2] displacement (pixels) from uniforms [H, W, 2] in [0, 1): Simard et al.'s field,
+  2u - 1 smoothed by a Gaussian of std `sigma` (half-sample symmetric padding, radius 3 sigma), times
+  `alpha`."""
+  height, width = uniforms.shape[:2]
+  radius = (blur_radius(sigma, height), blur_radius(sigma, width))
+  return alpha * gaussian_blur(2.0 * uniforms - 1.0, sigma, radius)
+
+
 def uniform_to_normal(uniforms: jax.Array) -> jax.Array:
   """Standard normal draws from uniforms in [0, 1) by the inverse CDF, sqrt(2) erfinv(2u - 1)."""
   lowest = np.nextafter(np.float32(-1), np.float32(0))  # u = 0 would map to -inf
@@ -332,6 +391,21 @@ def _augment_example(image: jax.Array, key: jax.Array, options: dict[str, Any]) 
   def draws(op: str) -> jax.Array:
     return uniforms[_DRAW_SLICES[op]]
 
+  rotate = options["rotate_prob"] > 0 and options["rotate_degrees"] > 0
+  elastic = options["elastic_prob"] > 0 and options["elastic_alpha"] > 0
+  if rotate or elastic:
+    # A second stream, so that the draws of the ops above are the same with these on or off.
+    geo = jax.random.uniform(jax.random.fold_in(key, 1), (4 + (height * width * 2 if elastic else 0),))
+    angle = 0.0
+    if rotate:
+      degrees = options["rotate_degrees"] * (2.0 * geo[1] - 1.0)
+      angle = jnp.where(geo[0] < options["rotate_prob"], jnp.deg2rad(degrees), 0.0)
+    field = None
+    if elastic:
+      field = elastic_field(geo[4:].reshape(height, width, 2), options["elastic_alpha"],
+                            options["elastic_sigma"])
+      field = jnp.where(geo[2] < options["elastic_prob"], field, 0.0)
+    image = warp(image, angle, field)
   if options["crop_prob"] > 0:
     crop_draws = draws("crop")
     box = crop_box(crop_draws[1:], options["crop_scale"], options["crop_ratio"], aspect=width / height)

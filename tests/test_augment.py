@@ -33,6 +33,7 @@ adjust_hue = jax.jit(augment.adjust_hue)
 color_jitter = jax.jit(augment.color_jitter, static_argnums=3)
 resized_crop = jax.jit(augment.resized_crop)
 gaussian_blur = jax.jit(augment.gaussian_blur, static_argnums=2)
+warp = jax.jit(augment.warp)
 scale_and_translate = jax.jit(jax.image.scale_and_translate, static_argnums=(1, 2, 5))
 
 
@@ -171,6 +172,50 @@ def test_gaussian_blur_matches_scipy_and_keeps_constants_and_mean():
     np.testing.assert_allclose(gaussian_blur(constant, sigma, radius), constant, atol=1e-6)
 
 
+def test_rotation_matches_scipy():
+  """`warp` at an angle is scipy.ndimage.rotate (about the centre, bilinear, border pixels repeated)."""
+  image = RGB[0, :20, :14]
+  for degrees in (0.0, 12.0, -30.0, 90.0):
+    out = np.asarray(warp(image, np.deg2rad(degrees), None))
+    expected = scipy.ndimage.rotate(image.astype(np.float64), degrees, axes=(1, 0), reshape=False,
+                                    order=1, mode="nearest")
+    np.testing.assert_allclose(out, expected, atol=1e-5)
+
+
+def test_elastic_distortion_matches_scipy():
+  """Simard et al.'s field (2u - 1, Gaussian-smoothed, times alpha) and its bilinear resampling against
+  scipy's gaussian_filter and map_coordinates; alpha 0 is the identity."""
+  image, uniforms = DIGITS[2, :, :, 0], RNG.uniform(size=(8, 8, 2)).astype(np.float32)
+  alpha, sigma = 3.0, 1.5
+  field = np.asarray(augment.elastic_field(uniforms, alpha, sigma))
+  radius = augment.blur_radius(sigma, 8)
+  expected_field = alpha * scipy.ndimage.gaussian_filter(2.0 * uniforms.astype(np.float64) - 1.0,
+                                                         sigma=(sigma, sigma, 0), mode="reflect",
+                                                         truncate=radius / sigma)
+  np.testing.assert_allclose(field, expected_field, atol=1e-5)
+  rows, cols = np.meshgrid(np.arange(8.0), np.arange(8.0), indexing="ij")
+  expected = scipy.ndimage.map_coordinates(image.astype(np.float64),
+                                           [rows + field[..., 0], cols + field[..., 1]], order=1,
+                                           mode="nearest")
+  np.testing.assert_allclose(np.asarray(warp(image[..., None], 0.0, field))[..., 0], expected,
+                             atol=1e-5)
+  np.testing.assert_array_equal(warp(DIGITS[2], 0.0, np.zeros((8, 8, 2), np.float32)), DIGITS[2])
+
+
+def test_geometric_ops_leave_the_other_draws_alone():
+  """Rotation and elastic distortion draw from a second stream: with the rest off they change every
+  view; with them off the views are what they were (the digits' recipe is unchanged)."""
+  key = jax.random.key(5)
+  geometric = dict(crop_prob=0.0, jitter_prob=0.0, rotate_prob=1.0, elastic_prob=1.0,
+                   elastic_alpha=2.0, elastic_sigma=1.0)
+  out = np.asarray(jax.jit(lambda x: augment.augment(x, key, geometric))(DIGITS))
+  assert np.all(np.abs(out - DIGITS).max(axis=(1, 2, 3)) > 1e-3)
+  assert out.min() >= 0 and out.max() <= 1  # bilinear resampling stays in range
+  off = dict(DIGITS_CFG, rotate_prob=0.0, elastic_prob=0.0)
+  np.testing.assert_array_equal(jax.jit(lambda x: augment.augment(x, key, off))(DIGITS),
+                                augment_digits(DIGITS, key))
+
+
 def test_blur_radius_fits_the_image():
   assert augment.blur_radius(2.0, 224) == 6
   assert augment.blur_radius(2.0, 8) == 6
@@ -264,6 +309,8 @@ def test_defaults_validate_and_suit_digits():
     (dict(noise_std=float("nan")), r"--config\.augment\.noise_std"),
     (dict(clip_range=(1.0, 1.0)), r"--config\.augment\.clip_range"),
     (dict(jitter_prob=True), r"--config\.augment\.jitter_prob"),
+    (dict(rotate_prob=2.0), r"--config\.augment\.rotate_prob"),
+    (dict(elastic_sigma=0.0), r"elastic_sigma=0\.0 must be a finite number > 0"),
 ])
 def test_validate_rejects_bad_values(overrides, message):
   cfg = augment.default_config().to_dict()

@@ -37,6 +37,8 @@ VARIANTS += [("finetune_folder", f"path={ROOT},init={ROOT},method={m}")
              for m in ("full", "lpft", "unfreeze")]
 VARIANTS += [("clip_digits", "loss=sigmoid"), ("coral_digits", "method=mmd"),
              ("multitask_digits", "weighting=pcgrad")]
+VARIANTS += [("maml_glyphs", f"method={m}") for m in ("fomaml", "anil")]
+VARIANTS += [("episodes_glyphs", f"learner={m}") for m in ("maml", "simclr", "supcon")]
 
 
 def _config(name: str, arg: str | None, total_steps: int) -> ml_collections.ConfigDict:

@@ -4,6 +4,12 @@
       --workdir=runs/supcon_g
   python -m experiments.evaluate --workdir=runs/supcon_g
 
+`views` (contrastive methods): `glyphs` (the default) makes the two views differ the way the glyphs'
+own instances do: a rotation of up to 15 degrees, an elastic distortion of about 1 pixel (Simard et al.
+2003; `augment.elastic_*`), a random resized crop of 70-100% of the area, brightness and contrast
+jitter; `digits` is the digits' recipe (`augment.default_config()`: crop of 40-100%, brightness and
+contrast), which leaves the views too alike (docs/glyphs.md).
+
 `method`: `supervised` (cross-entropy over the 1,238 background characters, then the head is dropped),
 `simclr` (NT-Xent between two augmented views, no labels) or `supcon` (supervised contrastive, the
 character as the label). All three train the same encoder as `protonet_glyphs.py` (the four-block
@@ -12,6 +18,8 @@ prototypes on frozen features in 600 fixed episodes of the evaluation scripts, 5
 shots, with nearest prototypes on raw pixels beside each (the `episodic` evaluator). At one shot a
 nearest prototype is a 1-nearest-neighbour classifier.
 """
+import ml_collections
+
 from experiments.configs.common import base_config, parse_arg
 from experiments.configs.protonet_glyphs import glyph_episodic_evals
 from jtl import augment
@@ -19,12 +27,24 @@ from jtl.objectives import contrastive
 
 NUM_BACKGROUND_CLASSES = 1238  # characters of the background scripts (tests/test_glyphs.py checks)
 METHODS = ("supervised", "simclr", "supcon")
+VIEWS = ("glyphs", "digits")
+
+
+def glyph_views() -> ml_collections.ConfigDict:
+  """`config.augment` for glyphs: the geometric variation of handwriting, then a mild crop."""
+  c = augment.default_config()
+  c.rotate_prob, c.rotate_degrees = 1.0, 15.0
+  c.elastic_prob, c.elastic_alpha, c.elastic_sigma = 1.0, 20.0, 3.0
+  c.crop_scale = (0.7, 1.0)  # a glyph fills most of its box: a 40% crop cuts strokes off
+  return c
 
 
 def get_config(arg=None):
-  a = parse_arg(arg, method="supcon")
+  a = parse_arg(arg, method="supcon", views="glyphs")
   if a.method not in METHODS:
     raise ValueError(f"unknown method {a.method!r}; use one of {', '.join(METHODS)}")
+  if a.views not in VIEWS:
+    raise ValueError(f"unknown views {a.views!r}; use one of {', '.join(VIEWS)}")
   c = base_config()
   c.objective = a.method
   c.total_steps = 1000
@@ -41,6 +61,6 @@ def get_config(arg=None):
     c.data.augment = False  # the views come from config.augment, on device
     c.contrastive = contrastive.default_config()
     c.contrastive.temperature = 0.1
-    c.augment = augment.default_config()
+    c.augment = glyph_views() if a.views == "glyphs" else augment.default_config()
   c.evals = glyph_episodic_evals()
   return c
