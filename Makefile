@@ -10,17 +10,19 @@ TEST_WORKERS ?= 2
 
 # uv installs the same pinned versions as pip, with parallel downloads: seconds, not minutes (the
 # test extras are about 2.4 GB); pip stays in the venv for whoever adds packages by hand.
+# --compile-bytecode, as pip does: where PYTHONDONTWRITEBYTECODE is set, every process (each CLI run
+# and documented command of the tests) would otherwise compile TF's and JAX's modules again.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet uv
-	$(PY) -m uv pip install --quiet --python $(PY) -e '.[test]'
+	$(PY) -m uv pip install --quiet --compile-bytecode --python $(PY) -e '.[test]'
 	touch $(STAMP)
 
 install: $(STAMP)
 
 test: $(STAMP)
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 TF_CPP_MIN_LOG_LEVEL=3 \
-	  $(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup -q tests
+	  $(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup -q --durations=25 tests
 
 demo: $(STAMP)
 	TF_CPP_MIN_LOG_LEVEL=3 $(PY) -m experiments.demo --workdir=$(WORKDIR)
