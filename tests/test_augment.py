@@ -12,7 +12,7 @@ import pytest
 import scipy.ndimage
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jtl import augment
+from jtl import augment, image_ops
 from jtl.errors import ConfigError
 
 RNG = np.random.default_rng(0)
@@ -29,11 +29,11 @@ augment_rgb = jax.jit(lambda x, k, offset: augment.augment(x, k, RGB_CFG, index_
 augment_digits = jax.jit(functools.partial(augment.augment, cfg=DIGITS_CFG))
 views_digits = jax.jit(functools.partial(augment.views, cfg=DIGITS_CFG, num_views=2))
 # Single ops jitted: one compilation per shape instead of one per primitive (eager dispatch).
-adjust_hue = jax.jit(augment.adjust_hue)
-color_jitter = jax.jit(augment.color_jitter, static_argnums=3)
-resized_crop = jax.jit(augment.resized_crop)
-gaussian_blur = jax.jit(augment.gaussian_blur, static_argnums=2)
-warp = jax.jit(augment.warp)
+adjust_hue = jax.jit(image_ops.adjust_hue)
+color_jitter = jax.jit(image_ops.color_jitter, static_argnums=3)
+resized_crop = jax.jit(image_ops.resized_crop)
+gaussian_blur = jax.jit(image_ops.gaussian_blur, static_argnums=2)
+warp = jax.jit(image_ops.warp)
 scale_and_translate = jax.jit(jax.image.scale_and_translate, static_argnums=(1, 2, 5))
 
 
@@ -61,18 +61,18 @@ NP_OPS = (lambda x, f: x * f,
 
 def test_brightness_contrast_saturation_grayscale_match_formulas():
   x = RGB[0, :6, :5]
-  np.testing.assert_allclose(augment.adjust_brightness(x, 1.7), x * 1.7, rtol=1e-6)
+  np.testing.assert_allclose(image_ops.adjust_brightness(x, 1.7), x * 1.7, rtol=1e-6)
   mean = x.mean(axis=(0, 1))
-  np.testing.assert_allclose(augment.adjust_contrast(x, 0.3), (x - mean) * 0.3 + mean, atol=1e-6)
-  np.testing.assert_allclose(augment.adjust_saturation(x, 1.6), NP_OPS[2](x, 1.6), atol=1e-6)
-  np.testing.assert_allclose(augment.adjust_saturation(x, 0.0), np_gray(x), atol=1e-6)
-  np.testing.assert_allclose(augment.to_grayscale(x), np_gray(x), atol=1e-6)
+  np.testing.assert_allclose(image_ops.adjust_contrast(x, 0.3), (x - mean) * 0.3 + mean, atol=1e-6)
+  np.testing.assert_allclose(image_ops.adjust_saturation(x, 1.6), NP_OPS[2](x, 1.6), atol=1e-6)
+  np.testing.assert_allclose(image_ops.adjust_saturation(x, 0.0), np_gray(x), atol=1e-6)
+  np.testing.assert_allclose(image_ops.to_grayscale(x), np_gray(x), atol=1e-6)
   gray = np.repeat(x[..., :1], 3, axis=-1)
-  np.testing.assert_allclose(augment.to_grayscale(gray), gray, atol=1e-6)
+  np.testing.assert_allclose(image_ops.to_grayscale(gray), gray, atol=1e-6)
   # One channel: contrast uses its own mean; colour ops leave it alone.
   d = DIGITS[0]
-  np.testing.assert_allclose(augment.adjust_contrast(d, 2.0), 2.0 * d - d.mean(), atol=1e-6)
-  for op in (augment.to_grayscale, lambda im: augment.adjust_saturation(im, 0.2),
+  np.testing.assert_allclose(image_ops.adjust_contrast(d, 2.0), 2.0 * d - d.mean(), atol=1e-6)
+  for op in (image_ops.to_grayscale, lambda im: image_ops.adjust_saturation(im, 0.2),
              lambda im: adjust_hue(im, 0.3)):
     np.testing.assert_array_equal(op(d), d)
 
@@ -109,14 +109,14 @@ def test_color_jitter_neutral_factors_are_identity():
 
 def test_flip():
   x = RGB[0]
-  np.testing.assert_array_equal(augment.flip(x, True), x[:, ::-1])
-  np.testing.assert_array_equal(augment.flip(x, False), x)
-  np.testing.assert_array_equal(augment.flip(augment.flip(x, True), True), x)
+  np.testing.assert_array_equal(image_ops.flip(x, True), x[:, ::-1])
+  np.testing.assert_array_equal(image_ops.flip(x, False), x)
+  np.testing.assert_array_equal(image_ops.flip(image_ops.flip(x, True), True), x)
 
 
 @pytest.mark.parametrize("image", [DIGITS[0], RGB[0]], ids=["8x8x1", "32x32x3"])
 def test_full_box_crop_is_identity(image):
-  box = augment.crop_box(jnp.asarray(RNG.uniform(size=augment.CROP_DRAWS), jnp.float32), (1, 1), (1, 1))
+  box = image_ops.crop_box(jnp.asarray(RNG.uniform(size=image_ops.CROP_DRAWS), jnp.float32), (1, 1), (1, 1))
   np.testing.assert_array_equal(box, augment.FULL_BOX)
   np.testing.assert_allclose(resized_crop(image, box), image, atol=1e-6)
 
@@ -148,8 +148,8 @@ def test_resized_crop_matches_scale_and_translate():
 @pytest.mark.parametrize("aspect, ratio", [(1.0, (0.5, 2.0)), (2.0, (1.0, 4.0))])
 def test_crop_box_draws_area_and_ratio_in_range(aspect, ratio):
   scale = (0.1, 0.5)  # with these ratios every candidate fits, so the first is taken: no bias
-  uniforms = jnp.asarray(RNG.uniform(size=(2000, augment.CROP_DRAWS)), jnp.float32)
-  boxes = np.asarray(jax.jit(jax.vmap(lambda u: augment.crop_box(u, scale, ratio, aspect)))(uniforms))
+  uniforms = jnp.asarray(RNG.uniform(size=(2000, image_ops.CROP_DRAWS)), jnp.float32)
+  boxes = np.asarray(jax.jit(jax.vmap(lambda u: image_ops.crop_box(u, scale, ratio, aspect)))(uniforms))
   top, left, height, width = boxes.T
   area, pixel_ratio = height * width, width / height * aspect
   assert np.all(top >= 0) and np.all(left >= 0)
@@ -187,8 +187,8 @@ def test_elastic_distortion_matches_scipy():
   scipy's gaussian_filter and map_coordinates; alpha 0 is the identity."""
   image, uniforms = DIGITS[2, :, :, 0], RNG.uniform(size=(8, 8, 2)).astype(np.float32)
   alpha, sigma = 3.0, 1.5
-  field = np.asarray(augment.elastic_field(uniforms, alpha, sigma))
-  radius = augment.blur_radius(sigma, 8)
+  field = np.asarray(image_ops.elastic_field(uniforms, alpha, sigma))
+  radius = image_ops.blur_radius(sigma, 8)
   expected_field = alpha * scipy.ndimage.gaussian_filter(2.0 * uniforms.astype(np.float64) - 1.0,
                                                          sigma=(sigma, sigma, 0), mode="reflect",
                                                          truncate=radius / sigma)
@@ -217,17 +217,17 @@ def test_geometric_ops_leave_the_other_draws_alone():
 
 
 def test_blur_radius_fits_the_image():
-  assert augment.blur_radius(2.0, 224) == 6
-  assert augment.blur_radius(2.0, 8) == 6
-  assert augment.blur_radius(5.0, 8) == 7
+  assert image_ops.blur_radius(2.0, 224) == 6
+  assert image_ops.blur_radius(2.0, 8) == 6
+  assert image_ops.blur_radius(5.0, 8) == 7
 
 
 def test_uniform_to_normal():
   uniforms = jnp.asarray(np.append(RNG.uniform(size=20000), 0.0), jnp.float32)
-  normal = np.asarray(augment.uniform_to_normal(uniforms))
+  normal = np.asarray(image_ops.uniform_to_normal(uniforms))
   assert np.all(np.isfinite(normal))
   assert abs(normal.mean()) < 0.03 and abs(normal.std() - 1) < 0.03
-  np.testing.assert_allclose(augment.add_noise(DIGITS[0], normal[:64].reshape(8, 8, 1), 0.1),
+  np.testing.assert_allclose(image_ops.add_noise(DIGITS[0], normal[:64].reshape(8, 8, 1), 0.1),
                              DIGITS[0] + 0.1 * normal[:64].reshape(8, 8, 1), rtol=1e-6)
 
 
