@@ -224,6 +224,10 @@ MUTATIONS: tuple[Mutation, ...] = (
     M("evaluate-config-mesh-ignored", "evaluate --config takes that config's mesh section",
       "jtl/evaluate.py", 'for section in ("eval", "evals", "mesh"):', 'for section in ("eval", "evals"):',
       ("tests/test_evaluate.py::test_evaluate_with_config_takes_its_eval_and_mesh_sections",)),
+    M("tf-imports-keras", "entry points import TensorFlow without Keras (a third of its import time)",
+      "jtl/startup_notices.py", '    sys.modules["keras"] = None', '    pass  # (keras imported)',
+      ("tests/test_progress.py::test_entry_points_import_tensorflow_without_keras_and_keras_still_"
+       "loads_on_demand",)),
     M("evaluate-config-eval-ignored", "evaluate --config takes that config's eval section",
       "jtl/evaluate.py", 'for section in ("eval", "evals", "mesh"):', 'for section in ("evals", "mesh"):',
       ("tests/test_evaluate.py::test_evaluate_with_config_takes_its_eval_and_mesh_sections",)),
