@@ -3,8 +3,9 @@ against two classifiers on raw pixels.
 
   python -m experiments.demo --workdir=workdirs/demo [--shots=1] [--source=mixed|handwritten]
 
-Runs, each through the real CLI (`experiments.train`, then `experiments.evaluate` on its checkpoints):
-pretrain → scratch / linear_probe / finetune on K shots per target class. Then fits the raw-pixel
+Runs, each through the real CLI (`experiments.cell`: what `experiments.train` and then
+`experiments.evaluate --workdir` run, in one process, as a sweep's cell; one start-up of TensorFlow
+and JAX per run, not two): pretrain → scratch / linear_probe / finetune on K shots per target class. Then fits the raw-pixel
 baselines (`jtl/baselines.py`: logistic regression and 1-nearest-neighbour) on the same K labelled
 examples per class and scores them on the same test split. Prints a table (run, trainable and frozen
 parameters, target test accuracy, test examples) and writes WORKDIR/plots/transfer_digits.png.
@@ -116,11 +117,10 @@ def main(argv):
     live = sys.stdout.isatty() and not verbose()  # one line, rewritten in place
     back, clear = ("\r", "\x1b[K") if live else ("", "")
     print(f"{label}: training and evaluating", end="" if live else "\n", flush=True)
-    trained = run("experiments.train", config, workdir, label)
-    evaluated = run("experiments.evaluate", config, workdir, label)
+    seconds = run("experiments.cell", config, workdir, label)
     steps = read_jsonl(workdir / "train_metrics.jsonl")[-1]["step"]
-    print(f"{back}{label}: trained {steps} steps in {trained:.0f} s, evaluated "
-          f"{len(read_jsonl(workdir / 'eval_metrics.jsonl'))} checkpoints in {evaluated:.0f} s "
+    print(f"{back}{label}: trained {steps} steps and evaluated "
+          f"{len(read_jsonl(workdir / 'eval_metrics.jsonl'))} checkpoints in {seconds:.0f} s "
           f"({workdir}){clear}", flush=True)
 
   rows, series = [], {}

@@ -10,10 +10,10 @@ if "collective_call_terminate" not in os.environ["XLA_FLAGS"]:
                               " --xla_cpu_collective_call_warn_stuck_timeout_seconds=300")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-# One data dir per pytest-xdist worker, so two workers never build the same dataset at once.
-os.environ.setdefault(
-    "TFDS_DATA_DIR",
-    tempfile.mkdtemp(prefix=f"jtl_tfds_{os.environ.get('PYTEST_XDIST_WORKER', 'main')}_"))
+# One TFDS data dir per test session, shared by its xdist workers and the processes tests start: each
+# embedded dataset is built once (jtl/data/source.py's prepare lock makes a second builder wait).
+os.environ.setdefault("TFDS_DATA_DIR", os.path.join(
+    tempfile.gettempdir(), f"jtl_tfds_{os.environ.get('PYTEST_XDIST_TESTRUNUID', os.getpid())}"))
 # One persistent compilation cache per test session, shared by its xdist workers and the processes
 # tests start: a step that several tests build compiles once. Fresh each session.
 os.environ.setdefault("JTL_COMPILATION_CACHE", os.path.join(

@@ -285,3 +285,57 @@ for overrides in {cases}:
                              start_step=2)
     images = b''.join(next(it)['image'].tobytes() for _ in range(4))
     assert hashlib.sha256(images).hexdigest() == digest
+
+
+def test_a_second_process_waits_for_the_first_to_prepare_the_same_dataset(tmp_path):
+  """Processes that start together (a sweep's cells, test workers) build an embedded dataset once:
+  while one holds the prepare lock, another that needs the dataset waits, then reads what it built."""
+  import fcntl
+  from jtl.data import source
+  name, data_dir = 'multi_digits', str(tmp_path / 'tfds')
+  child = subprocess.Popen([sys.executable, '-c', f"""
+from jtl import data
+from jtl.data import source
+built = []
+original = source._download_and_prepare
+source._download_and_prepare = lambda *args: built.append(1) or original(*args)
+print('asking', flush=True)
+config = data.default_data_config()
+config.name, config.data_dir = {name!r}, {data_dir!r}
+builder = data.get_builder(config)
+print('built it' if built else 'waited', builder.is_prepared(), flush=True)
+"""], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  os.makedirs(data_dir)
+  with open(source.prepare_lock_path(data_dir, name), 'a') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # this process is "the first": it prepares while holding it
+    output = []
+    for line in child.stdout:
+      output.append(line)
+      if line.startswith('asking'):
+        break
+    assert output and output[-1].startswith('asking'), ''.join(output)
+    builder = tfds.builder(name, data_dir=data_dir)
+    builder.download_and_prepare()
+  rest = child.communicate(timeout=600)[0]
+  assert child.returncode == 0, rest
+  assert rest.strip().splitlines()[-1] == 'waited True', rest
+
+
+@pytest.mark.parametrize('cache', [True, False])
+def test_pipelines_are_traced_without_autograph(monkeypatch, cache):
+  """jtl's map functions are straight-line TF, so AutoGraph's source rewrite (about 1 s of a run's
+  start-up) is skipped: no jtl map function of a train or eval pipeline goes through `converted_call`
+  (TFDS's readers still do: the patch sees those, so it is in the path)."""
+  from tensorflow.python.autograph.impl import api as autograph_api
+  converted = []
+  original = autograph_api.converted_call
+  monkeypatch.setattr(autograph_api, 'converted_call',
+                      lambda f, *args, **kwargs: converted.append(f) or original(f, *args, **kwargs))
+  pipeline._LOAD_CACHE.clear()
+  c = _config(cache=cache, augment=True, crop_padding=1, flip=True, image_size=12)
+  batch = next(data.train_iterator(c, global_batch_size=16, seed=0))
+  factory, _ = data.eval_iterator(c, global_batch_size=16)
+  assert batch['image'].shape == (16, 12, 12, 1) and next(factory())['image'].shape[0] == 16
+  ours = [f for f in converted
+          if getattr(getattr(f, 'func', f), '__module__', '').startswith('jtl')]  # (TFDS's own: its)
+  assert converted and not ours, [getattr(f, '__qualname__', f) for f in ours]

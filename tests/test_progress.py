@@ -51,12 +51,16 @@ def test_repeated_startup_notices_are_written_once():
 
 
 def test_entry_points_import_tensorflow_without_keras_and_keras_still_loads_on_demand():
-  """An entry point's start-up (experiments/cli.py) leaves Keras out of TF's import; tf.data works,
-  and `import keras` / `tf.keras` load it afterwards as usual."""
+  """An entry point's start-up (experiments/cli.py) leaves Keras out of TF's import, and so does
+  writing the run's HParams record (jtl/hparams.py); tf.data works, and `import keras` / `tf.keras`
+  load it afterwards as usual."""
   script = (
-      "import sys\n"
+      "import sys, tempfile\n"
       "from experiments import cli\n"
       "import tensorflow as tf\n"
+      "import ml_collections\n"
+      "from jtl import hparams\n"
+      "hparams.write(tempfile.mkdtemp(), ml_collections.ConfigDict({'optim': {'lr': 0.1}}))\n"
       "assert not [m for m in sys.modules if m == 'keras' or m.startswith('keras.')], 'keras loaded'\n"
       "assert list(tf.data.Dataset.range(3).map(lambda x: 2 * x).as_numpy_iterator()) == [0, 2, 4]\n"
       "import keras\n"

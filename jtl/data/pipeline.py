@@ -26,6 +26,8 @@ from jtl.data import preprocess
 from jtl.data import source
 from jtl.errors import ConfigError
 
+plain = source.plain
+
 _FOREVER = 2**62
 _LOAD_CACHE: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
 # The splits load_in_memory keeps, least recently used dropped first: up to this many bytes (and
@@ -87,7 +89,7 @@ def load_in_memory(c: ml_collections.ConfigDict, split: str, *,
     _LOAD_CACHE[key] = _LOAD_CACHE.pop(key)  # the most recently used last
     return _LOAD_CACHE[key]
   ds, _ = source.host_examples(c, split, 0, 1)
-  ds = ds.map(_decoder(c, train=train), num_parallel_calls=tf.data.AUTOTUNE).batch(4096)
+  ds = ds.map(plain(_decoder(c, train=train)), num_parallel_calls=tf.data.AUTOTUNE).batch(4096)
   batches = list(_options(ds).as_numpy_iterator())
   _LOAD_CACHE[key] = (np.concatenate([x['image'] for x in batches]),
                       {k: np.concatenate([x[k] for x in batches])
@@ -161,7 +163,7 @@ def train_iterator(data_config: ml_collections.ConfigDict, *, global_batch_size:
     drop = ('offsets', 'draws')
     return {**{k: v for k, v in chunk.items() if k not in drop}, 'image': to_float(images)}
 
-  ds = ds.map(finish, num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.map(plain(finish), num_parallel_calls=tf.data.AUTOTUNE)
   return _unchunk(_options(ds.prefetch(2)).as_numpy_iterator())
 
 
@@ -174,10 +176,10 @@ def _per_position(block_values: Callable[[tf.Tensor], tf.Tensor], block_size: in
   keeps its `columns` of every global batch.
   """
   first_block, offset = divmod(first_position, block_size)
-  blocks = tf.data.Dataset.range(first_block, _FOREVER).map(
-      lambda block: block_values(block)[tf.where(block == first_block, offset, 0):])
+  blocks = tf.data.Dataset.range(first_block, _FOREVER).map(plain(
+      lambda block: block_values(block)[tf.where(block == first_block, offset, 0):]))
   blocks = blocks.rebatch(steps * global_batch_size, drop_remainder=True)  # Slices: no per-item cost.
-  return blocks.map(lambda v: tf.reshape(v, [steps, global_batch_size, *v.shape[1:]])[:, columns])
+  return blocks.map(plain(lambda v: tf.reshape(v, [steps, global_batch_size, *v.shape[1:]])[:, columns]))
 
 
 def _in_memory_chunks(c: ml_collections.ConfigDict, seed: int,
@@ -235,7 +237,7 @@ def _in_memory_chunks(c: ml_collections.ConfigDict, seed: int,
            **({'draws': draws} if draws is not None else {})}
   ds = tf.data.Dataset.zip(parts)
   crops_left = offsets is not None and not precropped
-  return ds.map(chunk_at, num_parallel_calls=tf.data.AUTOTUNE), crops_left
+  return ds.map(plain(chunk_at), num_parallel_calls=tf.data.AUTOTUNE), crops_left
 
 
 def _streamed_chunks(c: ml_collections.ConfigDict, seed: int, start_step: int, local: int,
@@ -259,8 +261,8 @@ def _streamed_chunks(c: ml_collections.ConfigDict, seed: int, start_step: int, l
   def epoch_examples(epoch: tf.Tensor) -> tf.data.Dataset:
     return shard.shuffle(c.shuffle_buffer, seed=key * 2**20 + epoch, reshuffle_each_iteration=False)
 
-  ds = tf.data.Dataset.range(first_epoch, _FOREVER).flat_map(epoch_examples).skip(skip)
-  ds = ds.map(_decoder(c, train=True), num_parallel_calls=tf.data.AUTOTUNE)
+  ds = tf.data.Dataset.range(first_epoch, _FOREVER).flat_map(plain(epoch_examples)).skip(skip)
+  ds = ds.map(plain(_decoder(c, train=True)), num_parallel_calls=tf.data.AUTOTUNE)
   if example_draws is not None:  # random-resized crop of each example at its own size
     size = (c.image_size, c.image_size)
     area = tuple(c.crop_area)
@@ -270,14 +272,14 @@ def _streamed_chunks(c: ml_collections.ConfigDict, seed: int, start_step: int, l
       box = preprocess.resized_crop_boxes(position_draws[None], tf.shape(image)[0],
                                           tf.shape(image)[1], area)
       return {**example, 'image': preprocess.resized_crops(image[None], box, size)[0]}
-    ds = tf.data.Dataset.zip((ds, example_draws)).map(crop, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = tf.data.Dataset.zip((ds, example_draws)).map(plain(crop), num_parallel_calls=tf.data.AUTOTUNE)
   ds = ds.batch(local, drop_remainder=True).batch(steps, drop_remainder=True)
   extra = {**({'offsets': offsets} if offsets is not None else {}),
            **({'draws': draws} if draws is not None and c.flip else {})}
   if not extra:
     return ds, False
   ds = tf.data.Dataset.zip((ds, extra))
-  return ds.map(lambda chunk, extra: {**chunk, **extra}), offsets is not None
+  return ds.map(plain(lambda chunk, extra: {**chunk, **extra})), offsets is not None
 
 
 def stored_image_shape(c: ml_collections.ConfigDict) -> tuple[int, int, int]:
@@ -336,14 +338,14 @@ def eval_iterator(
               **{k: tf.gather(v, index) for k, v in targets.items()},
               'mask': tf.cast(valid, tf.float32)}
 
-    ds = tf.data.Dataset.range(num_batches).map(batch_at, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = tf.data.Dataset.range(num_batches).map(plain(batch_at), num_parallel_calls=tf.data.AUTOTUNE)
   else:
     shard, _ = source.host_examples(c, split, process_index, process_count)
-    ds = shard.map(_decoder(c), num_parallel_calls=tf.data.AUTOTUNE)
-    ds = ds.map(lambda ex: {**ex, 'mask': tf.constant(1.0)})
+    ds = shard.map(plain(_decoder(c)), num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.map(plain(lambda ex: {**ex, 'mask': tf.constant(1.0)}))
     pad = _element_zeros(ds)
     ds = ds.concatenate(tf.data.Dataset.from_tensors(pad).repeat(num_batches * local - size))
-    ds = ds.batch(local).map(lambda b: {**b, 'image': to_float(b['image'])})
+    ds = ds.batch(local).map(plain(lambda b: {**b, 'image': to_float(b['image'])}))
   ds = _options(ds.prefetch(tf.data.AUTOTUNE))
   return ds.as_numpy_iterator, num_batches
 

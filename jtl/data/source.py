@@ -7,9 +7,13 @@ host sharding.
 """
 import contextlib
 import difflib
+import fcntl
 import functools
+import hashlib
 import io
 import logging
+import os
+import re
 import socket
 from collections.abc import Iterator
 
@@ -28,6 +32,13 @@ from jtl.data import printed_digits  # Registers `printed_digits`.
 from jtl.data import glyphs  # Registers `glyphs`.
 from jtl.data import folder  # `folder:<path>`: a user's own images, built offline.
 from jtl.errors import ConfigError
+
+
+def plain(fn):
+  """`fn` as a `Dataset.map` function that AutoGraph leaves as it is. jtl's map functions are
+  straight-line TensorFlow (no Python `if`/`for` on tensors), and AutoGraph's rewrite of their source
+  (parse, transform, recompile, for every function traced) cost about 1 s of every run's start-up."""
+  return tf.autograph.experimental.do_not_convert(fn)
 
 # Builders whose data ships inside an installed package: preparing them is offline and takes seconds.
 EMBEDDED = (digits.SklearnDigits.name, printed_digits.PrintedDigits.name,
@@ -93,8 +104,45 @@ def _prepare(builder: tfds.core.DatasetBuilder, name: str,
     raise ConfigError(f'dataset {name!r} is not prepared in {builder.data_dir} and there is no '
                       f'network to download it; prepare it where there is (`tfds build {name} '
                       '--data_dir=DIR`) and set --config.data.data_dir=DIR')
-  logging.info('Preparing dataset %s in %s (first use only; later runs read it from there)', name,
-               builder.data_dir)
+  with _one_preparer(builder, name):
+    _builder.cache_clear()
+    builder = _builder(name, data_dir)
+    if builder.is_prepared():  # another process prepared it while this one waited for the lock
+      return builder
+    logging.info('Preparing dataset %s in %s (first use only; later runs read it from there)', name,
+                 builder.data_dir)
+    return _download_and_prepare(builder, name, data_dir)
+
+
+@contextlib.contextmanager
+def _one_preparer(builder: tfds.core.DatasetBuilder, name: str) -> Iterator[None]:
+  """Held while `name` is prepared in a local data dir: processes that start together (a sweep's
+  cells, a pytest worker's tests) build an embedded dataset once; the others wait, then read it. An
+  fcntl lock, so a killed builder releases it. Data dirs on gs:// (no locks there) go unlocked: a
+  lost race there costs a second build, which `_download_and_prepare` tolerates."""
+  root = str(builder.data_dir_root)
+  try:
+    if '://' in root:
+      raise OSError('no file locks on a remote file system')
+    os.makedirs(root, exist_ok=True)
+    lock = open(prepare_lock_path(root, name), 'a')  # pylint: disable=consider-using-with
+  except OSError:  # (a read-only data dir: preparing will say what is wrong)
+    yield
+    return
+  with lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
+    yield
+
+
+def prepare_lock_path(data_dir_root: str, name: str) -> str:
+  """The lock file that `_prepare` holds while it prepares dataset `name` in `data_dir_root`."""
+  readable = re.sub(r'[^\w.-]+', '-', name)[:60]  # (a folder dataset's name holds its path)
+  return os.path.join(data_dir_root,
+                      f'.prepare-{readable}-{hashlib.sha1(name.encode()).hexdigest()[:8]}.lock')
+
+
+def _download_and_prepare(builder: tfds.core.DatasetBuilder, name: str,
+                          data_dir: str | None) -> tfds.core.DatasetBuilder:
   try:
     with _quiet_tfds():
       builder.download_and_prepare()
@@ -213,7 +261,7 @@ def read(builder: tfds.core.DatasetBuilder, split: str | tfds.typing.SplitArg) -
 def _raw_labels(name: str, data_dir: str | None, split: str) -> np.ndarray:
   """Labels of every example of `split` by raw index: one pass over the records, images undecoded."""
   ds = read(_builder(name, data_dir), split)
-  ds = ds.map(lambda ex: ex['label'], num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.map(plain(lambda ex: ex['label']), num_parallel_calls=tf.data.AUTOTUNE)
   return np.concatenate([np.zeros([0], np.int64)] + list(ds.batch(65536).as_numpy_iterator()))
 
 
@@ -303,13 +351,13 @@ def host_examples(c: ml_collections.ConfigDict, split: str, process_index: int,
     is_kept[keep] = True
     is_kept = tf.constant(is_kept)
     ds = read(builder, split).enumerate().take(len(is_kept))
-    ds = ds.filter(lambda index, _: tf.gather(is_kept, index))
-    ds = ds.map(lambda _, example: example)
+    ds = ds.filter(plain(lambda index, _: tf.gather(is_kept, index)))
+    ds = ds.map(plain(lambda _, example: example))
     ds = ds.shard(process_count, process_index)
     size = len(range(process_index, len(keep), process_count))
   names = list(target_features(builder))
   if not _has_class_label(builder.info.features):
-    return ds.map(lambda ex: {'image': ex['image'], **{k: ex[k] for k in names}}), size
+    return ds.map(plain(lambda ex: {'image': ex['image'], **{k: ex[k] for k in names}})), size
   table = tf.constant(label_table(c, builder.info.features['label'].num_classes))
-  return ds.map(lambda ex: {'image': ex['image'], **{k: ex[k] for k in names},
-                            'label': tf.gather(table, ex['label'])}), size
+  return ds.map(plain(lambda ex: {'image': ex['image'], **{k: ex[k] for k in names},
+                                  'label': tf.gather(table, ex['label'])})), size
