@@ -13,6 +13,8 @@ itself is never written), its commands in document order, so a fine-tuning finds
 an earlier command wrote there. `python` and `.venv/bin/python` are this interpreter. Step counts are
 shortened by `JTL_MAX_STEPS` (jtl/config.py `clip_to_max_steps`: `total_steps` clipped, warmups and
 phases fitted), so a documented 3,000-step run takes two; the commands themselves are run as written.
+A command that several documents run word for word (the 2-step pretraining into `runs/pre`, five
+times) runs once per session: the other documents copy its outputs (`_once_per_session`).
 
 A command that cannot run here (accelerators, several hosts, network, a cloud account, the long
 benchmarks and table scripts, `make test` itself) is listed in `EXCEPTED` with its reason. A command
@@ -21,13 +23,17 @@ longer matches any command (the docs moved on: update the list).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
+import hashlib
 import os
 import re
 import shutil
 import stat
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -222,6 +228,13 @@ def test_commands_are_found():
   assert [(c.line, c.text) for c in commands(console)] == [(4, "python -m bench --rounds=7")]
 
 
+def test_commands_that_several_documents_run_are_shared_with_their_outputs():
+  pretrain = [c for d in DOCS for c in to_run(d) if c.normalised == (
+      "python -m experiments.train --config=experiments/configs/pretrain_digits.py --workdir=runs/pre")]
+  assert len(pretrain) >= 2 and {shared_outputs(c) for c in pretrain} == {("runs/pre",)}
+  assert shared_outputs(Command("x.md", 1, "python -m experiments.train --workdir=runs/only_here")) == ()
+
+
 def test_max_steps_override_clips_total_steps_and_fits_the_schedule(monkeypatch):
   """JTL_MAX_STEPS, which shortens every documented run: total_steps clipped, the warmup and the
   phases fitted into the shorter run (so the config still validates); unset, nothing changes."""
@@ -279,18 +292,60 @@ def _param(doc: str):
   return pytest.param(doc, marks=[pytest.mark.xdist_group("glyphs")] if glyphs else [], id=doc)
 
 
+def shared_outputs(command: Command) -> tuple[str, ...]:
+  """What a command writes (`--workdir=runs/...`, `--data_dir=runs/...`) if several documents run it
+  word for word; () otherwise."""
+  if sum(c.normalised == command.normalised for d in DOCS for c in to_run(d)) < 2:
+    return ()
+  return tuple(re.findall(r"--(?:workdir|data_dir)=(runs/[\w./-]+)", command.normalised))
+
+
+@contextlib.contextmanager
+def _once_per_session(command: Command, tree: Path):
+  """For a command that several documents run word for word, on outputs that do not exist yet: the
+  first document to get there runs it and keeps a copy of its outputs for the session (all workers);
+  the others wait for that, copy the outputs into their tree, and skip the command. Yields whether
+  the command still has to run. So each documented command runs at least once per session."""
+  outputs = shared_outputs(command)
+  if not outputs or any((tree / o).exists() for o in outputs):
+    yield True
+    return
+  kept = Path(os.environ["JTL_TEST_SESSION_DIR"]) / "docs_outputs" / hashlib.sha1(
+      command.normalised.encode()).hexdigest()[:16]
+  kept.parent.mkdir(parents=True, exist_ok=True)
+  with open(f"{kept}.lock", "a") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # (released when the file closes: the first one has finished)
+    if kept.exists():
+      for o in outputs:
+        shutil.copytree(kept / o, tree / o, symlinks=True)
+      yield False
+      return
+    yield True
+    if all((tree / o).exists() for o in outputs):  # (it ran and succeeded: the caller asserted so)
+      copy = Path(tempfile.mkdtemp(dir=kept.parent))
+      for o in outputs:
+        shutil.copytree(tree / o, copy / o, symlinks=True)
+      copy.rename(kept)
+
+
 @pytest.mark.parametrize("doc", [_param(d) for d in DOCS if to_run(d)])
 def test_documented_commands_run(doc, tmp_path):
   tree = _fresh_tree(tmp_path)
   env = _environment(tree)
   for command in to_run(doc):
-    try:
-      result = subprocess.run(["bash", "-c", command.text], cwd=tree, env=env, capture_output=True,
-                              text=True, timeout=COMMAND_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-      pytest.fail(f"{command.doc}:{command.line}: still running after {COMMAND_TIMEOUT_S} s:\n"
-                  f"{command.text}")
-    assert result.returncode == 0, (
-        f"{command.doc}:{command.line}: exit status {result.returncode} from the documented command\n"
-        f"{command.text}\n--- its output (last lines) ---\n"
-        f"{(result.stdout + result.stderr)[-4000:]}")
+    with _once_per_session(command, tree) as to_do:
+      if to_do:
+        _run_documented(command, tree, env)
+
+
+def _run_documented(command: Command, tree: Path, env: dict[str, str]) -> None:
+  try:
+    result = subprocess.run(["bash", "-c", command.text], cwd=tree, env=env, capture_output=True,
+                            text=True, timeout=COMMAND_TIMEOUT_S)
+  except subprocess.TimeoutExpired:
+    pytest.fail(f"{command.doc}:{command.line}: still running after {COMMAND_TIMEOUT_S} s:\n"
+                f"{command.text}")
+  assert result.returncode == 0, (
+      f"{command.doc}:{command.line}: exit status {result.returncode} from the documented command\n"
+      f"{command.text}\n--- its output (last lines) ---\n"
+      f"{(result.stdout + result.stderr)[-4000:]}")
