@@ -22,7 +22,7 @@ install: $(STAMP)
 
 test: $(STAMP)
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 TF_CPP_MIN_LOG_LEVEL=3 \
-	  $(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup -q --durations=25 tests
+	  $(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup -q -rs --durations=25 tests
 
 demo: $(STAMP)
 	TF_CPP_MIN_LOG_LEVEL=3 $(PY) -m experiments.demo --workdir=$(WORKDIR)
