@@ -5,9 +5,10 @@ against two classifiers on raw pixels.
 
 Runs, each through the real CLI (`experiments.cell`: what `experiments.train` and then
 `experiments.evaluate --workdir` run, in one process, as a sweep's cell; one start-up of TensorFlow
-and JAX per run, not two): pretrain → scratch / linear_probe / finetune on K shots per target class. Then fits the raw-pixel
-baselines (`jtl/baselines.py`: logistic regression and 1-nearest-neighbour) on the same K labelled
-examples per class and scores them on the same test split. Prints a table (run, trainable and frozen
+and JAX per run, not two): pretrain → scratch / linear_probe / finetune on K shots per target
+class. Then fits the raw-pixel baselines (`jtl/baselines.py`: logistic regression and
+1-nearest-neighbour) on the same K labelled examples per class and scores them on the same test
+split. Prints a table (run, trainable and frozen
 parameters, target test accuracy, test examples) and writes WORKDIR/plots/transfer_digits.png.
 
 Sources (`--source`):

@@ -337,5 +337,5 @@ def test_pipelines_are_traced_without_autograph(monkeypatch, cache):
   factory, _ = data.eval_iterator(c, global_batch_size=16)
   assert batch['image'].shape == (16, 12, 12, 1) and next(factory())['image'].shape[0] == 16
   ours = [f for f in converted
-          if getattr(getattr(f, 'func', f), '__module__', '').startswith('jtl')]  # (TFDS's own: its)
+          if getattr(getattr(f, 'func', f), '__module__', '').startswith('jtl')]  # (not TFDS's)
   assert converted and not ours, [getattr(f, '__qualname__', f) for f in ours]

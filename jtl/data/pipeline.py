@@ -179,7 +179,8 @@ def _per_position(block_values: Callable[[tf.Tensor], tf.Tensor], block_size: in
   blocks = tf.data.Dataset.range(first_block, _FOREVER).map(plain(
       lambda block: block_values(block)[tf.where(block == first_block, offset, 0):]))
   blocks = blocks.rebatch(steps * global_batch_size, drop_remainder=True)  # Slices: no per-item cost.
-  return blocks.map(plain(lambda v: tf.reshape(v, [steps, global_batch_size, *v.shape[1:]])[:, columns]))
+  return blocks.map(plain(
+      lambda v: tf.reshape(v, [steps, global_batch_size, *v.shape[1:]])[:, columns]))
 
 
 def _in_memory_chunks(c: ml_collections.ConfigDict, seed: int,
@@ -272,7 +273,8 @@ def _streamed_chunks(c: ml_collections.ConfigDict, seed: int, start_step: int, l
       box = preprocess.resized_crop_boxes(position_draws[None], tf.shape(image)[0],
                                           tf.shape(image)[1], area)
       return {**example, 'image': preprocess.resized_crops(image[None], box, size)[0]}
-    ds = tf.data.Dataset.zip((ds, example_draws)).map(plain(crop), num_parallel_calls=tf.data.AUTOTUNE)
+    ds = tf.data.Dataset.zip((ds, example_draws)).map(plain(crop),
+                                                      num_parallel_calls=tf.data.AUTOTUNE)
   ds = ds.batch(local, drop_remainder=True).batch(steps, drop_remainder=True)
   extra = {**({'offsets': offsets} if offsets is not None else {}),
            **({'draws': draws} if draws is not None and c.flip else {})}
@@ -338,7 +340,8 @@ def eval_iterator(
               **{k: tf.gather(v, index) for k, v in targets.items()},
               'mask': tf.cast(valid, tf.float32)}
 
-    ds = tf.data.Dataset.range(num_batches).map(plain(batch_at), num_parallel_calls=tf.data.AUTOTUNE)
+    ds = tf.data.Dataset.range(num_batches).map(plain(batch_at),
+                                                num_parallel_calls=tf.data.AUTOTUNE)
   else:
     shard, _ = source.host_examples(c, split, process_index, process_count)
     ds = shard.map(plain(_decoder(c)), num_parallel_calls=tf.data.AUTOTUNE)
