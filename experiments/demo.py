@@ -8,8 +8,8 @@ Runs, each through the real CLI (`experiments.cell`: what `experiments.train` an
 and JAX per run, not two): pretrain → scratch / linear_probe / finetune on K shots per target
 class. Then fits the raw-pixel baselines (`jtl/baselines.py`: logistic regression and
 1-nearest-neighbour) on the same K labelled examples per class and scores them on the same test
-split. Prints a table (run, trainable and frozen
-parameters, target test accuracy, test examples) and writes WORKDIR/plots/transfer_digits.png.
+split. Prints a table (run, trainable and frozen parameters, target test accuracy, test examples)
+and writes WORKDIR/plots/transfer_digits.png.
 
 Sources (`--source`):
   mixed        (default) handwritten digits 0–4 plus printed digits 0–9 rendered from fonts and
