@@ -228,6 +228,17 @@ MUTATIONS: tuple[Mutation, ...] = (
       "jtl/startup_notices.py", '    sys.modules["keras"] = None', '    pass  # (keras imported)',
       ("tests/test_progress.py::test_entry_points_import_tensorflow_without_keras_and_keras_still_"
        "loads_on_demand",)),
+    M("prepare-unlocked", "a second process waits for the first to prepare the same dataset",
+      "jtl/data/source.py", "    fcntl.flock(lock, fcntl.LOCK_EX)  # released", "    pass  # (unlocked)",
+      ("tests/test_data.py::test_a_second_process_waits_for_the_first_to_prepare_the_same_dataset",)),
+    M("pipeline-autograph", "jtl's tf.data map functions skip AutoGraph (1 s of every start-up)",
+      "jtl/data/source.py", "  return tf.autograph.experimental.do_not_convert(fn)", "  return fn",
+      ("tests/test_data.py::test_pipelines_are_traced_without_autograph",)),
+    M("hparams-imports-keras", "writing the HParams record does not load Keras (1.5 s per run)",
+      "jtl/hparams.py", "from tensorboard.plugins.hparams import summary_v2 as hp",
+      "from tensorboard.plugins.hparams import api as hp",
+      ("tests/test_progress.py::test_entry_points_import_tensorflow_without_keras_and_keras_still_"
+       "loads_on_demand",)),
     M("evaluate-config-eval-ignored", "evaluate --config takes that config's eval section",
       "jtl/evaluate.py", 'for section in ("eval", "evals", "mesh"):', 'for section in ("evals", "mesh"):',
       ("tests/test_evaluate.py::test_evaluate_with_config_takes_its_eval_and_mesh_sections",)),
