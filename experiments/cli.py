@@ -266,17 +266,37 @@ def _start_distributed(flag_values: FlagValues) -> None:
                  jax.process_count(), jax.local_device_count(), jax.device_count())
 
 
-def _quiet_shutdown() -> None:
-  """After a storage error: the write threads that hit it too (orbax, tensorstore callbacks into a
-  closed event loop) would print their own tracebacks while the process exits; the error line says
-  it all."""
+def _quiet_shutdown(hard: bool) -> None:
+  """After a storage error: the write threads that hit it too would print their own tracebacks while
+  the process exits, or keep it waiting for them; the error line says it all. `hard` (a process of
+  its own, not a test calling `execute`): end now with `os._exit`, once the error line is flushed."""
   import threading  # pylint: disable=g-import-not-at-top
   sys.unraisablehook = lambda unraisable: None
   threading.excepthook = lambda args: None
   sys.excepthook = lambda *args: None
+  if hard:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(EXIT_BAD_INPUT)  # pylint: disable=protected-access
 
 
-def _guarded(main: Main, flag_values: FlagValues) -> int:
+def _closed_loop_callbacks_unprinted() -> None:
+  """tensorstore calls back into orbax's asyncio loop with `call_soon_threadsafe`; once a failed save
+  (full disk, `ulimit -f`) has ended that loop, each late callback reports `RuntimeError: Event loop
+  is closed` as an unraisable exception (a bare traceback, from C), before jtl's one `error:` line.
+  Those, and only those, are dropped."""
+  shown = sys.unraisablehook
+
+  def hook(unraisable):
+    if (unraisable.exc_type is RuntimeError
+        and str(unraisable.exc_value) == "Event loop is closed"):
+      return
+    shown(unraisable)
+
+  sys.unraisablehook = hook
+
+
+def _guarded(main: Main, flag_values: FlagValues, hard_exit: bool = False) -> int:
   try:
     _start_distributed(flag_values)
     main(flag_values)
@@ -291,8 +311,9 @@ def _guarded(main: Main, flag_values: FlagValues) -> int:
     if message is None:
       raise
     logging.flush()
-    _quiet_shutdown()
-    return _fail(message)
+    status = _fail(message)
+    _quiet_shutdown(hard_exit)
+    return status
   return 0
 
 
@@ -346,6 +367,7 @@ def run(define_flags: Define, main: Main) -> None:
   def wrapped(argv: list[str]) -> None:
     del argv
     own_lines_only()
-    sys.exit(_guarded(main, flags.FLAGS))
+    _closed_loop_callbacks_unprinted()
+    sys.exit(_guarded(main, flags.FLAGS, hard_exit=True))
 
   app.run(wrapped, flags_parser=parse)

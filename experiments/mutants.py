@@ -239,6 +239,10 @@ MUTATIONS: tuple[Mutation, ...] = (
       "from tensorboard.plugins.hparams import api as hp",
       ("tests/test_progress.py::test_entry_points_import_tensorflow_without_keras_and_keras_still_"
        "loads_on_demand",)),
+    M("closed-loop-tracebacks-printed", "a storage error prints one error line and no traceback",
+      "experiments/cli.py", "  sys.unraisablehook = hook\n", "  del hook\n",
+      ("tests/test_cli.py::test_late_callbacks_into_a_closed_event_loop_are_not_printed",
+       "tests/test_kill.py::test_a_file_size_limit_is_one_error_line_and_the_rerun_finishes")),
     M("evaluate-config-eval-ignored", "evaluate --config takes that config's eval section",
       "jtl/evaluate.py", 'for section in ("eval", "evals", "mesh"):', 'for section in ("evals", "mesh"):',
       ("tests/test_evaluate.py::test_evaluate_with_config_takes_its_eval_and_mesh_sections",)),

@@ -398,3 +398,23 @@ def test_evaluate_follows_the_run_config_over_a_different_given_one(pretrained, 
   assert status == 0, errors
   assert [r["step"] for r in read_jsonl(workdir / "eval_metrics.jsonl")] == [2, 4]
   assert "model.name" in caplog.text and "total_steps" in caplog.text
+
+
+def test_late_callbacks_into_a_closed_event_loop_are_not_printed(monkeypatch):
+  """After a failed save, tensorstore's callbacks into orbax's ended asyncio loop raise `Event loop
+  is closed` as unraisable exceptions (tests/test_kill.py sees them on a real `ulimit -f`, when the
+  race lets them happen): the CLI drops those, and every other unraisable exception still shows."""
+  shown = []
+  monkeypatch.setattr("sys.unraisablehook", lambda unraisable: shown.append(str(unraisable.exc_value)))
+  cli._closed_loop_callbacks_unprinted()
+
+  class RaisesWhenCollected:
+    def __init__(self, message):
+      self.message = message
+
+    def __del__(self):
+      raise RuntimeError(self.message)
+
+  RaisesWhenCollected("Event loop is closed")
+  RaisesWhenCollected("something else")
+  assert shown == ["something else"]

@@ -222,10 +222,9 @@ def test_a_file_size_limit_is_one_error_line_and_the_rerun_finishes(tmp_path):
   output = finish(process, deadline, expect=2)
   errors = error_lines(output)
   assert len(errors) == 1 and "file-size limit" in errors[0] and str(workdir) in errors[0], output
-  # No traceback of ours. Known leftover: orbax's writer threads, cut off by the exit, sometimes print
-  # asyncio's "Event loop is closed" at interpreter shutdown (a race in the library; docs/reliability.md).
-  tracebacks = output.split("Traceback")[1:]
-  assert all("Event loop is closed" in t.split("Traceback")[0] for t in tracebacks), output[-3000:]
+  # Nor orbax's writer threads' "Event loop is closed" at interpreter shutdown: the process ends at
+  # the error line (cli._quiet_shutdown).
+  assert "Traceback" not in output, output[-3000:]
   assert checkpoint.completed_steps(workdir) == []  # nothing half-written was committed
   finish(start(workdir, *SHORT), deadline)
   assert checkpoint.completed_steps(workdir)[-1] == 40
