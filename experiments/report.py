@@ -224,7 +224,9 @@ def main(argv: list[str]) -> int:
     f.write(table)
   with open(os.path.join(root, "report.csv"), "w") as f:
     f.write(csv_text(groups, metrics))
-  picture = plot([g for g in groups if g.final], metrics[0], os.path.join(root, "report.png"))
+  finished = [g for g in groups if g.final]
+  picture = (plot(finished, metrics[0], os.path.join(root, "report.png")) if finished
+             else "no report.png (no cell has finished)")
   print(table + f"\nwritten: {os.path.join(root, 'report.md')}, report.csv, {picture}", flush=True)
   return 0
 

@@ -220,6 +220,44 @@ def test_global_batch_does_not_depend_on_host_count():
       np.testing.assert_array_equal(np.concatenate([h[step][key] for h in hosts]), single[step][key])
 
 
+def test_class_balanced_batches_are_whole_groups_of_one_class(raw):
+  """data.per_class=M: every M consecutive training examples are one class; an epoch is every class's
+  floor(n_c / M) groups, no example twice; resume, other hosts and the next epoch behave as above."""
+  c = _config(per_class=4, shots=10)  # 10 examples per class: 2 groups of 4 each, 2 left out
+  per_epoch = 10 * 2 * 4
+  batches = _take(data.train_iterator(c, global_batch_size=8, seed=3), 2 * per_epoch // 8)
+  labels = np.concatenate([b['label'] for b in batches])
+  groups = labels.reshape(-1, 4)
+  assert (groups == groups[:, :1]).all()
+  for epoch in (slice(0, per_epoch), slice(per_epoch, 2 * per_epoch)):
+    keys = [k for b in batches for k in _keys(b['image'])][epoch]
+    assert len(set(keys)) == per_epoch  # no example twice within an epoch
+    assert collections.Counter(raw['train'][k] for k in keys) == {d: 8 for d in range(10)}
+    assert collections.Counter(labels[epoch]) == {d: 8 for d in range(10)}
+  # The groups come in a random class order, and the next epoch draws again.
+  assert len(set(groups[:, 0][:10].tolist())) > 3
+  assert not np.array_equal(labels[:per_epoch], labels[per_epoch:])
+  resumed = _take(data.train_iterator(c, global_batch_size=8, seed=3, start_step=7), 3)
+  hosts = [_take(data.train_iterator(c, global_batch_size=8, seed=3, start_step=7, process_index=i,
+                                     process_count=2), 3) for i in range(2)]
+  for step in range(3):
+    np.testing.assert_array_equal(resumed[step]['image'], batches[7 + step]['image'])
+    np.testing.assert_array_equal(np.concatenate([h[step]['label'] for h in hosts]),
+                                  batches[7 + step]['label'])
+
+
+@pytest.mark.parametrize('overrides, batch, expected', [
+    ({'per_class': 1}, 8, '--config.data.per_class'),
+    ({'per_class': 3}, 8, 'not a multiple of data.per_class=3'),
+    ({'per_class': 4, 'cache': False}, 8, '--config.data.cache=True'),
+    ({'per_class': 40, 'shots': 10}, 40, 'no class has that many'),
+])
+def test_class_balanced_batches_refuse_what_they_cannot_do(overrides, batch, expected):
+  with pytest.raises(ConfigError) as info:
+    next(data.train_iterator(_config(**overrides), global_batch_size=batch, seed=0))
+  assert expected in str(info.value) and '\n' not in str(info.value)
+
+
 @pytest.mark.parametrize('cache', [True, False])
 @pytest.mark.parametrize('process_count', [1, 2, 3])
 def test_eval_every_example_once(raw, cache, process_count):

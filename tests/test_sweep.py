@@ -195,6 +195,12 @@ def test_a_failing_cell_stops_the_sweep_with_one_line_naming_it_and_its_log(tmp_
   assert err.splitlines() == [err.strip()] and err.startswith("error: cell typo failed (exit 2: "), err
   assert log in err and "optim.lrr" in err
   assert "start  slow_s0" not in out and not os.path.exists(os.path.join(root, "slow_s0"))
+  # The report of a sweep with no finished cell: its table of unfinished cells, and no plot.
+  code, out, err = finish(start("experiments.report", f"--workdir={root}"))
+  assert code == 0 and "Traceback" not in err, out + err
+  assert "no report.png (no cell has finished)" in out
+  assert os.path.exists(os.path.join(root, "report.md"))
+  assert not os.path.exists(os.path.join(root, "report.png"))
 
 
 def test_unknown_sweep_is_one_line_and_writes_nothing(tmp_path):

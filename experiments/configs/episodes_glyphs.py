@@ -14,9 +14,15 @@ episodes of the evaluation scripts (5- and 20-way, 1 and 5 shots), over seeds.
              columns adapt on each test episode's support set, the 20-way ones are prototypes on the
              meta-learned backbone);
   supervised / simclr / supcon   `represent_glyphs.py` with that method (glyph views for the
-             contrastive ones): prototypes on the frozen encoder.
+             contrastive ones; class-balanced batches for SupCon): prototypes on the frozen encoder;
+  supcon_random   SupCon with random batches (`per_class=0`).
 Sweep `table` runs each learner with seeds 0, 1, 2 and shows the raw-pixel prototypes of the same
-episodes (no learning, no seed) as the first row.
+episodes (no learning, no seed) as the first row; sweep `represent` does the same for the learners
+of single images only (supervised, simclr, supcon, supcon_random: 12 runs of about 7 minutes on 2
+cores):
+
+  python -m experiments.sweep --config=experiments/configs/episodes_glyphs.py:sweep=represent \
+      --workdir=runs/glyphs_represent
 """
 from experiments.configs import maml_glyphs, protonet_glyphs, represent_glyphs
 from experiments.configs.common import parse_arg
@@ -31,8 +37,13 @@ LEARNERS = {  # learner -> (config module, its argument, the table's row)
     "supervised": (represent_glyphs, "method=supervised",
                    "cross-entropy encoder, prototypes on its features"),
     "simclr": (represent_glyphs, "method=simclr", "SimCLR (glyph views), prototypes on its features"),
-    "supcon": (represent_glyphs, "method=supcon", "SupCon (glyph views), prototypes on its features"),
+    "supcon": (represent_glyphs, "method=supcon",
+               "SupCon (glyph views, class-balanced batches), prototypes on its features"),
+    "supcon_random": (represent_glyphs, "method=supcon,per_class=0",
+                      "SupCon (glyph views, random batches), prototypes on its features"),
 }
+# Sweep `represent`: the encoders trained on single images, the contrastive goals' table.
+REPRESENT = ("supervised", "simclr", "supcon", "supcon_random")
 SEEDS = (0, 1, 2)
 CONFIG = "experiments/configs/episodes_glyphs.py"
 
@@ -52,16 +63,18 @@ def metric(ways: int, shots: int, kind: str = "") -> str:
 
 
 def get_sweep(name):
-  """`table`: each learner over SEEDS, and the raw-pixel prototypes on the same episodes."""
-  if name != "table":
-    raise ValueError(f"unknown sweep {name!r}; episodes_glyphs.py has: table")
-  first = next(iter(LEARNERS))
+  """`table`: each learner over SEEDS, and the raw-pixel prototypes on the same episodes;
+  `represent`: the same for the learners of `REPRESENT`."""
+  sweeps = {"table": tuple(LEARNERS), "represent": REPRESENT}
+  if name not in sweeps:
+    raise ValueError(f"unknown sweep {name!r}; episodes_glyphs.py has: {', '.join(sweeps)}")
+  learners = {learner: LEARNERS[learner][2] for learner in sweeps[name]}
   cells = [sweep.Cell("pixels", variant="raw-pixel prototypes (no learning)", kind="view",
-                      of=f"{first}_s{SEEDS[0]}",
+                      of=f"{next(iter(learners))}_s{SEEDS[0]}",
                       rename={metric(n, k, "pixel"): metric(n, k)
                               for n, k in protonet_glyphs.EVAL_EPISODES})]
-  cells += sweep.grid(CONFIG, {row: f"learner={learner}" for learner, (_, _, row) in LEARNERS.items()},
-                      SEEDS, keys={row: learner for learner, (_, _, row) in LEARNERS.items()})
+  cells += sweep.grid(CONFIG, {row: f"learner={learner}" for learner, row in learners.items()},
+                      SEEDS, keys={row: learner for learner, row in learners.items()})
   return sweep.Sweep(name, cells, metrics=tuple(metric(n, k) for n, k in protonet_glyphs.EVAL_EPISODES),
                      title=("accuracy on 600 fixed episodes of the evaluation scripts (5 queries per "
                             "class), mean ± std over seeds; every learner saw only the background "

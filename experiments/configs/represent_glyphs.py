@@ -10,6 +10,10 @@ own instances do: a rotation of up to 15 degrees, an elastic distortion of about
 jitter; `digits` is the digits' recipe (`augment.default_config()`: crop of 40-100%, brightness and
 contrast), which leaves the views too alike (docs/glyphs.md).
 
+`per_class`: class-balanced batches (`data.per_class`: every 4 consecutive images one character, a
+batch of 128 then holds 32 characters), the default for `supcon`; `per_class=0` gives random batches,
+in which SupCon's only positive is mostly the other view (docs/glyphs.md compares the two).
+
 `method`: `supervised` (cross-entropy over the 1,238 background characters, then the head is dropped),
 `simclr` (NT-Xent between two augmented views, no labels) or `supcon` (supervised contrastive, the
 character as the label). All three train the same encoder as `protonet_glyphs.py` (the four-block
@@ -40,7 +44,7 @@ def glyph_views() -> ml_collections.ConfigDict:
 
 
 def get_config(arg=None):
-  a = parse_arg(arg, method="supcon", views="glyphs")
+  a = parse_arg(arg, method="supcon", views="glyphs", per_class=None)
   if a.method not in METHODS:
     raise ValueError(f"unknown method {a.method!r}; use one of {', '.join(METHODS)}")
   if a.views not in VIEWS:
@@ -62,5 +66,8 @@ def get_config(arg=None):
     c.contrastive = contrastive.default_config()
     c.contrastive.temperature = 0.1
     c.augment = glyph_views() if a.views == "glyphs" else augment.default_config()
+  # SupCon's positives are the other images of the anchor's character: with 1,238 characters a random
+  # batch of 128 rarely holds two, so SupCon draws class-balanced batches (32 characters x 4 images).
+  c.data.per_class = (4 if a.method == "supcon" else 0) if a.per_class is None else int(a.per_class)
   c.evals = glyph_episodic_evals()
   return c

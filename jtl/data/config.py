@@ -33,6 +33,10 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.center_crop = 0.875
   c.flip = False  # Mirror half of the training images left to right (not for digits or text).
   c.shuffle_buffer = 10_000  # Only for cache=False (streaming); the in-memory path shuffles fully.
+  # Class-balanced batches (in memory only): every run of per_class consecutive training examples is
+  # one class, so a batch of B holds B / per_class classes with per_class examples each (SupCon's
+  # positives among many classes). 0: plain shuffling. jtl/data/pipeline.py's docstring.
+  c.per_class = 0
   c.cache = True  # Hold the decoded (filtered) split in memory: right for small sets.
   # `folder:<path>` datasets without train/ and test/ sub-folders: each class's held-out test share.
   c.folder_test_fraction = 0.2
@@ -122,6 +126,13 @@ def _check_values(c: ml_collections.ConfigDict) -> None:
   if size is not None and (not _is_int(size) or size <= 0):
     raise ConfigError(f'data.image_size must be a positive int or None, got {size!r}; '
                       f"set {_flag('image_size')}")
+  per_class = c.get('per_class')
+  if not _is_int(per_class) or per_class < 0 or per_class == 1:
+    raise ConfigError(f'data.per_class must be 0 (off) or an int >= 2, got {per_class!r}; '
+                      f"set {_flag('per_class')}")
+  if per_class and not c.get('cache'):
+    raise ConfigError("data.per_class (class-balanced batches) needs the split in memory; set "
+                      f"{_flag('cache')}=True or {_flag('per_class')}=0")
   for key in ('augment', 'cache'):
     if not isinstance(c.get(key), bool):
       raise ConfigError(f'data.{key} must be True or False, got {c.get(key)!r}; set {_flag(key)}')

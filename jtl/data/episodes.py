@@ -189,6 +189,9 @@ def train_iterator(data_config: ml_collections.ConfigDict, *, global_batch_size:
     raise ConfigError("data.mixture and data.episodes cannot be combined; drop one of them")
   if c.augment:
     raise ConfigError("episodes are not augmented; set --config.data.augment=False")
+  if c.per_class:
+    raise ConfigError("data.per_class (class-balanced batches) does not apply to episodes, which "
+                      "draw their own classes; set --config.data.per_class=0")
   if process_count < 1 or not 0 <= process_index < process_count:
     raise ConfigError(f"process_index={process_index} is not in [0, process_count={process_count})")
   if global_batch_size <= 0 or global_batch_size % process_count:

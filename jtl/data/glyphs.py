@@ -355,6 +355,12 @@ class Glyphs(tfds.core.GeneratorBasedBuilder):
         homepage="https://github.com/brendenlake/omniglot",
     )
 
+  def split_label_bound(self, split: str) -> int:
+    """1 + the highest label of `split`: 'train' holds the background characters only (labels
+    0..1237), so a classifier trained on it needs no output for the evaluation ones."""
+    scripts = {"train": BACKGROUND, "test": BACKGROUND + EVALUATION}.get(split, BACKGROUND + EVALUATION)
+    return sum(c.script in scripts for c in characters())
+
   def _split_generators(self, dl_manager: Any) -> dict[str, Iterator[tuple[int, dict[str, Any]]]]:
     del dl_manager  # Nothing to download: the fonts ship inside matplotlib.
     missing = [f for f, *_ in FONTS if not os.path.exists(os.path.join(font_dir(), f))]

@@ -5,6 +5,10 @@ Train order. Step s's global batch holds global positions [s*B, (s+1)*B); host h
   * `cache=True` (default, small sets): the filtered split is decoded once into each host's memory and
     every epoch is a full stateless permutation seeded by (seed, epoch). The global batch does not
     depend on the number of hosts, and resuming at any step costs nothing.
+    With `per_class=M` (class-balanced batches) an epoch is instead made of groups of M examples of
+    one class: each class's examples in a random order cut into groups of M (a last partial group is
+    left out of that epoch), the groups of all classes shuffled; both draws seeded by (seed, epoch).
+    A global batch of B (a multiple of M) is B / M whole groups.
   * `cache=False` (large sets, streamed): each host reads its disjoint shard, shuffled per epoch with a
     `shuffle_buffer`-sized buffer seeded by (seed, epoch). Resuming skips up to one epoch of the
     shard's records (read, not decoded), see `_streamed_chunks`.
@@ -115,6 +119,10 @@ def train_iterator(data_config: ml_collections.ConfigDict, *, global_batch_size:
   local = _local_batch_size(global_batch_size, process_index, process_count)
   if start_step < 0:
     raise ConfigError(f'start_step={start_step} must be >= 0')
+  if c.per_class and global_batch_size % c.per_class:
+    raise ConfigError(f"batch_size={global_batch_size} is not a multiple of data.per_class="
+                      f"{c.per_class} (whole groups of one class per batch); set --config.batch_size "
+                      "or --config.data.per_class")
   image_shape = stored_image_shape(c)
   # tf.data costs ~0.2 ms per element handed to Python, as long as a small model's step. So each
   # element is a chunk of k consecutive steps, computed with vectorised ops, and Python hands out
@@ -197,15 +205,18 @@ def _in_memory_chunks(c: ml_collections.ConfigDict, seed: int,
   seeded by (seed, e). Resuming costs nothing: no record is read or skipped.
   """
   images, targets = load_in_memory(c, c.train_split, train=True)
-  size = len(images)
   key = tf.constant(preprocess.derive_key(seed, preprocess.SHUFFLE), tf.int64)
+  if c.per_class:
+    epoch_order, size = _balanced_epoch_order(targets, c.per_class, key)
+  else:
+    size = len(images)
+
+    def epoch_order(epoch: tf.Tensor) -> tf.Tensor:
+      return tf.random.experimental.stateless_shuffle(
+          tf.range(size, dtype=tf.int32), seed=tf.stack([key, epoch]), alg='philox')
 
   # A tf.data element costs ~50 us here, so small sets make several epochs' orders per element.
   epochs_per_block = int(np.clip(-(-_ORDER_BLOCK // size), 1, 64))
-
-  def epoch_order(epoch: tf.Tensor) -> tf.Tensor:
-    return tf.random.experimental.stateless_shuffle(
-        tf.range(size, dtype=tf.int32), seed=tf.stack([key, epoch]), alg='philox')
 
   def block_order(block: tf.Tensor) -> tf.Tensor:
     epochs = block * epochs_per_block + tf.range(epochs_per_block, dtype=tf.int64)
@@ -239,6 +250,40 @@ def _in_memory_chunks(c: ml_collections.ConfigDict, seed: int,
   ds = tf.data.Dataset.zip(parts)
   crops_left = offsets is not None and not precropped
   return ds.map(plain(chunk_at), num_parallel_calls=tf.data.AUTOTUNE), crops_left
+
+
+def _balanced_epoch_order(targets: dict[str, np.ndarray], per_class: int, key: tf.Tensor
+                          ) -> tuple[Callable[[tf.Tensor], tf.Tensor], int]:
+  """(epoch -> the epoch's rows, int32 [length]; length): the class-balanced order of the module
+  docstring, as a stateless function of (key, epoch)."""
+  if 'label' not in targets:
+    raise ConfigError("data.per_class groups examples by their 'label', which this dataset lacks; "
+                      "set --config.data.per_class=0")
+  labels = targets['label'].astype(np.int64)
+  _, class_of_row, counts = np.unique(labels, return_inverse=True, return_counts=True)
+  groups = counts // per_class
+  if not groups.sum():
+    raise ConfigError(f"data.per_class={per_class} but no class has that many training examples "
+                      f"(at most {counts.max()}); lower --config.data.per_class")
+  # Rows sorted by class: class k's examples sit at [starts[k], starts[k] + counts[k]). Each epoch
+  # keeps the first groups[k] * per_class of them, after shuffling within the class.
+  starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+  keep = np.concatenate([s + np.arange(g * per_class) for s, g in zip(starts, groups)])
+  class_of_row = tf.constant(class_of_row.astype(np.int32))
+  keep = tf.constant(keep.astype(np.int32))
+  num_groups = int(groups.sum())
+
+  def epoch_order(epoch: tf.Tensor) -> tf.Tensor:
+    # A random permutation, then a stable sort by class: each class's rows in a random order.
+    shuffled = tf.random.experimental.stateless_shuffle(
+        tf.range(len(labels), dtype=tf.int32), seed=tf.stack([key, 2 * epoch]), alg='philox')
+    by_class = tf.gather(shuffled, tf.argsort(tf.gather(class_of_row, shuffled), stable=True))
+    grouped = tf.reshape(tf.gather(by_class, keep), [num_groups, per_class])
+    group_order = tf.random.experimental.stateless_shuffle(
+        tf.range(num_groups, dtype=tf.int32), seed=tf.stack([key, 2 * epoch + 1]), alg='philox')
+    return tf.reshape(tf.gather(grouped, group_order), [-1])
+
+  return epoch_order, num_groups * per_class
 
 
 def _streamed_chunks(c: ml_collections.ConfigDict, seed: int, start_step: int, local: int,

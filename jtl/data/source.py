@@ -274,14 +274,19 @@ def label_table(c: ml_collections.ConfigDict, num_dataset_classes: int) -> np.nd
   return table
 
 
-def num_classes(data_config: ml_collections.ConfigDict) -> int:
-  """len(labels) if `labels` is set, else the dataset's ClassLabel num_classes."""
+def num_classes(data_config: ml_collections.ConfigDict, split: str | None = None) -> int:
+  """len(labels) if `labels` is set, else the dataset's ClassLabel num_classes; with `split`, a
+  builder that knows its splits' labels are a prefix of the classes (`split_label_bound`, e.g.
+  glyphs: the train split holds the background characters only) gives that split's bound."""
   c = validate(data_config)
   if c.labels is not None:
     return len(c.labels)
-  features = _builder(_key(c), c.data_dir).info.features  # Known without preparing.
+  builder = _builder(_key(c), c.data_dir)
+  features = builder.info.features  # Known without preparing.
   if not _has_class_label(features):
     raise ConfigError(f"dataset {c.name!r} has no ClassLabel 'label' feature to count classes of")
+  if split is not None and hasattr(builder, 'split_label_bound'):
+    return builder.split_label_bound(split.split('[')[0])
   return features['label'].num_classes
 
 

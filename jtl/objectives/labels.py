@@ -35,7 +35,9 @@ def data_classes(data_config: ml_collections.ConfigDict,
   out = {}
   for task, c in parts.items():
     try:
-      out[f"data.mixture.{task}" if task else "data"] = data.num_classes(c)
+      # The training split's classes: the head never sees the others (glyphs' evaluation scripts).
+      out[f"data.mixture.{task}" if task else "data"] = data.num_classes(
+          c, c.get("train_split") or data_config.train_split)
     except ConfigError:  # no ClassLabel 'label' feature: nothing to count (the objective says if
       continue  # it needs one)
   return out
