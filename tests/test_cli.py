@@ -201,6 +201,10 @@ BAD_INPUTS = [
     ("train", PRETRAIN, ["--config.optim.lrr=None"], "(did you mean --config.optim.lr?)"),
     ("train", PRETRAIN, ["--config.evals.test.type=bogus"],
      "--config.evals.test.type: config.evals has no 'test' (it has: nothing); the command line sets"),
+    ("train", PRETRAIN, ["--config.data.per_class=3"],
+     "batch_size=64 is not a multiple of data.per_class=3"),
+    ("train", PRETRAIN, ["--config.data.per_class=4", "--config.data.cache=False"],
+     "data.per_class (class-balanced batches) needs the split in memory"),
     ("train", PRETRAIN, ["--config.data.train_split=train[:0]"],
      "split 'train[:0]' of dataset 'sklearn_digits' holds no examples"),
     # explain and export.
