@@ -259,6 +259,31 @@ def test_class_balanced_batches_refuse_what_they_cannot_do(overrides, batch, exp
 
 
 @pytest.mark.parametrize('cache', [True, False])
+def test_the_rest_split_is_every_train_example_k_shot_did_not_pick(raw, cache):
+  """eval_split='rest': the train split's examples outside the K-shot selection, each once: with the
+  K-shot examples, exactly the train split (a per-class train/test division of one split)."""
+  c = _config(shots=10, shots_seed=2, eval_split='rest', cache=cache)
+  picked = [k for b in _take(data.train_iterator(c, global_batch_size=100, seed=0), 1)
+            for k in _keys(b['image'])]
+  rest, labels, _ = _eval_keys(c, batch=64, process_count=2)
+  assert len(set(picked)) == 100 and len(rest) == len(set(rest)) == data.num_examples(c, 'rest')
+  assert not set(picked) & set(rest) and set(picked) | set(rest) == set(raw['train'])
+  assert [raw['train'][k] for k in rest] == labels
+  assert collections.Counter(labels) == {d: n - 10 for d, n in collections.Counter(
+      raw['train'].values()).items()}
+
+
+@pytest.mark.parametrize('overrides, expected', [
+    ({'eval_split': 'rest'}, 'and data.shots is not set; set --config.data.shots'),
+    ({'train_split': 'rest', 'shots': 5}, 'set --config.data.train_split to a split of the dataset'),
+])
+def test_the_rest_split_needs_shots_and_is_not_for_training(overrides, expected):
+  with pytest.raises(ConfigError) as info:
+    data.num_examples(_config(**overrides), 'train')
+  assert expected in str(info.value) and '\n' not in str(info.value)
+
+
+@pytest.mark.parametrize('cache', [True, False])
 @pytest.mark.parametrize('process_count', [1, 2, 3])
 def test_eval_every_example_once(raw, cache, process_count):
   c = _config(cache=cache)

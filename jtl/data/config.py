@@ -15,7 +15,7 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.name = 'sklearn_digits'  # A TFDS name ('mnist', 'cifar10:3.0.2') or an embedded builder.
   c.data_dir = config_dict.placeholder(str)  # None: the TFDS default, which honours $TFDS_DATA_DIR.
   c.train_split = 'train'  # Any TFDS split string, e.g. 'train[:90%]'.
-  c.eval_split = 'test'
+  c.eval_split = 'test'  # Or 'rest': the train split's examples that `shots` did not pick.
   c.labels = config_dict.placeholder(tuple)  # Keep only these classes, remapped to 0..len-1 in order.
   c.shots = config_dict.placeholder(int)  # K examples per class of the train split.
   c.shots_seed = 0  # Which K examples; selection is over the whole split, before host sharding.

@@ -359,7 +359,7 @@ def eval_iterator(
   """
   c = source.validate(data_config)
   split = c.eval_split if split is None else split
-  source.check_split(source.get_builder(c), c.name, split, 'the eval split')
+  source.check_split(source.get_builder(c), c.name, source.records(c, split), 'the eval split')
   local = _local_batch_size(global_batch_size, process_index, process_count)
   to_float = preprocess.normalizer(config_lib.parse_normalize(c.normalize))
   if c.cache:

@@ -41,6 +41,9 @@ def plain(fn):
   return tf.autograph.experimental.do_not_convert(fn)
 
 # Builders whose data ships inside an installed package: preparing them is offline and takes seconds.
+# eval_split: the train split's examples that data.shots did not pick (a per-class train/test division
+# of one split). Reserved: no dataset's split of that name is read.
+REST = 'rest'
 EMBEDDED = (digits.SklearnDigits.name, printed_digits.PrintedDigits.name,
             multidigits.MultiDigits.name, attributes.DigitAttributes.name, glyphs.Glyphs.name,
             folder.NAME)
@@ -197,8 +200,21 @@ def _check_features(builder: tfds.core.DatasetBuilder, c: ml_collections.ConfigD
 
 def _check_splits(builder: tfds.core.DatasetBuilder, c: ml_collections.ConfigDict) -> None:
   """Checks the train and eval splits (known once the builder is prepared)."""
+  if c.train_split == REST:
+    raise ConfigError(f"train_split={REST!r} names the train split's examples that data.shots did not "
+                      "pick, for evaluation; set --config.data.train_split to a split of the dataset")
   for key in ('train_split', 'eval_split'):
-    check_split(builder, c.name, c[key], f'--config.data.{key}')
+    check_split(builder, c.name, records(c, c[key]), f'--config.data.{key}')
+
+
+def records(c: ml_collections.ConfigDict, split: str) -> str:
+  """The TFDS split whose records `split` reads: the train split for `REST`, else `split` itself."""
+  if split != REST:
+    return split
+  if c.shots is None:
+    raise ConfigError(f"split {REST!r} is the train split's examples that data.shots did not pick, "
+                      "and data.shots is not set; set --config.data.shots or another eval split")
+  return c.train_split
 
 
 def check_split(builder: tfds.core.DatasetBuilder, name: str, split: str, where: str) -> None:
@@ -292,28 +308,38 @@ def num_classes(data_config: ml_collections.ConfigDict, split: str | None = None
 
 def selected_indices(c: ml_collections.ConfigDict, split: str) -> np.ndarray | None:
   """Sorted raw indices kept by the label filter and, for the train split, K-shot; None = all kept.
+  `REST` (as the eval split): the train split's label-filtered indices that K-shot did not pick.
 
   Costs one pass over the split's records the first time (cached per process) when `labels` or `shots`
   is set; none otherwise.
   """
-  use_shots = c.shots is not None and split == c.train_split
+  rest = split == REST
+  use_shots = c.shots is not None and (split == c.train_split or rest)
   if c.labels is None and not use_shots:
     return None
   builder = get_builder(c)
   table = label_table(c, builder.info.features['label'].num_classes)
+  split = records(c, split)
   remapped = table[_raw_labels(_key(c), c.data_dir, split)]
   keep = np.flatnonzero(remapped >= 0)
   if use_shots:
     rng = np.random.default_rng(c.shots_seed)
     chosen = []
-    for label in range(int(table.max()) + 1):
+    # Every selected class; without a label filter, every class the split holds (glyphs' train split
+    # holds the background characters only).
+    wanted = range(int(table.max()) + 1) if c.labels is not None else np.unique(remapped[keep])
+    for label in wanted:
       pool = keep[remapped[keep] == label]
       if len(pool) < c.shots:
         name = label if c.labels is None else f'{c.labels[label]} (remapped to {label})'
         raise ConfigError(f'class {name} has only {len(pool)} examples in split {split!r} but '
                           f'data.shots={c.shots}; lower --config.data.shots')
       chosen.append(rng.choice(pool, size=c.shots, replace=False))
-    keep = np.sort(np.concatenate(chosen))
+    chosen = np.sort(np.concatenate(chosen))
+    keep = np.setdiff1d(keep, chosen) if rest else chosen
+  if not len(keep) and rest:
+    raise ConfigError(f"split {REST!r} holds no examples: data.shots={c.shots} picks every example of "
+                      f"the train split {split!r}; lower --config.data.shots")
   if not len(keep):
     raise ConfigError(f'split {split!r} of {c.name!r} has no examples of classes {c.labels}; '
                       'fix --config.data.labels')
@@ -324,7 +350,7 @@ def num_examples(data_config: ml_collections.ConfigDict, split: str) -> int:
   """Examples in `split` after the label filter, and after K-shot when `split` is the train split."""
   c = validate(data_config)
   builder = get_builder(c)
-  check_split(builder, c.name, split, 'the split')
+  check_split(builder, c.name, records(c, split), 'the split')
   keep = selected_indices(c, split)
   return len(keep) if keep is not None else builder.info.splits[split].num_examples
 
@@ -355,7 +381,7 @@ def host_examples(c: ml_collections.ConfigDict, split: str, process_index: int,
     is_kept = np.zeros([int(keep[-1]) + 1], bool)
     is_kept[keep] = True
     is_kept = tf.constant(is_kept)
-    ds = read(builder, split).enumerate().take(len(is_kept))
+    ds = read(builder, records(c, split)).enumerate().take(len(is_kept))
     ds = ds.filter(plain(lambda index, _: tf.gather(is_kept, index)))
     ds = ds.map(plain(lambda _, example: example))
     ds = ds.shard(process_count, process_index)

@@ -1,0 +1,93 @@
+"""Multitask learning on `glyphs`: five tasks read off the same images of the background scripts.
+
+  python -m experiments.train --config=experiments/configs/multitask_glyphs.py:weighting=equal \
+      --workdir=runs/mt_glyphs
+  python -m experiments.evaluate --workdir=runs/mt_glyphs
+
+Tasks (every one a feature of the `glyphs` dataset, jtl/data/glyphs.py):
+  character  which of the 1,238 background characters (`label`)
+  script     which of the 9 background scripts (`alphabet`)
+  family     the font family that drew it: DejaVu Sans, Sans Mono, Serif, STIX, Computer Modern
+  bold       whether the face is bold
+  italic     whether the face is italic or oblique
+
+The split is per character, not per script: `shots` (default 16) of each character's 20 instances
+train, and the 4 left (`data.eval_split='rest'`) are the test set, so every test character was seen in
+training, drawn by other fonts and distortions. The trunk is the few-shot ConvNet of
+`protonet_glyphs.py` (four blocks of 64 channels).
+
+Arguments (all optional): `arch`, `weighting`, `grad_space` as in `multitask_digits.py`; `tasks`, a
+'+'-joined subset (e.g. tasks=character: the single-task reference); `shots`, training instances per
+character.
+
+Sweep `table`: the five single-task models and hard sharing of all five tasks with equal weights,
+uncertainty weighting, DWA and UPGrad, seeds 0, 1, 2; each shared run's Delta_m is against the
+single-task runs of its own seed (28 runs of 1,000 steps):
+
+  python -m experiments.sweep --config=experiments/configs/multitask_glyphs.py:sweep=table \
+      --workdir=runs/multitask_glyphs [--parallel=2]
+  python -m experiments.report --workdir=runs/multitask_glyphs
+"""
+import ml_collections
+
+from experiments.configs import multitask_digits
+from experiments.configs.common import parse_arg
+from experiments.configs.represent_glyphs import NUM_BACKGROUND_CLASSES
+from jtl import sweep
+
+CONFIG = "experiments/configs/multitask_glyphs.py"
+SEEDS = (0, 1, 2)
+METHODS = ("equal", "uncertainty", "dwa", "upgrad")
+SINGLE_TASK = "single-task (one model per task)"
+
+TASKS = {
+    "character": dict(kind="multiclass", num_outputs=NUM_BACKGROUND_CLASSES, feature="label"),
+    "script": dict(kind="multiclass", num_outputs=9, feature="alphabet"),
+    "family": dict(kind="multiclass", num_outputs=5),
+    "bold": dict(kind="binary"),
+    "italic": dict(kind="binary"),
+}
+
+
+def get_config(arg=None):
+  a = parse_arg(arg, arch="hard", weighting="equal", grad_space="representation", tasks="",
+                shots=16)
+  chosen = [t for t in str(a.tasks).split("+") if t] or list(TASKS)
+  unknown = [t for t in chosen if t not in TASKS]
+  if unknown:
+    raise ValueError(f"unknown task(s) {', '.join(unknown)}; choose from {'+'.join(TASKS)}")
+  c = multitask_digits.get_config(
+      f"arch={a.arch},weighting={a.weighting},grad_space={a.grad_space}")
+  c.total_steps = 1000
+  c.batch_size = 128
+  c.log_every = 100
+  c.checkpoint_every = 500
+  c.data.name = "glyphs"
+  c.data.shots = int(a.shots)
+  c.data.eval_split = "rest"
+  c.model.widths = (64, 64, 64, 64)
+  c.tasks = ml_collections.ConfigDict({t: TASKS[t] for t in chosen})
+  c.evals.test.split = "rest"
+  c.optim.lr = 1e-3
+  c.optim.warmup_steps = 50
+  return c
+
+
+def get_sweep(name):
+  """`table`: the single-task references and hard sharing with `METHODS`, over `SEEDS`."""
+  if name != "table":
+    raise ValueError(f"unknown sweep {name!r}; multitask_glyphs.py has: table")
+  cells = [sweep.Cell(f"single-{task}_s{seed}", variant=SINGLE_TASK, seed=seed,
+                      config=f"{CONFIG}:tasks={task}", overrides={"seed": seed})
+           for seed in SEEDS for task in TASKS]
+  for method in METHODS:
+    for seed in SEEDS:
+      cells.append(sweep.Cell(
+          f"hard-{method}_s{seed}", variant=f"hard sharing, {method}", seed=seed,
+          config=f"{CONFIG}:weighting={method}",
+          overrides={"seed": seed, **{f"evals.test.references.{task}": f"{{cell:single-{task}_s{seed}}}"
+                                      for task in TASKS}}))
+  return sweep.Sweep(name, cells, metrics=(*(f"rest/{t}/accuracy" for t in TASKS), "rest/delta_m"),
+                     title=("glyphs, background scripts, 16 instances per character to train and the "
+                            "other 4 to test: accuracy per task and Delta_m (%, against the single-task "
+                            "runs of the same seed; positive = better), mean ± std (min–max) over seeds"))
