@@ -358,7 +358,7 @@ class Glyphs(tfds.core.GeneratorBasedBuilder):
   def split_label_bound(self, split: str) -> int:
     """1 + the highest label of `split`: 'train' holds the background characters only (labels
     0..1237), so a classifier trained on it needs no output for the evaluation ones."""
-    scripts = {"train": BACKGROUND, "test": BACKGROUND + EVALUATION}.get(split, BACKGROUND + EVALUATION)
+    scripts = BACKGROUND if split == "train" else BACKGROUND + EVALUATION
     return sum(c.script in scripts for c in characters())
 
   def _split_generators(self, dl_manager: Any) -> dict[str, Iterator[tuple[int, dict[str, Any]]]]:

@@ -40,10 +40,10 @@ def plain(fn):
   (parse, transform, recompile, for every function traced) cost about 1 s of every run's start-up."""
   return tf.autograph.experimental.do_not_convert(fn)
 
-# Builders whose data ships inside an installed package: preparing them is offline and takes seconds.
 # eval_split: the train split's examples that data.shots did not pick (a per-class train/test division
 # of one split). Reserved: no dataset's split of that name is read.
 REST = 'rest'
+# Builders whose data ships inside an installed package: preparing them is offline and takes seconds.
 EMBEDDED = (digits.SklearnDigits.name, printed_digits.PrintedDigits.name,
             multidigits.MultiDigits.name, attributes.DigitAttributes.name, glyphs.Glyphs.name,
             folder.NAME)
