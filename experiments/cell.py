@@ -34,19 +34,26 @@ def define_flags(flag_values: flags.FlagValues, argv: list[str]) -> None:
 
 
 def write_baseline(config, workdir: str, name: str) -> dict:
-  """Fits baseline `name` on `config.data` and writes config.json and its eval_metrics.jsonl row."""
+  """Fits baseline `name` on `config.data` and writes config.json and its eval_metrics.jsonl row:
+  `<eval split>/accuracy` on the labels, or for a multitask config `<eval split>/<task>/accuracy` for
+  each classification task (on the task's feature), as the multitask evaluator names them."""
   from etils import epath
   from jtl import baselines, data
   from jtl import config as config_lib
   from jtl.metric_writer import MetricWriter
   c = config.data
-  accuracy = baselines.pixel_baselines(c)[name]
+  tasks = {t: spec.get("feature") or t for t, spec in (config.get("tasks") or {}).items()
+           if spec.get("kind") in ("multiclass", "binary")}
+  if tasks:
+    accuracy = baselines.scores(c, (name,), tuple(set(tasks.values())))
+    row = {f"{c.eval_split}/{t}/accuracy": accuracy[feature][name] for t, feature in tasks.items()}
+  else:
+    row = {f"{c.eval_split}/accuracy": baselines.scores(c, (name,))["label"][name]}
   root = epath.Path(config_lib.resolve_path(workdir))
   root.mkdir(parents=True, exist_ok=True)
   config_lib.run_config_path(root).write_text(config.to_json_best_effort(indent=2))
   writer = MetricWriter(root, "eval_metrics", tensorboard=False)
-  row = {f"{c.eval_split}/accuracy": accuracy,
-         f"{c.eval_split}/num_examples": data.num_examples(c, c.eval_split)}
+  row[f"{c.eval_split}/num_examples"] = data.num_examples(c, c.eval_split)
   writer.path.unlink(missing_ok=True)  # one row: a rerun replaces it
   writer.write(0, row)
   return row

@@ -9,35 +9,63 @@ what a transfer run with the same `config.data` sees: the same K labelled exampl
 split, and the same pixels (`image_size`, `normalize`), without the training-time crop augmentation.
 
   pixels_logreg  scikit-learn LogisticRegression (L2, C=1) on the flattened pixels;
-  pixels_1nn     1-nearest-neighbour on the flattened pixels (Euclidean; ties go to the first).
+  pixels_1nn     1-nearest-neighbour on the flattened pixels (Euclidean; ties go to the first);
+  majority       the most frequent training label (ties: the smallest), whatever the image.
+
+`feature` picks the target: `label` by default, or another numeric feature of the dataset (a
+multitask run's task, e.g. glyphs' `alphabet`).
 """
 from __future__ import annotations
 
 import ml_collections
 import numpy as np
 
-NAMES = ("pixels_logreg", "pixels_1nn")
+NAMES = ("pixels_logreg", "pixels_1nn", "majority")
+PIXELS = NAMES[:2]
+_NN_BLOCK = 1 << 25  # elements of one block of differences (rows of x at a time x train rows x dims)
 
 
 def examples(data_config: ml_collections.ConfigDict, split: str | None = None,
-             batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
-  """(flattened float32 pixels [N, D], int labels [N]) of `split` (default: the eval split), as the
-  pipeline's eval iterator yields them: the label filter applied, K-shot selection on the train
-  split, normalised, not augmented. Padding rows (mask 0) are dropped."""
+             batch_size: int = 256, feature: str = "label") -> tuple[np.ndarray, np.ndarray]:
+  """(flattened float32 pixels [N, D], int targets [N]: `feature`) of `split` (default: the eval
+  split), as the pipeline's eval iterator yields them: the label filter applied, K-shot selection on
+  the train split, normalised, not augmented. Padding rows (mask 0) are dropped."""
+  images, targets = _examples(data_config, split, batch_size, (feature,))
+  return images, targets[feature]
+
+
+def _examples(data_config: ml_collections.ConfigDict, split: str | None, batch_size: int,
+              features: tuple[str, ...]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
   from jtl.data import pipeline  # pylint: disable=g-import-not-at-top (TensorFlow: not for NAMES)
   make, _ = pipeline.eval_iterator(data_config, split=split, global_batch_size=batch_size)
-  images, labels = [], []
+  images, targets = [], {f: [] for f in features}
   for batch in make():
     keep = batch["mask"] > 0
     images.append(batch["image"][keep].reshape(int(keep.sum()), -1))
-    labels.append(batch["label"][keep])
-  return np.concatenate(images).astype(np.float32), np.concatenate(labels).astype(np.int64)
+    for f in features:
+      targets[f].append(batch[f][keep])
+  return (np.concatenate(images).astype(np.float32),
+          {f: np.concatenate(v).astype(np.int64) for f, v in targets.items()})
 
 
 def nearest_neighbour(train_x: np.ndarray, train_y: np.ndarray, x: np.ndarray) -> np.ndarray:
   """1-NN labels of the rows of `x` among (`train_x`, `train_y`), by Euclidean distance."""
-  distances = ((x[:, None, :] - train_x[None, :, :]) ** 2).sum(-1)
-  return train_y[np.argmin(distances, axis=1)]
+  return train_y[nearest_rows(train_x, x)]
+
+
+def nearest_rows(train_x: np.ndarray, x: np.ndarray) -> np.ndarray:
+  """For each row of `x`, the index of its nearest row of `train_x` (Euclidean; ties: the first),
+  from the differences themselves, a block of rows of `x` at a time."""
+  rows = max(1, _NN_BLOCK // max(1, train_x.size))
+  return np.concatenate([
+      np.argmin(((x[i:i + rows, None, :] - train_x[None, :, :]) ** 2).sum(-1), axis=1)
+      for i in range(0, len(x), rows)])
+
+
+def majority(train_y: np.ndarray, x: np.ndarray) -> np.ndarray:
+  """The most frequent of `train_y` (ties: the smallest) for every row of `x`."""
+  values, counts = np.unique(train_y, return_counts=True)
+  return np.full(len(x), values[np.argmax(counts)])
 
 
 def logistic_regression(train_x: np.ndarray, train_y: np.ndarray, x: np.ndarray,
@@ -48,12 +76,25 @@ def logistic_regression(train_x: np.ndarray, train_y: np.ndarray, x: np.ndarray,
   return model.fit(train_x, train_y).predict(x)
 
 
-def pixel_baselines(data_config: ml_collections.ConfigDict) -> dict[str, float]:
-  """Test accuracy of `pixels_logreg` and `pixels_1nn`, fitted on the labelled train examples that
-  `data_config` selects and scored on its eval split."""
+def scores(data_config: ml_collections.ConfigDict, names: tuple[str, ...] = PIXELS,
+           features: tuple[str, ...] = ("label",)) -> dict[str, dict[str, float]]:
+  """{feature: {name: test accuracy}} of each baseline in `names` on each target in `features`,
+  fitted on the labelled train examples that `data_config` selects and scored on its eval split.
+  The images are read once, and the nearest neighbours found once, for every feature."""
   from jtl.data import source  # pylint: disable=g-import-not-at-top
   c = source.validate(data_config)
-  train_x, train_y = examples(c, c.train_split)
-  test_x, test_y = examples(c, c.eval_split)
-  return {"pixels_logreg": float(np.mean(logistic_regression(train_x, train_y, test_x) == test_y)),
-          "pixels_1nn": float(np.mean(nearest_neighbour(train_x, train_y, test_x) == test_y))}
+  train_x, train_t = _examples(c, c.train_split, 256, features)
+  test_x, test_t = _examples(c, c.eval_split, 256, features)
+  nearest = nearest_rows(train_x, test_x) if "pixels_1nn" in names else None
+  out = {}
+  for f in features:
+    predict = {"pixels_logreg": lambda: logistic_regression(train_x, train_t[f], test_x),
+               "pixels_1nn": lambda: train_t[f][nearest],
+               "majority": lambda: majority(train_t[f], test_x)}
+    out[f] = {name: float(np.mean(predict[name]() == test_t[f])) for name in names}
+  return out
+
+
+def pixel_baselines(data_config: ml_collections.ConfigDict) -> dict[str, float]:
+  """Test accuracy of `pixels_logreg` and `pixels_1nn` on the labels (`scores` with its defaults)."""
+  return scores(data_config)["label"]

@@ -53,7 +53,7 @@ def test_scores_on_the_whole_target_test_split():
   assert len(x) == data.num_examples(c, c.eval_split) == 179
   assert set(np.unique(y).tolist()) == set(range(len(transfer_digits.TARGET_CLASSES)))
   scores = baselines.pixel_baselines(c)
-  assert set(scores) == set(baselines.NAMES)
+  assert set(scores) == set(baselines.PIXELS)
   assert all(0.5 < v <= 1.0 for v in scores.values()), scores  # 2 shots: ~0.8, chance 0.2
 
 
@@ -67,3 +67,30 @@ def test_shots_change_only_the_train_side(shots):
   c = target_data(shots)
   assert len(baselines.examples(c, "train")[0]) == shots * len(transfer_digits.TARGET_CLASSES)
   assert len(baselines.examples(c)[0]) == 179
+
+
+def test_majority_and_another_feature_as_the_target():
+  """`majority` predicts the most frequent training label (ties: the smallest); `feature` scores
+  another target of the same images (digit_attributes' parity) against a hand count."""
+  assert baselines.majority(np.array([3, 1, 1, 3, 2]), np.zeros([4, 2])).tolist() == [1] * 4
+  c = data.default_data_config()
+  c.name = "digit_attributes"
+  _, parity = baselines.examples(c, feature="parity")
+  _, label = baselines.examples(c)
+  np.testing.assert_array_equal(parity, label % 2)
+  train_parity = baselines.examples(c, "train", feature="parity")[1]
+  expected = np.mean(parity == np.argmax(np.bincount(train_parity)))
+  assert baselines.scores(c, ("majority",), ("parity",)) == {"parity": {"majority": expected}}
+  # Several targets at once: each as on its own (the images read once).
+  both = baselines.scores(c, ("majority", "pixels_1nn"), ("parity", "label"))
+  assert both["label"] == baselines.scores(c, ("majority", "pixels_1nn"))["label"]
+  assert both["parity"]["majority"] == expected
+
+
+def test_nearest_neighbour_in_blocks_equals_all_at_once(monkeypatch):
+  rng = np.random.default_rng(0)
+  train_x, x = rng.normal(size=(50, 6)), rng.normal(size=(23, 6))
+  train_y = rng.integers(0, 4, 50)
+  whole = train_y[np.argmin(((x[:, None] - train_x[None]) ** 2).sum(-1), axis=1)]
+  monkeypatch.setattr(baselines, "_NN_BLOCK", 2 * 50 * 6)  # 2 rows of x per block
+  np.testing.assert_array_equal(baselines.nearest_neighbour(train_x, train_y, x), whole)

@@ -20,7 +20,8 @@ Arguments (all optional): `arch`, `weighting`, `grad_space` as in `multitask_dig
 '+'-joined subset (e.g. tasks=character: the single-task reference); `shots`, training instances per
 character.
 
-Sweep `table`: the five single-task models and hard sharing of all five tasks with equal weights,
+Sweep `table`: the majority class and nearest neighbour on raw pixels (each task's own target), the
+five single-task models and hard sharing of all five tasks with equal weights,
 uncertainty weighting, DWA and UPGrad, seeds 0, 1, 2; each shared run's Delta_m is against the
 single-task runs of its own seed (28 runs of 1,000 steps):
 
@@ -39,6 +40,8 @@ CONFIG = "experiments/configs/multitask_glyphs.py"
 SEEDS = (0, 1, 2)
 METHODS = ("equal", "uncertainty", "dwa", "upgrad")
 SINGLE_TASK = "single-task (one model per task)"
+BASELINES = {"majority": "majority class of the training images (no learning)",
+             "pixels_1nn": "nearest neighbour on raw pixels (no learning)"}
 
 TASKS = {
     "character": dict(kind="multiclass", num_outputs=NUM_BACKGROUND_CLASSES, feature="label"),
@@ -77,7 +80,9 @@ def get_sweep(name):
   """`table`: the single-task references and hard sharing with `METHODS`, over `SEEDS`."""
   if name != "table":
     raise ValueError(f"unknown sweep {name!r}; multitask_glyphs.py has: table")
-  cells = [sweep.Cell(f"single-{task}_s{seed}", variant=SINGLE_TASK, seed=seed,
+  cells = [sweep.Cell(name.replace("_", "-"), variant=row, kind="baseline", baseline=name,
+                      config=CONFIG) for name, row in BASELINES.items()]
+  cells += [sweep.Cell(f"single-{task}_s{seed}", variant=SINGLE_TASK, seed=seed,
                       config=f"{CONFIG}:tasks={task}", overrides={"seed": seed})
            for seed in SEEDS for task in TASKS]
   for method in METHODS:
