@@ -94,3 +94,18 @@ def test_nearest_neighbour_in_blocks_equals_all_at_once(monkeypatch):
   whole = train_y[np.argmin(((x[:, None] - train_x[None]) ** 2).sum(-1), axis=1)]
   monkeypatch.setattr(baselines, "_NN_BLOCK", 2 * 50 * 6)  # 2 rows of x per block
   np.testing.assert_array_equal(baselines.nearest_neighbour(train_x, train_y, x), whole)
+
+
+def test_a_baseline_cell_of_a_multitask_config_scores_every_classification_task(tmp_path):
+  """experiments.cell --kind=baseline on a multitask config: one accuracy per multiclass or binary
+  task, named as the multitask evaluator names them, each on its own feature (multilabel and
+  regression tasks have none)."""
+  from experiments import cell
+  from experiments.configs import multitask_digits
+  config = multitask_digits.get_config("data=attributes")
+  row = cell.write_baseline(config, str(tmp_path / "nn"), "pixels_1nn")
+  features = {"class": "label", "parity": "parity", "ge5": "ge5"}
+  expected = baselines.scores(config.data, ("pixels_1nn",), tuple(features.values()))
+  assert row == {**{f"test/{t}/accuracy": expected[f]["pixels_1nn"] for t, f in features.items()},
+                 "test/num_examples": 359}
+  assert row["test/parity/accuracy"] != row["test/class/accuracy"]
