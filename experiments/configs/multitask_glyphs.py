@@ -22,8 +22,9 @@ character.
 
 Sweep `table`: the majority class and nearest neighbour on raw pixels (each task's own target), the
 five single-task models and hard sharing of all five tasks with equal weights,
-uncertainty weighting, DWA and UPGrad, seeds 0, 1, 2; each shared run's Delta_m is against the
-single-task runs of its own seed (28 runs of 1,000 steps):
+uncertainty weighting, DWA and UPGrad, and hard sharing of the character and script tasks alone,
+seeds 0, 1, 2; each shared run's Delta_m is against the single-task runs of its own seed (30 runs of
+1,000 steps):
 
   python -m experiments.sweep --config=experiments/configs/multitask_glyphs.py:sweep=table \
       --workdir=runs/multitask_glyphs [--parallel=2]
@@ -92,6 +93,12 @@ def get_sweep(name):
           config=f"{CONFIG}:weighting={method}",
           overrides={"seed": seed, **{f"evals.test.references.{task}": f"{{cell:single-{task}_s{seed}}}"
                                       for task in TASKS}}))
+  for seed in SEEDS:  # the character task with the one auxiliary task that shares its invariances
+    cells.append(sweep.Cell(
+        f"pair-equal_s{seed}", variant="hard sharing, character + script only, equal", seed=seed,
+        config=f"{CONFIG}:tasks=character+script",
+        overrides={"seed": seed, **{f"evals.test.references.{task}": f"{{cell:single-{task}_s{seed}}}"
+                                    for task in ("character", "script")}}))
   return sweep.Sweep(name, cells, metrics=(*(f"rest/{t}/accuracy" for t in TASKS), "rest/delta_m"),
                      title=("glyphs, background scripts, 16 instances per character to train and the "
                             "other 4 to test: accuracy per task and Delta_m (%, against the single-task "
