@@ -96,7 +96,7 @@ def pixel_rows(shots: int) -> list[tuple[str, float, int]]:
   data_config = transfer_digits.get_config(f"mode=scratch,shots={shots}").data
   accuracy = baselines.pixel_baselines(data_config)
   n = data.num_examples(data_config, data_config.eval_split)
-  return [(name, accuracy[name], n) for name in baselines.NAMES]
+  return [(name, accuracy[name], n) for name in baselines.PIXELS]
 
 
 def main(argv):
