@@ -46,21 +46,21 @@ def test_make_demo_prints_its_table_and_transfer_beats_raw_pixel_baselines(tmp_p
   assert lines[-1].startswith("zero_shot "), "the table is not the last thing printed"
   header = next(i for i, line in enumerate(lines) if line.split()[:2] == ["run", "trainable"])
   table = {line.split()[0]: float(line.split()[3]) for line in lines[header + 1:]}
-  assert list(table) == ["pretrain", *baselines.NAMES, "scratch", "linear_probe", "finetune",
+  assert list(table) == ["pretrain", *baselines.PIXELS, "scratch", "linear_probe", "finetune",
                          "zero_shot"], table
   assert table["pretrain"] > 0.95  # handwritten 0-4
   assert (workdir / "plots" / "transfer_digits.png").exists()
 
   pretrain = workdir / "pretrain_digits"
   finetune, zero_shot = [table["finetune"]], [table["zero_shot"]]
-  pixels = {name: [] for name in baselines.NAMES}
+  pixels = {name: [] for name in baselines.PIXELS}
   for seed in (0, *EXTRA_SHOT_SEEDS):
     config = transfer_digits.get_config(f"{transfer_digits.DEMO_RECIPE},shots=1,pretrain={pretrain}")
     config.data.shots_seed = seed
     for name, accuracy in baselines.pixel_baselines(config.data).items():
       pixels[name].append(accuracy)
     if seed == 0:  # the demo's own draw: its pixel rows are these baselines
-      assert all(abs(table[name] - pixels[name][0]) < 6e-4 for name in baselines.NAMES), table
+      assert all(abs(table[name] - pixels[name][0]) < 6e-4 for name in baselines.PIXELS), table
       continue
     config.mesh.axes = (("data", 1),)  # the demo runs on one device; keep its numerics
     train.train(config, str(tmp_path / f"finetune_{seed}"))
