@@ -25,6 +25,7 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 
+from jtl.data import balanced
 from jtl.data import config as config_lib
 from jtl.data import preprocess
 from jtl.data import source
@@ -207,7 +208,7 @@ def _in_memory_chunks(c: ml_collections.ConfigDict, seed: int,
   images, targets = load_in_memory(c, c.train_split, train=True)
   key = tf.constant(preprocess.derive_key(seed, preprocess.SHUFFLE), tf.int64)
   if c.per_class:
-    epoch_order, size = _balanced_epoch_order(targets, c.per_class, key)
+    epoch_order, size = balanced.epoch_order(targets, c.per_class, key)
   else:
     size = len(images)
 
@@ -250,40 +251,6 @@ def _in_memory_chunks(c: ml_collections.ConfigDict, seed: int,
   ds = tf.data.Dataset.zip(parts)
   crops_left = offsets is not None and not precropped
   return ds.map(plain(chunk_at), num_parallel_calls=tf.data.AUTOTUNE), crops_left
-
-
-def _balanced_epoch_order(targets: dict[str, np.ndarray], per_class: int, key: tf.Tensor
-                          ) -> tuple[Callable[[tf.Tensor], tf.Tensor], int]:
-  """(epoch -> the epoch's rows, int32 [length]; length): the class-balanced order of the module
-  docstring, as a stateless function of (key, epoch)."""
-  if 'label' not in targets:
-    raise ConfigError("data.per_class groups examples by their 'label', which this dataset lacks; "
-                      "set --config.data.per_class=0")
-  labels = targets['label'].astype(np.int64)
-  _, class_of_row, counts = np.unique(labels, return_inverse=True, return_counts=True)
-  groups = counts // per_class
-  if not groups.sum():
-    raise ConfigError(f"data.per_class={per_class} but no class has that many training examples "
-                      f"(at most {counts.max()}); lower --config.data.per_class")
-  # Rows sorted by class: class k's examples sit at [starts[k], starts[k] + counts[k]). Each epoch
-  # keeps the first groups[k] * per_class of them, after shuffling within the class.
-  starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-  keep = np.concatenate([s + np.arange(g * per_class) for s, g in zip(starts, groups)])
-  class_of_row = tf.constant(class_of_row.astype(np.int32))
-  keep = tf.constant(keep.astype(np.int32))
-  num_groups = int(groups.sum())
-
-  def epoch_order(epoch: tf.Tensor) -> tf.Tensor:
-    # A random permutation, then a stable sort by class: each class's rows in a random order.
-    shuffled = tf.random.experimental.stateless_shuffle(
-        tf.range(len(labels), dtype=tf.int32), seed=tf.stack([key, 2 * epoch]), alg='philox')
-    by_class = tf.gather(shuffled, tf.argsort(tf.gather(class_of_row, shuffled), stable=True))
-    grouped = tf.reshape(tf.gather(by_class, keep), [num_groups, per_class])
-    group_order = tf.random.experimental.stateless_shuffle(
-        tf.range(num_groups, dtype=tf.int32), seed=tf.stack([key, 2 * epoch + 1]), alg='philox')
-    return tf.reshape(tf.gather(grouped, group_order), [-1])
-
-  return epoch_order, num_groups * per_class
 
 
 def _streamed_chunks(c: ml_collections.ConfigDict, seed: int, start_step: int, local: int,
