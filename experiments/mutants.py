@@ -255,6 +255,12 @@ MUTATIONS: tuple[Mutation, ...] = (
       "jtl/data/source.py", "    keep = np.setdiff1d(keep, chosen) if rest else chosen",
       "    keep = chosen",
       ("tests/test_data.py::test_the_rest_split_is_every_train_example_k_shot_did_not_pick",)),
+    M("transfer-init-loads-nothing", "init_from loads the source run's weights (a probe on the "
+      "glyph-trained encoder beats pixels)", "jtl/checkpoint.py",
+      "        leaves.append(np.asarray(src[path], dtype=leaf.dtype))  # a dont_load leaf stays as given",
+      "        leaves.append(leaf)",
+      ("tests/test_glyphs.py::test_a_probe_on_the_meta_trained_encoder_beats_raw_pixels_on_unseen_"
+       "characters",)),
     M("evaluate-config-eval-ignored", "evaluate --config takes that config's eval section",
       "jtl/evaluate.py", 'for section in ("eval", "evals", "mesh"):', 'for section in ("evals", "mesh"):',
       ("tests/test_evaluate.py::test_evaluate_with_config_takes_its_eval_and_mesh_sections",)),
