@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 
-from experiments.configs import coral_digits, dann_digits
+from experiments.configs import coral_digits, dann_digits, pretrain_digits
 from jtl import data, evaluate, objectives, train
 from jtl.errors import ConfigError
 from jtl.metric_writer import read_jsonl
@@ -205,3 +205,33 @@ def test_bad_domain_configs_are_one_line_errors(overrides, message):
     config[section][name] = value
   with pytest.raises(ConfigError, match=message):
     objectives.build(config)
+
+
+@pytest.mark.parametrize("config", ["dann_digits.py:mode=dann", "coral_digits.py:method=mmd"])
+def test_init_starts_from_a_pretrained_backbone_with_a_fresh_head_and_domain_classifier(
+    config, batches, tmp_path):
+  """`init=RUN` (the sweep's glyph-backbone rows): step 0 holds RUN's backbone (parameters and
+  BatchNorm statistics); the head, DANN's domain classifier and its schedule's step, which a
+  classifier's run lacks, are the fresh init's. Without `init`, nothing is loaded."""
+  pretrain = tiny(pretrain_digits.get_config(), MLP_BN, mesh__axes=(("data", 1),))  # a classifier
+  source = train.train(pretrain, str(tmp_path / "pre"))
+  module = {"dann_digits.py": dann_digits, "coral_digits.py": coral_digits}[config.split(":")[0]]
+  arg = config.split(":")[1]
+  fresh_setup = train.setup(tiny(module.get_config(arg), MLP_BN, mesh__axes=(("data", 1),)),
+                            batches[0])
+  fresh = jax.device_get(train.fresh_variables(fresh_setup))
+  assert train.load_transfer_source(fresh_setup) is None
+  s = train.setup(tiny(module.get_config(f"{arg},init={tmp_path / 'pre'}"), MLP_BN,
+                       mesh__axes=(("data", 1),)), batches[0])
+  params, model_state = jax.device_get(train.init_variables(s, train.load_transfer_source(s)))
+  loaded = jax.device_get((source.params, source.model_state))
+  jax.tree.map(np.testing.assert_array_equal, params["backbone"], loaded[0]["backbone"])
+  jax.tree.map(np.testing.assert_array_equal, model_state["batch_stats"]["backbone"],
+               loaded[1]["batch_stats"]["backbone"])
+  assert not np.array_equal(params["backbone"]["dense0"]["kernel"],
+                            fresh[0]["backbone"]["dense0"]["kernel"])  # (it did load something)
+  for fresh_part in ("head", "domain_classifier"):
+    if fresh_part in params:
+      jax.tree.map(np.testing.assert_array_equal, params[fresh_part], fresh[0][fresh_part])
+  assert ("domain_classifier" in params) == ("dann" in config)
+  assert int(model_state.get("domain", {"step": 0})["step"]) == 0

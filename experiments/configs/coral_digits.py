@@ -14,6 +14,7 @@ Arguments (all optional):
           mmd    multi-kernel Gaussian MMD^2 on the same features (objective `mmd`; biased
                  V-statistic unless --config.domain.mmd_estimator=unbiased).
   weight  the discrepancy's weight (domain.weight).
+  init    a run (or weights file) whose backbone the model starts from (dann_digits.py's `init`).
 """
 from experiments.configs.common import parse_arg
 from experiments.configs.dann_digits import domain_config
@@ -24,9 +25,9 @@ DEFAULT_WEIGHTS = {"coral": 100.0, "mmd": 0.1}
 
 
 def get_config(arg=None):
-  a = parse_arg(arg, method="coral", weight=None)
+  a = parse_arg(arg, method="coral", weight=None, init="")
   if a.method not in DEFAULT_WEIGHTS:
     raise ValueError(f"unknown method {a.method!r}; use one of {', '.join(DEFAULT_WEIGHTS)}")
-  c = domain_config(a.method, "adapt")
+  c = domain_config(a.method, "adapt", a.init)
   c.domain.weight = float(DEFAULT_WEIGHTS[a.method] if a.weight is None else a.weight)
   return c
