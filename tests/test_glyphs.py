@@ -72,17 +72,20 @@ def test_instances_are_deterministic_distinct_and_inked():
     assert np.ptp(rows) >= 14 or np.ptp(cols) >= 14  # scaled up to fill most of the box
 
 
+def _short_run(config, steps, batch_size, lr, warmup, initial):
+  """`config` as a learning check: `steps` steps of `batch_size`, one checkpoint at the end (and at
+  step 0 if `initial`), on one device: a learning check, not a sharding one (8-device == 1-device is
+  tested elsewhere), and 8 fake devices on 2 busy cores only make it slower."""
+  config.total_steps, config.batch_size, config.checkpoint_every = steps, batch_size, steps
+  config.log_every, config.mesh.axes, config.checkpoint_initial = steps, (("data", 1),), initial
+  config.optim.lr, config.optim.warmup_steps = lr, warmup
+
+
 def _learn(config, workdir, steps, batch_size):
   """Trains `config` for `steps` steps of `batch_size` from a random init (checkpointed at step 0,
   a baseline of its own) and scores steps 0 and `steps` on 200 fixed 5-way 1-shot episodes of the
   evaluation scripts, with the raw-pixel baseline: {step: metrics}."""
-  config.total_steps, config.batch_size, config.checkpoint_every = steps, batch_size, steps
-  config.log_every = steps
-  # One device: a learning check, not a sharding one (8-device == 1-device is tested elsewhere), and
-  # 8 fake devices on 2 busy cores only make it slower.
-  config.mesh.axes = (("data", 1),)
-  config.checkpoint_initial = True
-  config.optim.lr, config.optim.warmup_steps = 2e-3, 10
+  _short_run(config, steps, batch_size, lr=2e-3, warmup=10, initial=True)
   config.evals = protonet_glyphs.glyph_episodic_evals(num_episodes=200, episodes=((5, 1),))
   train.train(config, workdir)
   rows = evaluate.evaluate_checkpoints(config, str(workdir))
@@ -101,9 +104,7 @@ def _probe_unseen_characters(encoder_run, step, workdir):
   config.model.num_classes = UNSEEN_WAYS
   config.init_from.workdir, config.init_from.step = str(encoder_run), step
   config.trainable = (("params/head/.*", True), (".*", False))
-  config.total_steps, config.batch_size, config.checkpoint_every = 50, UNSEEN_WAYS, 50
-  config.log_every, config.mesh.axes = 50, (("data", 1),)
-  config.optim.lr, config.optim.warmup_steps = 1e-2, 5
+  _short_run(config, 50, UNSEEN_WAYS, lr=1e-2, warmup=5, initial=False)
   config.evals = ml_collections.ConfigDict()  # the objective's accuracy on the eval split
   train.train(config, workdir)
   [row] = evaluate.evaluate_checkpoints(config, str(workdir))
@@ -176,9 +177,7 @@ def test_a_shared_trunk_learns_the_font_tasks_beyond_raw_pixels(tmp_path):
   docs/glyphs.md. With the learning rate at 1e-9 it reads 0.511 and 0.502, and the test fails."""
   config = multitask_glyphs.get_config("tasks=bold+italic")
   config.data.labels = list(range(300))
-  config.total_steps, config.batch_size, config.checkpoint_every = MT_STEPS, 64, MT_STEPS
-  config.log_every, config.mesh.axes, config.checkpoint_initial = MT_STEPS, (("data", 1),), True
-  config.optim.lr, config.optim.warmup_steps = 3e-3, 10
+  _short_run(config, MT_STEPS, 64, lr=3e-3, warmup=10, initial=True)
   train.train(config, tmp_path)
   init, trained = evaluate.evaluate_checkpoints(config, str(tmp_path))
   pixels = baselines.scores(config.data, ("pixels_1nn",), features=("bold", "italic"))

@@ -77,6 +77,11 @@ def get_config(arg=None):
   return c
 
 
+def _references(seed, tasks):
+  """Overrides pointing each task's Delta_m reference at the single-task cell of `seed`."""
+  return {f"evals.test.references.{task}": f"{{cell:single-{task}_s{seed}}}" for task in tasks}
+
+
 def get_sweep(name):
   """`table`: the single-task references and hard sharing with `METHODS`, over `SEEDS`."""
   if name != "table":
@@ -91,14 +96,12 @@ def get_sweep(name):
       cells.append(sweep.Cell(
           f"hard-{method}_s{seed}", variant=f"hard sharing, {method}", seed=seed,
           config=f"{CONFIG}:weighting={method}",
-          overrides={"seed": seed, **{f"evals.test.references.{task}": f"{{cell:single-{task}_s{seed}}}"
-                                      for task in TASKS}}))
+          overrides={"seed": seed, **_references(seed, TASKS)}))
   for seed in SEEDS:  # the character task with the one auxiliary task that shares its invariances
     cells.append(sweep.Cell(
         f"pair-equal_s{seed}", variant="hard sharing, character + script only, equal", seed=seed,
         config=f"{CONFIG}:tasks=character+script",
-        overrides={"seed": seed, **{f"evals.test.references.{task}": f"{{cell:single-{task}_s{seed}}}"
-                                    for task in ("character", "script")}}))
+        overrides={"seed": seed, **_references(seed, ("character", "script"))}))
   return sweep.Sweep(name, cells, metrics=(*(f"rest/{t}/accuracy" for t in TASKS), "rest/delta_m"),
                      title=("glyphs, background scripts, 16 instances per character to train and the "
                             "other 4 to test: accuracy per task and Delta_m (%, against the single-task "
