@@ -261,6 +261,10 @@ MUTATIONS: tuple[Mutation, ...] = (
       "        leaves.append(leaf)",
       ("tests/test_glyphs.py::test_a_probe_on_the_meta_trained_encoder_beats_raw_pixels_on_unseen_"
        "characters",)),
+    M("adaptation-init-ignored", "dann_digits.py / coral_digits.py init=RUN start from RUN's backbone",
+      "experiments/configs/dann_digits.py", "    init_from_source(c, init)\n", "    pass\n",
+      ("tests/test_domain.py::test_init_starts_from_a_pretrained_backbone_with_a_fresh_head_and_"
+       "domain_classifier",)),
     M("evaluate-config-eval-ignored", "evaluate --config takes that config's eval section",
       "jtl/evaluate.py", 'for section in ("eval", "evals", "mesh"):', 'for section in ("evals", "mesh"):',
       ("tests/test_evaluate.py::test_evaluate_with_config_takes_its_eval_and_mesh_sections",)),
