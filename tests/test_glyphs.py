@@ -188,6 +188,23 @@ def test_a_shared_trunk_learns_the_font_tasks_beyond_raw_pixels(tmp_path):
     assert learned >= init[f"rest/{task}/accuracy"] + margin, (task, learned, init)
 
 
+def test_a_prepared_copy_is_opened_without_rendering_and_counts_what_the_rules_give(proto):
+  """The class counts of a prepared copy come from the files TFDS wrote (opening it must not render
+  every candidate in every font: 5 s per process), and equal what `characters()` gives; an unprepared
+  folder falls back to `characters()`."""
+  from jtl import data
+  prepared = data.get_builder(protonet_glyphs.get_config().data)  # by the `proto` run
+  glyphs.characters.cache_clear()
+  builder = glyphs.Glyphs(config="omniglot", data_dir=prepared.data_dir_root)  # opened afresh
+  assert builder.info.features["label"].num_classes == 1598
+  assert (builder.split_label_bound("train"), builder.split_label_bound("test")) == (1238, 1598)
+  assert glyphs.characters.cache_info().currsize == 0  # nothing rendered to learn that
+  chars = glyphs.characters()
+  assert (len(chars), sum(c.script in glyphs.BACKGROUND for c in chars)) == (1598, 1238)
+  builder._data_dir = "/nonexistent/glyphs"
+  assert builder._counts() == (1598, 1238)
+
+
 def test_a_head_over_the_background_characters_fits_the_train_split():
   """The train split holds the background characters only (labels 0..1237): a cross-entropy head of
   1,238 outputs fits it, although the dataset has 1,598 classes; a smaller head is refused."""

@@ -63,6 +63,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
 import os
 import time
@@ -71,6 +72,7 @@ from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import numpy as np
+from etils import epath
 from PIL import Image, ImageDraw, ImageFont
 import tensorflow_datasets as tfds
 
@@ -337,6 +339,22 @@ class Glyphs(tfds.core.GeneratorBasedBuilder):
                             "default) and optdigits (8x8 block counts)."}
   BUILDER_CONFIGS = [OMNIGLOT, OPTDIGITS]
 
+  def _counts(self) -> tuple[int, int]:
+    """(characters, background characters). Of a prepared copy, read from the files TFDS wrote in
+    its data dir (the label feature's width; the train split's size over INSTANCES); before that,
+    from `characters()`, which renders every candidate in every font (about 5 s: every process that
+    opens the dataset would pay it)."""
+    try:
+      folder = epath.Path(self._data_dir)
+      features = json.loads((folder / "features.json").read_text())["featuresDict"]["features"]
+      splits = json.loads((folder / "dataset_info.json").read_text())["splits"]
+      total = int(features["label"]["classLabel"]["numClasses"])
+      train = next(sum(map(int, s["shardLengths"])) for s in splits if s["name"] == "train")
+      return total, train // INSTANCES
+    except (AttributeError, OSError, KeyError, ValueError, StopIteration):
+      chars = characters()
+      return len(chars), sum(c.script in BACKGROUND for c in chars)
+
   def _info(self) -> tfds.core.DatasetInfo:
     side = self.builder_config.image_size
     return self.dataset_info_from_configs(
@@ -344,7 +362,7 @@ class Glyphs(tfds.core.GeneratorBasedBuilder):
                     "elastic, affine and stroke-width jitter; split by script.",
         features=tfds.features.FeaturesDict({
             "image": tfds.features.Image(shape=(side, side, 1), dtype=np.uint8),
-            "label": tfds.features.ClassLabel(num_classes=len(characters())),
+            "label": tfds.features.ClassLabel(num_classes=self._counts()[0]),
             "alphabet": tfds.features.ClassLabel(names=BACKGROUND + EVALUATION),
             "family": tfds.features.ClassLabel(names=FAMILIES),
             "bold": tfds.features.ClassLabel(num_classes=2),
@@ -358,8 +376,8 @@ class Glyphs(tfds.core.GeneratorBasedBuilder):
   def split_label_bound(self, split: str) -> int:
     """1 + the highest label of `split`: 'train' holds the background characters only (labels
     0..1237), so a classifier trained on it needs no output for the evaluation ones."""
-    scripts = BACKGROUND if split == "train" else BACKGROUND + EVALUATION
-    return sum(c.script in scripts for c in characters())
+    total, background = self._counts()
+    return background if split == "train" else total
 
   def _split_generators(self, dl_manager: Any) -> dict[str, Iterator[tuple[int, dict[str, Any]]]]:
     del dl_manager  # Nothing to download: the fonts ship inside matplotlib.
