@@ -74,6 +74,39 @@ def test_every_class_and_example_drawn_as_specified(raw):
   assert all(len(labels) > 1 for labels in label_of_class.values())  # ... under varying labels
 
 
+@pytest.mark.parametrize("rotations", [2, 4])
+def test_rotations_add_each_class_turned_as_new_classes(raw, rotations):
+  """data.episodes.rotations=R: R*C training classes, label by label one digit under one turn."""
+  c = _config((10, 2, 2), labels=SOURCE)
+  c.episodes.rotations = rotations
+  turns = [r * 4 // rotations for r in range(rotations)]  # quarter turns, counter-clockwise
+  seen = set()
+  for batch in itertools.islice(data.train_iterator(c, global_batch_size=4, seed=0), 10):
+    for e in range(4):
+      for label in range(10):
+        kinds = None  # the (digit, quarter turns) pairs every image of this label can be
+        for part in ("support", "query"):
+          rows = batch[part]["label"][e] == label
+          for x in batch[part]["image"][e][rows]:
+            can_be = {(raw["train"][k], t) for t in turns
+                      for k in _keys(np.rot90(x, -t, axes=(0, 1))[None]) if k in raw["train"]}
+            kinds = can_be if kinds is None else kinds & can_be
+        assert len(kinds) == 1, kinds  # one digit under one turn per episode class
+        seen |= kinds
+  assert seen == {(d, t) for d in SOURCE for t in turns}  # every digit under every turn drawn
+
+
+def test_rotations_need_square_images_and_a_divisor_of_four():
+  c = _config()
+  c.episodes.rotations = 3
+  with pytest.raises(ConfigError, match="rotations must be 1, 2 or 4"):
+    episodes.episode_spec(c)
+  pool = episodes.ClassPool(np.zeros((4, 6, 8, 1), np.float32), np.array([0, 0, 1, 1]),
+                            (np.array([0, 1]), np.array([2, 3])))
+  with pytest.raises(ConfigError, match="needs square images; these are 6x8"):
+    episodes.rotated_pool(pool, 4)
+
+
 def test_meta_test_classes_are_never_seen_in_meta_training(raw):
   train_pool = episodes.class_pool(_config(labels=SOURCE), "train")
   test_pool = episodes.class_pool(_config(labels=TARGET), "test")
@@ -186,3 +219,43 @@ def test_evaluator_on_eight_devices_matches_the_pixel_baseline(method):
   assert out["test/t/5way1shot_accuracy"] == pytest.approx(out["test/t/5way1shot_pixel_accuracy"])
   assert out["test/t/5way1shot_ci95"] == pytest.approx(out["test/t/5way1shot_pixel_ci95"])
   assert 0.5 < out["test/t/5way1shot_accuracy"] < 1.0 and out["test/t/5way1shot_ci95"] > 0
+
+
+class _WeightedPixels:
+  """Features: the pixels times a per-pixel weight (`params['w']`, [64])."""
+
+  def features(self, params, model_state, images):
+    return images.reshape(images.shape[0], -1) * params["w"]
+
+
+def test_evaluators_of_one_pool_embed_it_once_per_checkpoint_and_never_reuse_stale_features():
+  """5-way 1-shot and 3-way 5-shot on one pool: one pass over the pool per checkpoint, and each
+  checkpoint's figures those of evaluators built afresh for it alone."""
+  config = base_config()
+  config.batch_size = 8
+
+  def evaluators():
+    mesh = sharding.make_mesh(config.mesh)
+    s = types.SimpleNamespace(config=config, objective=_WeightedPixels(), mesh=mesh,
+                              batch_sharding=NamedSharding(mesh, sharding.batch_spec(mesh)))
+    return [episodic.Episodic(s, name, dict(type="episodic", data=dict(labels=TARGET), ways=ways,
+                                            shots=shots, num_episodes=20, batch_size=64))
+            for name, ways, shots in (("five", 5, 1), ("three", 3, 5))]
+
+  shared = evaluators()
+  assert shared[0].pool is shared[1].pool  # loaded once
+  passes = []
+  for evaluator in shared:
+    run = evaluator._run
+    evaluator._run = lambda *args, run=run: passes.append(1) or run(*args)
+  per_pool = -(-len(shared[0].pool.images) // 64)  # forward passes over the whole pool
+  checkpoints = [{"w": jnp.ones(64)}, {"w": jnp.arange(64.0) % 3}, {"w": jnp.ones(64)}]
+  got = []
+  for params in checkpoints:
+    passes.clear()
+    state = {}  # the restored model_state: one object for every evaluator of the checkpoint
+    got.append([dict(e.run(params, state)) for e in shared])
+    assert len(passes) == per_pool  # the second evaluator reuses the first one's features
+  for params, row in zip(checkpoints, got):
+    assert row == [dict(e.run(params, {})) for e in evaluators()]  # afresh, for this one only
+  assert got[0] != got[1]  # the weights matter, so stale features would have shown

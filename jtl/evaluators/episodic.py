@@ -17,6 +17,10 @@ every run sees the same ones. A checkpoint is scored in one of two ways (`method
   `batch_size` episodes at a time, sharded over the batch axes.
 `auto` (default) picks `adapt` when the objective has `episode_accuracy`, else `prototypes`.
 
+Evaluators of one run that read the same pool (the same split and data options, e.g. 5-way and
+20-way at 1 and 5 shots) share it: it is loaded once, and embedded once per checkpoint
+(`_SharedPools`).
+
 `batch_size` (a multiple of the devices of the batch axes) is images per forward pass for
 `prototypes` and episodes per call for `adapt`; a short last batch is padded and the padding
 dropped.
@@ -31,6 +35,7 @@ entries in `config.evals`).
 """
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -103,6 +108,23 @@ def global_rows(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
   return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
 
+class _SharedPools:
+  """The pools of the current run's episodic evaluators, each loaded once, and each pool's features
+  for the checkpoint last embedded, kept while the same variables come back (the next evaluator of
+  that checkpoint). One run at a time: a new Setup starts afresh."""
+  setup: Any = None
+  pools: dict[str, episodes.ClassPool] = {}
+  features: dict[tuple[str, int], tuple[Any, Any, np.ndarray]] = {}
+
+  @classmethod
+  def pool(cls, s: Any, key: str, load: Callable[[], episodes.ClassPool]) -> episodes.ClassPool:
+    if cls.setup is not s:
+      cls.setup, cls.pools, cls.features = s, {}, {}
+    if key not in cls.pools:
+      cls.pools[key] = load()
+    return cls.pools[key]
+
+
 @register("episodic")
 class Episodic(Evaluator):
   """Yields `<split>/<N>way<K>shot_accuracy` and `_ci95` (and the pixel baseline's, if asked)."""
@@ -120,7 +142,9 @@ class Episodic(Evaluator):
     if o["method"] not in METHODS:
       raise ConfigError(f"evals.{name}.method={o['method']!r}; choose one of {', '.join(METHODS)}")
     self.spec = episodes.EpisodeSpec(o["ways"], o["shots"], o["queries"])
-    self.pool = episodes.class_pool(source.validate(self.data_config), self.split)
+    self.pool_key = json.dumps([self.split, self.data_config.to_dict()], sort_keys=True, default=repr)
+    self.pool = _SharedPools.pool(
+        s, self.pool_key, lambda: episodes.class_pool(source.validate(self.data_config), self.split))
     episodes.check_pool(self.pool, self.spec, f"evals.{name} (split {self.split!r})")
     self.support_rows, self.query_rows, _ = episodes.fixed_episodes(
         self.pool, self.spec, o["num_episodes"], o["seed"])
@@ -157,12 +181,20 @@ class Episodic(Evaluator):
       yield np.concatenate([real, np.zeros(self.batch_size - len(real), int)]), len(real)
 
   def pool_features(self, params: Any, model_state: Any) -> np.ndarray:
-    """float32 [M, D]: inference-mode features of every image of the pool."""
+    """float32 [M, D]: inference-mode features of every image of the pool (computed once per
+    checkpoint for the evaluators that share the pool and the batch size)."""
+    key = (self.pool_key, self.batch_size)
+    kept = _SharedPools.features.get(key) if _SharedPools.setup is self.setup else None
+    if kept is not None and kept[0] is params and kept[1] is model_state:
+      return kept[2]
     out = []
     for index, real in self._chunks(len(self.pool.images)):
       images = global_rows(self.pool.images[index], self.setup.batch_sharding)
       out.append(np.asarray(jax.device_get(self._run(params, model_state, images)))[:real])
-    return np.concatenate(out).astype(np.float32)
+    features = np.concatenate(out).astype(np.float32)
+    if _SharedPools.setup is self.setup:
+      _SharedPools.features[key] = (params, model_state, features)
+    return features
 
   def adapted_accuracy(self, params: Any, model_state: Any) -> np.ndarray:
     """[n]: the objective's own per-episode accuracy (`episode_accuracy`) on every test episode."""
