@@ -7,8 +7,9 @@ scripts (Omniglot's protocol: no evaluation script, hence no test character, is 
 The dataset (`glyphs`, jtl/data/glyphs.py) is prepared on first use, offline, in about a minute.
 Figures: docs/glyphs.md.
 
-Arguments (`protonet_glyphs.py:ways=20,shots=1,queries=5`, the defaults): N, K and Q of the
-*training* episodes. Snell et al. (2017) train Omniglot with more ways than they test (60 against
+Arguments (`protonet_glyphs.py:ways=20,shots=1,queries=5,rotations=1`, the defaults): N, K and Q of
+the *training* episodes, and `rotations=4` adds each background character turned by 90, 180 and 270
+degrees as three new training classes (Snell et al.'s Omniglot recipe; jtl/data/episodes.py). Snell et al. (2017) train Omniglot with more ways than they test (60 against
 5/20) and with the test's shot count; 20-way 1-shot training is the cheap version of that here.
 `batch_size` counts episodes per step. The encoder is the standard four-block ConvNet of the
 few-shot literature (`cnn_small` with widths 64 x 4, no head: `params/backbone/...`).
@@ -34,7 +35,7 @@ def glyph_episodic_evals(num_episodes=600, pixel_baseline=True,
 
 
 def get_config(arg=None):
-  a = parse_arg(arg, ways=20, shots=1, queries=5)
+  a = parse_arg(arg, ways=20, shots=1, queries=5, rotations=1)
   c = base_config()
   c.objective = "protonet"
   c.total_steps = 3000  # docs/glyphs.md: 5-way 1-shot 0.913 / 0.931 / 0.935 at 1,000 / 2,000 / 3,000
@@ -47,6 +48,7 @@ def get_config(arg=None):
   c.data.episodes.ways = a.ways
   c.data.episodes.shots = a.shots
   c.data.episodes.queries = a.queries
+  c.data.episodes.rotations = a.rotations
   c.model.widths = (64, 64, 64, 64)
   c.model.num_classes = 0  # an encoder: ProtoNet has no head
   c.optim.lr = 1e-3

@@ -44,8 +44,10 @@ def default_data_config() -> ml_collections.ConfigDict:
   # batch is then {task: batch}, task t getting a share w_t / sum(w) of batch_size. Empty: one dataset.
   c.mixture = ml_collections.ConfigDict()
   # [episodes] N-way K-shot meta-learning batches (jtl/data/episodes.py): ways N, shots K and queries
-  # Q per class; batch_size then counts episodes. ways=0: ordinary batches.
-  c.episodes = ml_collections.ConfigDict(dict(ways=0, shots=1, queries=15))
+  # Q per class; batch_size then counts episodes. ways=0: ordinary batches. rotations=4 (or 2): each
+  # training class also appears turned by 90, 180, 270 degrees (or 180), as new classes (training
+  # episodes only; Snell et al.'s Omniglot recipe).
+  c.episodes = ml_collections.ConfigDict(dict(ways=0, shots=1, queries=15, rotations=1))
   return c
 
 

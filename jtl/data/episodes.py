@@ -31,6 +31,12 @@ uninterrupted stream, at no cost. Host h of P takes episodes [h*E/P, (h+1)*E/P) 
 the global batch does not depend on the number of hosts. Evaluation episodes come from another
 stream, keyed by (seed, episode index) (`fixed_episodes`).
 
+Rotations as classes (`data.episodes.rotations`, training episodes only): with R = 4 (or 2) the
+training pool of C classes becomes R*C classes, class c + r*C holding class c's images turned by
+r * 360/R degrees (counter-clockwise), as Snell et al. (2017) and Vinyals et al. (2016) enlarge
+Omniglot's background set. A rotated character is a new class even where it looks like another one
+(n and u); evaluation episodes are never rotated. Needs square images.
+
 Episodes are not augmented (`data.augment` must be False). The pool is always loaded into memory
 (`data.cache` is not consulted): episodic datasets are small.
 """
@@ -59,6 +65,7 @@ class EpisodeSpec:
   ways: int
   shots: int
   queries: int
+  rotations: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,10 +94,14 @@ def episode_spec(data_config: ml_collections.ConfigDict) -> EpisodeSpec:
     if not _is_int(options[key]) or options[key] < low:
       raise ConfigError(f"data.episodes.{key} must be an integer >= {low}, got {options[key]!r}; "
                         f"set --config.data.episodes.{key}")
+  if options["rotations"] not in (1, 2, 4) or not _is_int(options["rotations"]):
+    raise ConfigError(f"data.episodes.rotations must be 1, 2 or 4 (copies of each training class "
+                      f"turned by multiples of 360/R degrees), got {options['rotations']!r}; set "
+                      "--config.data.episodes.rotations")
   if options["ways"] == 1:
     raise ConfigError("data.episodes.ways=1 gives episodes with nothing to tell apart; set "
                       "--config.data.episodes.ways to 2 or more (0: no episodes)")
-  return EpisodeSpec(**{k: int(options[k]) for k in ("ways", "shots", "queries")})
+  return EpisodeSpec(**{k: int(options[k]) for k in ("ways", "shots", "queries", "rotations")})
 
 
 def enabled(data_config: ml_collections.ConfigDict) -> bool:
@@ -113,6 +124,24 @@ def class_pool(data_config: ml_collections.ConfigDict, split: str) -> ClassPool:
     num_classes = len(c.labels)
   rows = tuple(np.flatnonzero(labels == k) for k in range(num_classes))
   return ClassPool(images, labels, rows)
+
+
+def rotated_pool(pool: ClassPool, rotations: int) -> ClassPool:
+  """`pool` with `rotations` - 1 turned copies of every class as new classes (module docstring)."""
+  if rotations == 1:
+    return pool
+  height, width = pool.images.shape[1:3]
+  if height != width:
+    raise ConfigError(f"data.episodes.rotations={rotations} turns images by multiples of "
+                      f"{360 // rotations} degrees, which needs square images; these are "
+                      f"{height}x{width}; set --config.data.episodes.rotations=1")
+  quarter_turns = 4 // rotations
+  num, num_classes = len(pool.labels), len(pool.rows)
+  images = np.concatenate([np.rot90(pool.images, r * quarter_turns, axes=(1, 2))
+                           for r in range(rotations)])
+  labels = np.concatenate([pool.labels + r * num_classes for r in range(rotations)])
+  rows = tuple(rows + r * num for r in range(rotations) for rows in pool.rows)
+  return ClassPool(np.ascontiguousarray(images), labels.astype(np.int32), rows)
 
 
 def check_pool(pool: ClassPool, spec: EpisodeSpec, where: str) -> None:
@@ -199,7 +228,7 @@ def train_iterator(data_config: ml_collections.ConfigDict, *, global_batch_size:
                       f"{process_count} processes; set --config.batch_size")
   if start_step < 0:
     raise ConfigError(f"start_step={start_step} must be >= 0")
-  pool = class_pool(c, c.train_split)
+  pool = rotated_pool(class_pool(c, c.train_split), spec.rotations)
   check_pool(pool, spec, f"split {c.train_split!r}")
   local = global_batch_size // process_count
   episodes = range(process_index * local, (process_index + 1) * local)
