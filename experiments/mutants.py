@@ -265,6 +265,19 @@ MUTATIONS: tuple[Mutation, ...] = (
       "experiments/configs/dann_digits.py", "    init_from_source(c, init)\n", "    pass\n",
       ("tests/test_domain.py::test_init_starts_from_a_pretrained_backbone_with_a_fresh_head_and_"
        "domain_classifier",)),
+    M("rotations-not-turned", "data.episodes.rotations adds each class turned as new classes",
+      "jtl/data/episodes.py", "np.rot90(pool.images, r * quarter_turns, axes=(1, 2))",
+      "np.rot90(pool.images, 0, axes=(1, 2))",
+      ("tests/test_episodes.py::test_rotations_add_each_class_turned_as_new_classes",)),
+    M("episodic-stale-features", "episodic evaluators reuse pool features of the same checkpoint only",
+      "jtl/evaluators/episodic.py",
+      "if kept is not None and kept[0] is params and kept[1] is model_state:", "if kept is not None:",
+      ("tests/test_episodes.py::test_evaluators_of_one_pool_embed_it_once_per_checkpoint_and_never_"
+       "reuse_stale_features",)),
+    M("glyphs-info-renders", "a prepared glyphs copy is opened without rendering (5 s per process)",
+      "jtl/data/glyphs.py", "num_classes=self._counts()[0]", "num_classes=len(characters())",
+      ("tests/test_glyphs.py::test_a_prepared_copy_is_opened_without_rendering_and_counts_what_the_"
+       "rules_give",)),
     M("evaluate-config-eval-ignored", "evaluate --config takes that config's eval section",
       "jtl/evaluate.py", 'for section in ("eval", "evals", "mesh"):', 'for section in ("evals", "mesh"):',
       ("tests/test_evaluate.py::test_evaluate_with_config_takes_its_eval_and_mesh_sections",)),
