@@ -188,12 +188,12 @@ def test_a_shared_trunk_learns_the_font_tasks_beyond_raw_pixels(tmp_path):
     assert learned >= init[f"rest/{task}/accuracy"] + margin, (task, learned, init)
 
 
-def test_a_prepared_copy_is_opened_without_rendering_and_counts_what_the_rules_give(proto):
+def test_a_prepared_copy_is_opened_without_rendering_and_counts_what_the_rules_give():
   """The class counts of a prepared copy come from the files TFDS wrote (opening it must not render
   every candidate in every font: 5 s per process), and equal what `characters()` gives; an unprepared
   folder falls back to `characters()`."""
   from jtl import data
-  prepared = data.get_builder(protonet_glyphs.get_config().data)  # by the `proto` run
+  prepared = data.get_builder(protonet_glyphs.get_config().data)  # prepared once per session
   glyphs.characters.cache_clear()
   builder = glyphs.Glyphs(config="omniglot", data_dir=prepared.data_dir_root)  # opened afresh
   assert builder.info.features["label"].num_classes == 1598
