@@ -134,23 +134,46 @@ def to_global(local_batch: Any, sharding: NamedSharding) -> Any:
 
 
 def prefetch_to_mesh(iterator: Iterator[Any], sharding: NamedSharding, size: int = 2) -> Iterator[Any]:
-  """Moves the next `size` batches onto devices in a background thread while the step runs."""
+  """Moves the next `size` batches onto devices in a background thread while the step runs.
+
+  Closing the returned generator (or dropping it) stops the thread and closes `iterator`: a run that
+  ends before its data does (every run: training data repeats) leaves no thread behind holding a
+  data pipeline and its buffers."""
   buffer: queue.Queue = queue.Queue(maxsize=size)
-  done = object()
+  done, stop = object(), threading.Event()
+
+  def put(item: Any) -> bool:
+    while not stop.is_set():
+      try:
+        buffer.put(item, timeout=0.05)
+        return True
+      except queue.Full:
+        pass
+    return False
 
   def producer():
     try:
       for batch in iterator:
-        buffer.put(to_global(batch, sharding))
+        if not put(to_global(batch, sharding)):
+          return
+      put(done)
     except Exception as e:  # surfaced in the consumer, not lost in the thread
-      buffer.put(e)
-    buffer.put(done)
+      put(e)
+    finally:
+      close = getattr(iterator, "close", None)
+      if close is not None:
+        close()
 
-  threading.Thread(target=producer, daemon=True).start()
-  while True:
-    item = buffer.get()
-    if item is done:
-      return
-    if isinstance(item, Exception):
-      raise item
-    yield item
+  thread = threading.Thread(target=producer, daemon=True, name="prefetch_to_mesh")
+  thread.start()
+  try:
+    while True:
+      item = buffer.get()
+      if item is done:
+        return
+      if isinstance(item, Exception):
+        raise item
+      yield item
+  finally:
+    stop.set()
+    thread.join(timeout=60)  # (a source stalled inside next() is left behind, not waited for)

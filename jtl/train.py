@@ -394,6 +394,7 @@ def _write_and_run(config: ml_collections.ConfigDict, workdir: epath.Path, s: Se
       if int(state.step) < phase.end:  # stopped by a signal
         break
   finally:
+    device_batches.close()  # stops the prefetch thread and the data pipeline behind it
     writer.close()
     keeper.finish()
     mgr.close()

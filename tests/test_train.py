@@ -3,16 +3,19 @@ import itertools
 import json
 import os
 import signal
+import threading
+import time
 
 import jax
 import numpy as np
 import optax
 import pytest
+from jax.sharding import NamedSharding, PartitionSpec
 
 from jtl import checkpoint, data, evaluate, masks, train
 from jtl import config as config_lib
 from jtl.metric_writer import read_jsonl
-from jtl.sharding import to_global
+from jtl.sharding import prefetch_to_mesh, to_global
 from tests.helpers import digits_config, preempt_at
 
 LINEAR_PROBE = (("params/head/.*", True), (".*", False))
@@ -148,6 +151,48 @@ def test_rerunning_a_finished_run_does_not_train_again(tmp_path):
   lines = (tmp_path / "train_metrics.jsonl").read_text().splitlines()
   train.train(config, str(tmp_path))
   assert (tmp_path / "train_metrics.jsonl").read_text().splitlines() == lines
+
+
+def test_a_finished_run_leaves_no_thread_or_pipeline_behind(tmp_path, monkeypatch):
+  """Training data repeats, so every run ends before its data: the prefetch thread must stop and
+  close the pipeline. (One leaked thread and pipeline per in-process run once piled up in a test
+  worker.)"""
+  opened, closed = [], []
+  real = data.train_iterator
+
+  def watched_iterator(*args, **kwargs):
+    opened.append(True)
+    def batches():
+      try:
+        yield from real(*args, **kwargs)
+      finally:
+        closed.append(True)
+    return batches()
+  monkeypatch.setattr(data, "train_iterator", watched_iterator)
+  before = {t.ident for t in threading.enumerate()}
+  train.train(digits_config(total_steps=4), str(tmp_path))
+  assert [t.name for t in threading.enumerate() if t.ident not in before] == []
+  assert opened and closed == opened
+
+
+def test_prefetch_stops_when_its_consumer_closes():
+  produced, closed = [], []
+
+  def endless():
+    try:
+      for i in itertools.count():
+        produced.append(i)
+        yield {"x": np.full((8, 2), i, np.float32)}
+    finally:
+      closed.append(True)
+  mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+  before = {t.ident for t in threading.enumerate()}
+  batches = prefetch_to_mesh(endless(), NamedSharding(mesh, PartitionSpec("data")), size=2)
+  assert [int(next(batches)["x"][0, 0]) for _ in range(3)] == [0, 1, 2]
+  batches.close()
+  assert [t.name for t in threading.enumerate() if t.ident not in before] == []
+  assert closed == [True]
+  assert len(produced) <= 3 + 2 + 1  # what was taken, the buffer, and the one the producer held
 
 
 def test_sigint_saves_a_checkpoint_stops_and_gives_the_signal_back(tmp_path, monkeypatch):
