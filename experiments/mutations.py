@@ -249,6 +249,11 @@ MUTATIONS: tuple[Mutation, ...] = (
       "jtl/data/glyphs.py", "num_classes=self._counts()[0]", "num_classes=len(characters())",
       ("tests/test_glyphs.py::test_a_prepared_copy_is_opened_without_rendering_and_counts_what_the_"
        "rules_give",)),
+    M("prefetch-thread-outlives-run", "a run's prefetch thread stops and closes its data pipeline "
+      "when the run ends", "jtl/sharding.py", "    stop.set()\n    thread.join(timeout=60)",
+      "    pass",
+      ("tests/test_train.py::test_a_finished_run_leaves_no_thread_or_pipeline_behind",
+       "tests/test_train.py::test_prefetch_stops_when_its_consumer_closes")),
     M("evaluate-config-eval-ignored", "evaluate --config takes that config's eval section",
       "jtl/evaluate.py", 'for section in ("eval", "evals", "mesh"):', 'for section in ("evals", "mesh"):',
       ("tests/test_evaluate.py::test_evaluate_with_config_takes_its_eval_and_mesh_sections",)),

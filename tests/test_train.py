@@ -4,7 +4,6 @@ import json
 import os
 import signal
 import threading
-import time
 
 import jax
 import numpy as np
