@@ -111,10 +111,10 @@ MUTATIONS: tuple[Mutation, ...] = (
       "    opt_state = s.tx.init(params)",
       ("tests/test_train.py::test_no_optimizer_state_for_frozen_params",)),
     M("resume-fresh-optimizer", "a resumed run restores the optimizer state", "jtl/train.py",
-      "    state = TrainState(jnp.asarray(step, jnp.int32), **restored)",
-      "    state = TrainState(jnp.asarray(step, jnp.int32), restored['params'],\n"
-      "                       restored['model_state'],\n"
-      "                       s.tx.init(masks.partition(restored['params'], s.trainable)[0]))",
+      "  state = TrainState(jnp.asarray(step, jnp.int32), **restored)",
+      "  state = TrainState(jnp.asarray(step, jnp.int32), restored['params'],\n"
+      "                     restored['model_state'],\n"
+      "                     s.tx.init(masks.partition(restored['params'], s.trainable)[0]))",
       ("tests/test_train.py::test_resume_after_preemption_gives_identical_params",)),
     M("phase-state-not-carried", "phases carry optimizer state over; only a joining group is fresh",
       "jtl/train.py",
@@ -254,6 +254,10 @@ MUTATIONS: tuple[Mutation, ...] = (
       "    pass",
       ("tests/test_train.py::test_a_finished_run_leaves_no_thread_or_pipeline_behind",
        "tests/test_train.py::test_prefetch_stops_when_its_consumer_closes")),
+    M("host-runs-ahead-of-devices", "the loop waits for the step it dispatched two steps earlier (a "
+      "stop signal waits for a few queued steps, not log_every)", "jtl/loop.py",
+      "        jax.block_until_ready(in_flight.popleft())", "        pass",
+      ("tests/test_train.py::test_the_host_runs_at_most_two_steps_ahead_of_the_devices",)),
     M("evaluate-config-eval-ignored", "evaluate --config takes that config's eval section",
       "jtl/evaluate.py", 'for section in ("eval", "evals", "mesh"):', 'for section in ("evals", "mesh"):',
       ("tests/test_evaluate.py::test_evaluate_with_config_takes_its_eval_and_mesh_sections",)),

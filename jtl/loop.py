@@ -1,7 +1,10 @@
 """The training loop: steps, metric windows, checkpoints, stop signals and the non-finite guard.
 
 The step is never made to wait on the host: its metrics stay device arrays in a window that is fetched
-when it is logged and before every checkpoint. A fetched window is checked for non-finite values, so a
+when it is logged and before every checkpoint. The host, though, waits for the step it dispatched
+`STEPS_IN_FLIGHT` steps earlier: a stop signal (preemption) is acted on once the steps already queued
+have run, a few steps' time, not after up to `log_every` of them (minutes of slow steps, past a
+preemption's grace period). A fetched window is checked for non-finite values, so a
 NaN/Inf loss is caught before the state it produced could be saved: the run stops with the step and
 the metrics that went non-finite, and the last checkpoint on disk is the last good one. With
 `skip_nonfinite_updates = N`, the step itself refuses such updates (parameters, optimizer and model
@@ -9,6 +12,7 @@ state unchanged; `skipped` = 1 in its metrics) and the run stops only after N in
 """
 from __future__ import annotations
 
+import collections
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -21,6 +25,8 @@ from jax.experimental import multihost_utils
 from jtl import keep, signals
 from jtl.errors import NonFiniteError
 from jtl.metric_writer import MetricWriter
+
+STEPS_IN_FLIGHT = 2  # dispatched steps the host may run ahead of the devices (keeps them busy)
 
 
 class StopFlag:
@@ -130,6 +136,7 @@ def run(config: Any, state: Any, step_fn: Callable, device_batches: Iterator[Any
   step = first_step = int(state.step)
   window = Window(int(config.get("skip_nonfinite_updates") or 0), resumed_from)
   last_time, last_step = time.perf_counter(), step
+  in_flight: collections.deque[dict] = collections.deque()
   stop.install()
   try:
     if jax.process_count() == 1 and stop.requested:
@@ -140,6 +147,9 @@ def run(config: Any, state: Any, step_fn: Callable, device_batches: Iterator[Any
       state, metrics = step_fn(state, next(device_batches))
       step += 1
       window.add(step, metrics)  # device arrays: no sync per step
+      in_flight.append(metrics)
+      if len(in_flight) > STEPS_IN_FLIGHT:
+        jax.block_until_ready(in_flight.popleft())
       log_now = step % config.log_every == 0 or step == until
       if step == first_step + 1 and not log_now:  # its call compiled the step: steps/s and the ETA
         last_time, last_step = time.perf_counter(), step  # count from here, not from the compilation

@@ -23,7 +23,7 @@ from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jtl import (accumulate, checkpoint, compile_cache, data, hparams, keep, loop, masks, memory,
-                 objectives, optim, phases, progress, sharding, signals)
+                 objectives, optim, phases, progress, resume, sharding, signals)
 from jtl import config as config_lib
 from jtl import lock as workdir_lock
 from jtl.errors import ConfigError
@@ -207,70 +207,18 @@ def initial_state(s: Setup, params: Any, model_state: Any) -> TrainState:
   return jax.jit(build, out_shardings=s.state_shardings)(params, model_state)
 
 
-def _check_same_experiment(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
-  """ConfigError if the workdir holds checkpoints of a different experiment."""
-  if not checkpoint.completed_steps(workdir):
-    return
-  previous = config_lib.load_run_config(workdir)
-  if previous is not None:
-    changed = config_lib.differences(previous, config, ignore=config_lib.RESUMABLE_CHANGES,
-                                     shared_only=True)
-    if changed:
-      raise ConfigError(
-          f"workdir {workdir} holds checkpoints of a different experiment: {'; '.join(changed[:5])}"
-          f"{' ...' if len(changed) > 5 else ''}; use another --workdir, or delete {workdir} to "
-          "start fresh")
-
-
 def _resume(config: ml_collections.ConfigDict, workdir: epath.Path, example: Any,
             schedule: list[phases.Phase], mgr: Any) -> tuple[int, Setup, TrainState | None]:
-  """(step, setup, restored state) from the newest checkpoint that reads back (and matches its
-  checksums); (0, setup, None) without one. A broken checkpoint is moved aside with a warning and the
-  next older one is tried."""
-  candidates = keep.good_steps(workdir)  # structurally broken ones are moved aside here
-  mgr.reload()
-  for step in reversed(candidates):
-    # The setup of the phase that wrote the checkpoint (at a phase boundary: the one before).
-    s = setup(config, example, phases.at(schedule, max(step - 1, 0)))
-    try:
-      restored = checkpoint.restore(mgr, step, {
-          name: getattr(s.abstract_state, name) for name in checkpoint.ITEMS},
-          verify=config.get("checkpoint_checksums", True))
-    except Exception as e:  # orbax/tensorstore raise many types
-      why = keep.verify(workdir, step)
-      if why is None:  # the files read fine: they are another state's, not damaged
-        raise ConfigError(f"checkpoint {step} in {workdir} does not fit this run's state "
-                          f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''});"
-                          " use another --workdir, or delete that one to start fresh") from e
-      keep.quarantine(workdir, step, why)
-      mgr.reload()
-      continue
-    state = TrainState(jnp.asarray(step, jnp.int32), **restored)
-    if not checkpoint.has_manifest(workdir, step):
-      logging.warning("checkpoint %d carries no checksums (written with checkpoint_checksums=False "
-                      "or by an older jtl): its contents are not verified", step)
-    return step, s, jax.device_put(state, s.state_shardings)
-  return 0, setup(config, example, schedule[0]), None
-
-
-def _no_usable_checkpoint(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
-  """Called when nothing could be resumed. If damaged checkpoints were moved aside (now or by an
-  earlier attempt), starting over would silently throw the run away: a ConfigError says so, unless
-  `restart_from_scratch` asks for it, in which case the damaged checkpoints and the metrics files
-  move to `WORKDIR/before-restart-<n>/` and the run starts at step 0 in a clean workdir."""
-  damaged = keep.quarantined(workdir)
-  if not damaged:
-    return
-  if not config.get("restart_from_scratch", False):
-    raise ConfigError(
-        f"no usable checkpoint in {checkpoint.checkpoint_dir(workdir)}: every one is damaged and "
-        f"moved aside ({', '.join(damaged)}; the warnings above say why); nothing else was changed. "
-        "To start over from step 0, rerun with --config.restart_from_scratch=True (the damaged "
-        "checkpoints and the metrics files move to before-restart-N in the workdir), or use a new "
-        "--workdir")
-  aside = keep.set_aside(workdir, damaged, ("train_metrics.jsonl", "eval_metrics.jsonl"))
-  logging.warning("restart_from_scratch: no usable checkpoint; %s moved to %s; starting at step 0",
-                  ", ".join(damaged), aside)
+  """(step, setup, restored state) from the newest checkpoint that reads back (`resume.newest`);
+  (0, setup, None) without one."""
+  def setup_at(step: int) -> Setup:  # the phase that wrote the checkpoint (at a boundary: the earlier)
+    return setup(config, example, phases.at(schedule, max(step - 1, 0)))
+  found = resume.newest(config, workdir, mgr, setup_at)
+  if found is None:
+    return 0, setup(config, example, schedule[0]), None
+  step, s, restored = found
+  state = TrainState(jnp.asarray(step, jnp.int32), **restored)
+  return step, s, jax.device_put(state, s.state_shardings)
 
 
 class _Stopped(Exception):
@@ -327,7 +275,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
   workdir = epath.Path(config_lib.resolve_path(os.fspath(workdir)))
   cpu_ops.remember_choices(compile_cache.enable(config.get("compilation_cache")))
   data.validate(config.data)
-  _check_same_experiment(config, workdir)
+  resume.check_same_experiment(config, workdir)
   schedule = phases.schedule(config)
 
   def batches_from(step: int) -> Iterator[Any]:
@@ -361,7 +309,7 @@ def _write_and_run(config: ml_collections.ConfigDict, workdir: epath.Path, s: Se
     start_step, s, state = _resume(config, workdir, example, schedule, mgr)
     resumed = state is not None
     if state is None:
-      _no_usable_checkpoint(config, workdir)  # (raises unless there is nothing to lose)
+      resume.no_usable_checkpoint(config, workdir)  # (raises unless there is nothing to lose)
       loaded = loaded if loaded is not None else load_transfer_source(s)
       state = initial_state(s, *init_variables(s, loaded))
     else:
