@@ -10,7 +10,10 @@ A fenced block's language says what it is:
 
 Each document runs in its own fresh copy of the repository tree (a temporary folder; the repository
 itself is never written), its commands in document order, so a fine-tuning finds the pretraining run
-an earlier command wrote there. `python` and `.venv/bin/python` are this interpreter. Step counts are
+an earlier command wrote there. `python` and `.venv/bin/python` are this interpreter. The plain
+`python -m experiments.train|evaluate ...` commands (most of them) run in one Python process per
+document, tests/docs_runner.py, as `python -m` runs them (TensorFlow and JAX import once, not once a
+command); any other command, or one with shell syntax or an environment prefix, runs through bash. Step counts are
 shortened by `JTL_MAX_STEPS` (jtl/config.py `clip_to_max_steps`: `total_steps` clipped, warmups and
 phases fitted), so a documented 3,000-step run takes two; the commands themselves are run as written.
 A command that several documents run word for word (the 2-step pretraining into `runs/pre`, five
@@ -27,8 +30,11 @@ import contextlib
 import dataclasses
 import fcntl
 import hashlib
+import json
 import os
 import re
+import select
+import shlex
 import shutil
 import stat
 import subprocess
@@ -43,6 +49,7 @@ DOCS = ("README.md", "BUILD.md", *sorted(f"docs/{p.name}" for p in (REPO / "docs
 SCRIPT_LANGS = {"bash", "sh", "shell"}
 CONSOLE_LANGS = {"console"}
 NOT_RUN_LANGS = {"text", "python", "yaml", "json", "toml", "ini", "diff"}
+IN_PROCESS_MODULES = ("experiments.train", "experiments.evaluate")  # in_process_argv
 MAX_STEPS = "2"  # JTL_MAX_STEPS for every documented run
 COMMAND_TIMEOUT_S = 900  # a busy machine; building the glyphs dataset takes 75-90 s on an idle one
 # Lines of a not-run block that look like a shell command (they belong in a bash block, or after `$ `).
@@ -217,6 +224,10 @@ def test_links_between_pages_resolve():
   assert not broken, "\n".join(broken)
 
 
+def test_the_slow_documents_exist():
+  assert set(SLOW_DOCS) <= set(DOCS), set(SLOW_DOCS) - set(DOCS)
+
+
 def test_commands_are_found():
   """The extraction itself, on blocks written here: continuation lines and multi-line quotes are
   one command, comments are not commands, `$ ` marks a console block's commands."""
@@ -233,6 +244,36 @@ def test_commands_that_several_documents_run_are_shared_with_their_outputs():
       "python -m experiments.train --config=experiments/configs/pretrain_digits.py --workdir=runs/pre")]
   assert len(pretrain) >= 2 and {shared_outputs(c) for c in pretrain} == {("runs/pre",)}
   assert shared_outputs(Command("x.md", 1, "python -m experiments.train --workdir=runs/only_here")) == ()
+
+
+def test_which_commands_run_in_the_documents_process():
+  plain = "python -m experiments.train \\\n  --config=c.py --workdir=runs/a  # a note (x) | y"
+  assert in_process_argv(Command("x.md", 1, plain)) == [
+      "experiments.train", "--config=c.py", "--workdir=runs/a"]
+  assert in_process_argv(Command("x.md", 1, ".venv/bin/python -m experiments.evaluate --workdir=w"))
+  for shell in ("XLA_FLAGS=x python -m experiments.train --workdir=w",
+                "python -m experiments.evaluate --workdir=w > out.txt",
+                "python -m experiments.evaluate --workdir=w && ls w",
+                "python -m experiments.evaluate --workdir=$HOME/w",
+                "python -m experiments.train --workdir=w --verbosity=1",
+                "python -m experiments.sweep --config=c.py --workdir=w", "make demo"):
+    assert in_process_argv(Command("x.md", 1, shell)) is None, shell
+
+
+def test_the_documents_process_gives_each_command_its_status_output_and_fresh_flags(tmp_path):
+  """Two failing commands in one process: each its own exit status and error line (so a documented
+  command that fails fails the test), the second one's flags defined again after the first's."""
+  tree = _fresh_tree(tmp_path)
+  process = _DocProcess(tree, _environment(tree), tmp_path)
+  try:
+    status, output = process.run(["experiments.train", "--config=nope.py", "--workdir=runs/a"])
+    assert status == 2 and "error: config file 'nope.py' does not exist" in output, output
+    status, output = process.run(["experiments.train", "--config=nope2.py", "--workdir=runs/a"])
+    assert status == 2 and "error: config file 'nope2.py' does not exist" in output, output
+    status, output = process.run(["experiments.evaluate", "--workdir=runs/a", "--nonsense=1"])
+    assert status == 2 and "nonsense" in output and "Traceback" not in output, output
+  finally:
+    process.close()
 
 
 def test_max_steps_override_clips_total_steps_and_fits_the_schedule(monkeypatch):
@@ -285,11 +326,18 @@ def _environment(tree: Path) -> dict[str, str]:
   return env
 
 
+# The paradigm guides whose commands take a minute or more on 2 busy cores: `make test-all` runs them,
+# `make test` (CI) runs the others (README.md, BUILD.md, and the guides to running, errors, seams...).
+SLOW_DOCS = ("docs/glyphs.md", "docs/meta_learning.md", "docs/sweeps.md", "docs/contrastive.md",
+             "docs/transfer.md", "docs/distillation.md", "docs/style_transfer.md", "docs/multitask.md")
+
+
 def _param(doc: str):
   # The glyphs dataset takes over a minute to build: its commands share test_glyphs.py's worker
   # (and TFDS data dir), so it is built once per session.
   glyphs = any("glyphs" in c.text for c in to_run(doc))
-  return pytest.param(doc, marks=[pytest.mark.xdist_group("glyphs")] if glyphs else [], id=doc)
+  marks = [pytest.mark.xdist_group("glyphs")] if glyphs else []
+  return pytest.param(doc, marks=marks + ([pytest.mark.slow] if doc in SLOW_DOCS else []), id=doc)
 
 
 def shared_outputs(command: Command) -> tuple[str, ...]:
@@ -328,24 +376,88 @@ def _once_per_session(command: Command, tree: Path):
       copy.rename(kept)
 
 
+def in_process_argv(command: Command) -> list[str] | None:
+  """`[module, *arguments]` of a plain `python -m experiments.train|evaluate ...` command, which the
+  document's own Python process runs (tests/docs_runner.py); None for anything else (bash runs it):
+  shell syntax, an environment prefix, `--verbosity` (read while the modules load)."""
+  text = command.text.replace("\\\n", " ")
+  lexer = shlex.shlex(text, posix=True, punctuation_chars=True)
+  lexer.whitespace_split, lexer.commenters = True, "#"
+  try:
+    words = list(lexer)
+  except ValueError:
+    return None
+  if (len(words) < 3 or words[0] not in ("python", "python3", ".venv/bin/python") or words[1] != "-m"
+      or words[2] not in IN_PROCESS_MODULES or any(set(w) <= set("();<>|&") for w in words)
+      or any(c in text.split("#")[0] for c in "$`") or any(w.startswith("--verbosity") for w in words)):
+    return None
+  return words[2:]
+
+
+class _DocProcess:
+  """tests/docs_runner.py for one document: started on its first command, in the document's tree and
+  environment; `run` gives a command's exit status and output."""
+
+  def __init__(self, tree: Path, env: dict[str, str], logs: Path):
+    self.tree, self.env, self.logs, self.process, self.count = tree, env, logs, None, 0
+
+  def run(self, argv: list[str]) -> tuple[int | None, str]:
+    """(exit status, output); status None: still running after COMMAND_TIMEOUT_S (then stopped)."""
+    if self.process is None:
+      self.process = subprocess.Popen([sys.executable, str(REPO / "tests" / "docs_runner.py")],
+                                      cwd=self.tree, env=self.env, stdin=subprocess.PIPE,
+                                      stdout=subprocess.PIPE, text=True)
+    self.count += 1
+    log = self.logs / f"command_{self.count}.log"
+    self.process.stdin.write(json.dumps({"argv": argv, "log": str(log)}) + "\n")
+    self.process.stdin.flush()
+    ready, _, _ = select.select([self.process.stdout], [], [], COMMAND_TIMEOUT_S)
+    answer = self.process.stdout.readline() if ready else ""
+    output = log.read_text(errors="replace") if log.exists() else ""
+    if not answer:
+      self.close()
+      return (None if not ready else -1), output
+    return json.loads(answer)["status"], output
+
+  def close(self) -> None:
+    if self.process is not None:
+      self.process.stdin.close()
+      try:
+        self.process.wait(timeout=60)
+      except subprocess.TimeoutExpired:
+        self.process.kill()
+        self.process.wait()
+      self.process = None
+
+
 @pytest.mark.parametrize("doc", [_param(d) for d in DOCS if to_run(d)])
 def test_documented_commands_run(doc, tmp_path):
   tree = _fresh_tree(tmp_path)
   env = _environment(tree)
-  for command in to_run(doc):
-    with _once_per_session(command, tree) as to_do:
-      if to_do:
-        _run_documented(command, tree, env)
-
-
-def _run_documented(command: Command, tree: Path, env: dict[str, str]) -> None:
+  process = _DocProcess(tree, env, tmp_path)
   try:
-    result = subprocess.run(["bash", "-c", command.text], cwd=tree, env=env, capture_output=True,
-                            text=True, timeout=COMMAND_TIMEOUT_S)
-  except subprocess.TimeoutExpired:
+    for command in to_run(doc):
+      with _once_per_session(command, tree) as to_do:
+        if to_do:
+          _run_documented(command, tree, env, process)
+  finally:
+    process.close()
+
+
+def _run_documented(command: Command, tree: Path, env: dict[str, str], process: _DocProcess) -> None:
+  argv = in_process_argv(command)
+  if argv is not None:
+    status, output = process.run(argv)
+  else:
+    try:
+      result = subprocess.run(["bash", "-c", command.text], cwd=tree, env=env, capture_output=True,
+                              text=True, timeout=COMMAND_TIMEOUT_S)
+      status, output = result.returncode, result.stdout + result.stderr
+    except subprocess.TimeoutExpired:
+      status, output = None, ""
+  if status is None:
     pytest.fail(f"{command.doc}:{command.line}: still running after {COMMAND_TIMEOUT_S} s:\n"
                 f"{command.text}")
-  assert result.returncode == 0, (
-      f"{command.doc}:{command.line}: exit status {result.returncode} from the documented command\n"
-      f"{command.text}\n--- its output (last lines) ---\n"
-      f"{(result.stdout + result.stderr)[-4000:]}")
+  assert status == 0, (
+      f"{command.doc}:{command.line}: exit status {status} from the documented command\n"
+      f"{command.text}\n--- its output (last lines) ---\n{output[-4000:]}")
