@@ -1,4 +1,4 @@
-# make demo | make test | make bench | make mutants — each installs what it needs into $(VENV) first.
+# make demo | make test | make test-all | make bench | make mutants — each installs what it needs into $(VENV) first.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 WORKDIR ?= workdirs/demo
 TEST_WORKERS ?= 2
 
-.PHONY: install test demo bench mutants clean
+.PHONY: install test test-all demo bench mutants clean
 
 # uv installs the same pinned versions as pip, with parallel downloads: seconds, not minutes (the
 # test extras are about 2.4 GB); pip stays in the venv for whoever adds packages by hand.
@@ -20,7 +20,12 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# test: what CI runs (tests marked `slow` left out); test-all: every test (BUILD.md, "Tests").
 test: $(STAMP)
+	XLA_FLAGS=--xla_force_host_platform_device_count=8 TF_CPP_MIN_LOG_LEVEL=3 \
+	  $(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup -q -rs --durations=25 -m "not slow" tests
+
+test-all: $(STAMP)
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 TF_CPP_MIN_LOG_LEVEL=3 \
 	  $(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup -q -rs --durations=25 tests
 

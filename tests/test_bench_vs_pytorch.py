@@ -95,7 +95,9 @@ def test_torch_mirror_has_jtl_parameter_count(name):
 PARITY_TOLERANCE = 2e-6
 
 
-@pytest.mark.parametrize("name", vs_pytorch.MODELS)
+# vit and resnet18 (a minute together on 2 busy cores) in `make test-all`; mlp and cnn in CI too.
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in ("vit", "resnet18")
+                                  else n for n in vs_pytorch.MODELS])
 def test_torch_step_and_same_function(name):
   torch = pytest.importorskip("torch")
   batch = vs_pytorch.make_batch(4, 8)

@@ -256,6 +256,7 @@ def _assert_close(fast, reference):
     assert np.max(np.abs(a - b)) <= 2e-5 * np.max(np.abs(b)), np.max(np.abs(a - b))
 
 
+@pytest.mark.slow
 def test_resnet_with_fast_paths_equals_xla_ops():
   # ImageNet stem on 32x32: 8x8 after the stem's pool, then 4x4, 2x2 and 1x1 maps (matmul route).
   x = _random((8, 32, 32, 3), 0)

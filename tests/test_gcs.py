@@ -106,6 +106,7 @@ def files_under(folder: epath.Path) -> dict[str, bytes]:
   return out
 
 
+@pytest.mark.slow
 def test_train_kill_resume_watch_quarantine_and_transfer_on_gcs(gcs, tmp_path):
   deadline = time.monotonic() + DEADLINE_S
   run = "gs://bucket/run"

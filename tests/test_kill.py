@@ -156,6 +156,7 @@ def pair(workdir, module="experiments.train"):
           for i in range(2)]
 
 
+@pytest.mark.slow
 def test_two_hosts_train_like_one_a_dead_one_stops_its_peer_and_the_pair_resumes(tmp_path):
   data.validate(digits_config().data)
   workdir = tmp_path / "run"
@@ -210,6 +211,7 @@ def error_lines(output):
   return [line for line in output.splitlines() if line.startswith("error:")]
 
 
+@pytest.mark.slow
 def test_a_file_size_limit_is_one_error_line_and_the_rerun_finishes(tmp_path):
   """`ulimit -f` (EFBIG) while orbax writes a checkpoint: one `error:` line naming the file and the
   limit, exit 2, and no traceback; the same command without the limit then finishes."""
@@ -241,6 +243,7 @@ def _take_write_access(path):
   return lambda: subprocess.run(["chattr", "-R", "-i", str(path)], check=True)
 
 
+@pytest.mark.slow
 def test_write_permission_lost_mid_run_is_one_error_line_and_the_rerun_resumes(tmp_path):
   data.validate(digits_config().data)
   deadline = time.monotonic() + TIMEOUT_S
@@ -269,6 +272,7 @@ def test_write_permission_lost_mid_run_is_one_error_line_and_the_rerun_resumes(t
   assert checkpoint.completed_steps(workdir)[-1] == STEPS
 
 
+@pytest.mark.slow
 def test_sigterm_or_sigint_during_start_up_exits_0(tmp_path):
   """While Python imports jax (SIGTERM) and after the run is set up (SIGINT, once config.json is
   written: restore and compilation): exit 0, no traceback; rerunning trains normally."""

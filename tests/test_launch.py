@@ -6,6 +6,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from jtl import checkpoint
 from jtl.metric_writer import read_jsonl
 
@@ -27,6 +29,7 @@ def slurm_job_id_with_free_port() -> int:
   raise AssertionError("no free port in JAX's SLURM range")
 
 
+@pytest.mark.slow
 def test_distributed_detects_a_slurm_job_step(tmp_path):
   job_id = slurm_job_id_with_free_port()
   processes = []

@@ -248,6 +248,7 @@ def dataset_ready():
   data.validate(digits_config().data)  # prepared once here, not by two racing trainers
 
 
+@pytest.mark.slow
 def test_two_trainers_together_one_runs_then_kill_9_and_rerun_resumes(tmp_path, dataset_ready):
   """Two trainers started at once on one workdir: one runs, the other exits 2 naming it. Then the
   runner is killed with -9 and the same command again takes the lock over and resumes."""

@@ -45,7 +45,8 @@ def step_rng(config, step=0):
   return jax.random.fold_in(jax.random.key(config.seed + 1), step)
 
 
-@pytest.mark.parametrize("method", ["mgda", "pcgrad", "upgrad"])
+@pytest.mark.parametrize("method", [pytest.param("mgda", marks=pytest.mark.slow), "pcgrad",
+                                    pytest.param("upgrad", marks=pytest.mark.slow)])
 def test_representation_space_equals_explicit_per_task_gradients(method):
   config = small(f"weighting={method}", mesh__axes=(("data", 1),))
   s, params, model_state, batch = prepared(config)

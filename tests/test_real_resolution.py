@@ -245,6 +245,7 @@ def _train_and_evaluate(config, workdir, *overrides):
   return row
 
 
+@pytest.mark.slow
 @pytest.mark.xdist_group("real_resolution_vit")
 def test_vit_base_lora_from_a_timm_file_on_cifar10_at_224(data_dir, tmp_path):
   """ViT-B/16 weights under timm's names (random values), LoRA on cifar10 upsampled to 224: the file
@@ -262,6 +263,7 @@ def test_vit_base_lora_from_a_timm_file_on_cifar10_at_224(data_dir, tmp_path):
   assert np.isfinite(row["test/loss"])
 
 
+@pytest.mark.slow
 @pytest.mark.xdist_group("real_resolution_resnet")
 def test_resnet50_full_bf16_remat_streams_imagenet_at_224(data_dir, tmp_path):
   """ResNet-50 under torchvision's names, full fine-tuning in bfloat16 with rematerialisation on the

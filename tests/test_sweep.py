@@ -145,6 +145,7 @@ def assert_report_matches_hand_computation(root):
     assert f.read() in out
 
 
+@pytest.mark.slow
 def test_kill_mid_grid_then_rerun_skips_finished_cells_and_the_report_matches(tmp_path):
   from jtl import checkpoint
   root = str(tmp_path / "grid")
