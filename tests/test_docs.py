@@ -13,9 +13,10 @@ itself is never written), its commands in document order, so a fine-tuning finds
 an earlier command wrote there. `python` and `.venv/bin/python` are this interpreter. The plain
 `python -m experiments.train|evaluate ...` commands (most of them) run in one Python process per
 document, tests/docs_runner.py, as `python -m` runs them (TensorFlow and JAX import once, not once a
-command); any other command, or one with shell syntax or an environment prefix, runs through bash. Step counts are
-shortened by `JTL_MAX_STEPS` (jtl/config.py `clip_to_max_steps`: `total_steps` clipped, warmups and
-phases fitted), so a documented 3,000-step run takes two; the commands themselves are run as written.
+command); any other command, or one with shell syntax or an environment prefix, runs through bash.
+Step counts are shortened by `JTL_MAX_STEPS` (jtl/config.py `clip_to_max_steps`: `total_steps`
+clipped, warmups and phases fitted), so a documented 3,000-step run takes two; the commands themselves
+are run as written.
 A command that several documents run word for word (the 2-step pretraining into `runs/pre`, five
 times) runs once per session: the other documents copy its outputs (`_once_per_session`).
 
