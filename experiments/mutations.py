@@ -258,6 +258,10 @@ MUTATIONS: tuple[Mutation, ...] = (
       "stop signal waits for a few queued steps, not log_every)", "jtl/loop.py",
       "        jax.block_until_ready(in_flight.popleft())", "        pass",
       ("tests/test_train.py::test_the_host_runs_at_most_two_steps_ahead_of_the_devices",)),
+    M("test-session-folder-left", "a test session removes its session folder (TFDS data, compile "
+      "cache) at its end", "tests/conftest.py", "    shutil.rmtree(SESSION_DIR, ignore_errors=True)",
+      "    pass", ("tests/test_session_dir.py::test_one_session_folder_for_all_workers_and_gone_at_the_"
+                  "end",)),
     M("evaluate-config-eval-ignored", "evaluate --config takes that config's eval section",
       "jtl/evaluate.py", 'for section in ("eval", "evals", "mesh"):', 'for section in ("evals", "mesh"):',
       ("tests/test_evaluate.py::test_evaluate_with_config_takes_its_eval_and_mesh_sections",)),

@@ -25,9 +25,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAX_LINES = 40  # docs/console.md
 EXTRA_SHOT_SEEDS = (1, 2)  # the demo's own draw is shots_seed 0
 MARGIN = 0.10  # over three draws; measured: +0.158 over the better baseline (1-NN)
-# The demo's own draw is an easy one for the pixels: there fine-tuning and zero-shot beat them by less
-# (measured +0.028 and +0.006 over logistic regression); the 10 points hold for the mean of three.
-OWN_DRAW_MARGIN = 0.0
 
 
 def make_demo(workdir):
@@ -63,7 +60,9 @@ def test_make_demo_prints_its_table_and_transfer_beats_raw_pixel_baselines(demo)
   assert (workdir / "plots" / "transfer_digits.png").exists()
   pixels = baselines.pixel_baselines(_config(workdir, 0).data)
   assert all(abs(table[name] - pixels[name]) < 6e-4 for name in baselines.PIXELS), table
-  assert table["finetune"] > max(pixels.values()) + OWN_DRAW_MARGIN, (table, pixels)
+  # The demo's own draw is an easy one for the pixels: fine-tuning and zero-shot beat them by less
+  # (measured +0.028 and +0.006 over logistic regression); the 10 points hold for the mean of three.
+  assert table["finetune"] > max(pixels.values()), (table, pixels)
   assert table["zero_shot"] > max(pixels.values()), (table, pixels)
 
 
