@@ -265,4 +265,19 @@ MUTATIONS: tuple[Mutation, ...] = (
     M("evaluate-config-eval-ignored", "evaluate --config takes that config's eval section",
       "jtl/evaluate.py", 'for section in ("eval", "evals", "mesh"):', 'for section in ("evals", "mesh"):',
       ("tests/test_evaluate.py::test_evaluate_with_config_takes_its_eval_and_mesh_sections",)),
+    M("labels-not-hidden", "data.label_fraction keeps each class's fraction of training labels, the "
+      "rest read -1", "jtl/data/pipeline.py",
+      "    targets = labelled.hide(targets, c.label_fraction.to_dict(), c.shots_seed)", "    pass",
+      ("tests/test_labelled.py::test_each_class_keeps_its_fraction_of_training_labels_and_the_rest_"
+       "read_missing",)),
+    M("missing-labels-averaged-in", "a multitask task averages its error over the rows whose label "
+      "is kept", "jtl/objectives/multitask.py",
+      "      out.append(jnp.sum(error * has) / jnp.maximum(jnp.sum(has), 1.0))",
+      "      out.append(error.mean())",
+      ("tests/test_labelled.py::test_a_task_with_missing_labels_averages_its_error_over_the_rows_"
+       "that_have_one",)),
+    M("baselines-see-hidden-labels", "pixel baselines of a scarce feature fit its labelled training "
+      "rows only", "jtl/baselines.py", "    if f in c.label_fraction:", "    if False:",
+      ("tests/test_labelled.py::test_pixel_baselines_of_a_scarce_feature_fit_the_labelled_training_"
+       "rows_only",)),
 )

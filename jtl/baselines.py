@@ -13,7 +13,8 @@ split, and the same pixels (`image_size`, `normalize`), without the training-tim
   majority       the most frequent training label (ties: the smallest), whatever the image.
 
 `feature` picks the target: `label` by default, or another numeric feature of the dataset (a
-multitask run's task, e.g. glyphs' `alphabet`).
+multitask run's task, e.g. glyphs' `alphabet`). A feature of `data.label_fraction` is fitted on the
+training examples that keep its label (jtl/data/labelled.py), as a run with that config trains.
 """
 from __future__ import annotations
 
@@ -81,16 +82,25 @@ def scores(data_config: ml_collections.ConfigDict, names: tuple[str, ...] = PIXE
   """{feature: {name: test accuracy}} of each baseline in `names` on each target in `features`,
   fitted on the labelled train examples that `data_config` selects and scored on its eval split.
   The images are read once, and the nearest neighbours found once, for every feature."""
-  from jtl.data import source  # pylint: disable=g-import-not-at-top
+  from jtl.data import labelled, source  # pylint: disable=g-import-not-at-top
   c = source.validate(data_config)
   train_x, train_t = _examples(c, c.train_split, 256, features)
   test_x, test_t = _examples(c, c.eval_split, 256, features)
-  nearest = nearest_rows(train_x, test_x) if "pixels_1nn" in names else None
+  nearest = {}  # {labelled rows: nearest of them}, found once per set of rows
+
+  def nn(rows):
+    if rows not in nearest:
+      nearest[rows] = nearest_rows(train_x[list(rows)] if rows else train_x, test_x)
+    return nearest[rows]
   out = {}
   for f in features:
-    predict = {"pixels_logreg": lambda: logistic_regression(train_x, train_t[f], test_x),
-               "pixels_1nn": lambda: train_t[f][nearest],
-               "majority": lambda: majority(train_t[f], test_x)}
+    x, y, rows = train_x, train_t[f], ()
+    if f in c.label_fraction:  # scarce labels: fitted on the examples that keep them, as training is
+      rows = tuple(np.flatnonzero(labelled.keep_mask(y, c.label_fraction[f], c.shots_seed, f)))
+      x, y = train_x[list(rows)], y[list(rows)]
+    predict = {"pixels_logreg": lambda: logistic_regression(x, y, test_x),
+               "pixels_1nn": lambda: y[nn(rows)],
+               "majority": lambda: majority(y, test_x)}
     out[f] = {name: float(np.mean(predict[name]() == test_t[f])) for name in names}
   return out
 

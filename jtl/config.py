@@ -316,5 +316,6 @@ def unknown_override_error(path: str, reference: ml_collections.ConfigDict) -> C
     close = [".".join(parts[:depth] + close)]
   hint = f" (did you mean --config.{close[0]}?)" if close else ""
   where = f"config.{parent}" if parent else "the config"
-  keys = f"keys of {where}: {', '.join(names)}" if names else f"{where} has no keys"
+  keys = (f"keys of {where}: {', '.join(names)}" if names else
+          f"{where} has no keys: set it whole, e.g. --config.{parent}=\"{{'{parts[depth]}': VALUE}}\"")
   return ConfigError(f"unknown config key {path!r}{hint}; {keys}")

@@ -205,6 +205,13 @@ BAD_INPUTS = [
      "batch_size=64 is not a multiple of data.per_class=3"),
     ("train", PRETRAIN, ["--config.data.per_class=4", "--config.data.cache=False"],
      "data.per_class (class-balanced batches) needs the split in memory"),
+    ("train", MULTITASK, ["--config.data.label_fraction.left=0.25"],
+     "config.data.label_fraction has no keys: set it whole, e.g. "
+     "--config.data.label_fraction=\"{{'left': VALUE}}\""),
+    ("train", MULTITASK, ["--config.data.label_fraction={{'left': 0}}"],
+     "data.label_fraction.left must be a number in (0, 1], got 0"),
+    ("train", PRETRAIN, ["--config.data.label_fraction={{'label': 0.5}}"],
+     "data.label_fraction hides training labels, which only the multitask objective skips"),
     ("train", PRETRAIN, ["--config.data.train_split=train[:0]"],
      "split 'train[:0]' of dataset 'sklearn_digits' holds no examples"),
     # explain and export.

@@ -36,7 +36,7 @@ VARIANTS += [("distill_digits", f"mode={m}") for m in ("teacher", "labels_only")
 VARIANTS += [("finetune_folder", f"path={ROOT},init={ROOT},method={m}")
              for m in ("full", "lpft", "unfreeze")]
 VARIANTS += [("clip_digits", "loss=sigmoid"), ("coral_digits", "method=mmd"),
-             ("multitask_digits", "weighting=pcgrad")]
+             ("multitask_digits", "weighting=pcgrad"), ("multitask_glyphs", "scarce=character")]
 VARIANTS += [("maml_glyphs", f"method={m}") for m in ("fomaml", "anil")]
 VARIANTS += [("episodes_glyphs", f"learner={m}") for m in ("maml", "simclr", "supcon")]
 

@@ -18,7 +18,9 @@ training, drawn by other fonts and distortions. The trunk is the few-shot ConvNe
 
 Arguments (all optional): `arch`, `weighting`, `grad_space` as in `multitask_digits.py`; `tasks`, a
 '+'-joined subset (e.g. tasks=character: the single-task reference); `shots`, training instances per
-character.
+character; `scarce`, a task whose labels are scarce, kept on the fraction `labelled` (default 1/16:
+one of each character's 16 training images for scarce=character) of each of its classes' training
+images (`data.label_fraction`, jtl/data/labelled.py); the other tasks keep every label.
 
 Sweep `table`: the majority class and nearest neighbour on raw pixels (each task's own target), the
 five single-task models and hard sharing of all five tasks with equal weights,
@@ -29,6 +31,13 @@ seeds 0, 1, 2; each shared run's Delta_m is against the single-task runs of its 
   python -m experiments.sweep --config=experiments/configs/multitask_glyphs.py:sweep=table \
       --workdir=runs/multitask_glyphs [--parallel=2]
   python -m experiments.report --workdir=runs/multitask_glyphs
+
+Sweep `scarce`: the script task labelled on 1 in 16 of each script's training images, alone and
+shared with the character task (labelled on every image), against the pixels fitted on the same
+labelled images; seeds 0, 1, 2 (9 runs):
+
+  python -m experiments.sweep --config=experiments/configs/multitask_glyphs.py:sweep=scarce \
+      --workdir=runs/multitask_glyphs_scarce [--parallel=2]
 """
 import ml_collections
 
@@ -55,7 +64,7 @@ TASKS = {
 
 def get_config(arg=None):
   a = parse_arg(arg, arch="hard", weighting="equal", grad_space="representation", tasks="",
-                shots=16)
+                shots=16, scarce="", labelled=1 / 16)
   chosen = [t for t in str(a.tasks).split("+") if t] or list(TASKS)
   unknown = [t for t in chosen if t not in TASKS]
   if unknown:
@@ -71,6 +80,10 @@ def get_config(arg=None):
   c.data.eval_split = "rest"
   c.model.widths = (64, 64, 64, 64)
   c.tasks = ml_collections.ConfigDict({t: TASKS[t] for t in chosen})
+  if a.scarce:
+    if a.scarce not in chosen:
+      raise ValueError(f"scarce={a.scarce!r} is not one of the tasks {'+'.join(chosen)}")
+    c.data.label_fraction = {TASKS[a.scarce].get("feature", a.scarce): float(a.labelled)}
   c.evals.test.split = "rest"
   c.optim.lr = 1e-3
   c.optim.warmup_steps = 50
@@ -83,9 +96,12 @@ def _references(seed, tasks):
 
 
 def get_sweep(name):
-  """`table`: the single-task references and hard sharing with `METHODS`, over `SEEDS`."""
+  """`table`: the single-task references and hard sharing with `METHODS`, over `SEEDS`; `scarce`:
+  few character labels, alone and beside the script task."""
+  if name == "scarce":
+    return _scarce_sweep()
   if name != "table":
-    raise ValueError(f"unknown sweep {name!r}; multitask_glyphs.py has: table")
+    raise ValueError(f"unknown sweep {name!r}; multitask_glyphs.py has: table, scarce")
   cells = [sweep.Cell(name.replace("_", "-"), variant=row, kind="baseline", baseline=name,
                       config=CONFIG) for name, row in BASELINES.items()]
   cells += [sweep.Cell(f"single-{task}_s{seed}", variant=SINGLE_TASK, seed=seed,
@@ -106,3 +122,25 @@ def get_sweep(name):
                      title=("glyphs, background scripts, 16 instances per character to train and the "
                             "other 4 to test: accuracy per task and Delta_m (%, against the single-task "
                             "runs of the same seed; positive = better), mean ± std (min–max) over seeds"))
+
+
+def _scarce_sweep():
+  pair = f"{CONFIG}:tasks=character+script,scarce=script"
+  cells = [sweep.Cell(name.replace("_", "-"), variant=row, kind="baseline", baseline=name,
+                      config=pair) for name, row in BASELINES.items()]
+  for seed in SEEDS:
+    cells += [
+        sweep.Cell(f"single-script_s{seed}", variant="single-task, script (1 label in 16)",
+                   seed=seed, config=f"{CONFIG}:tasks=script,scarce=script",
+                   overrides={"seed": seed}),
+        sweep.Cell(f"single-character_s{seed}", variant="single-task, character (every label)",
+                   seed=seed, config=f"{CONFIG}:tasks=character", overrides={"seed": seed}),
+        sweep.Cell(f"pair-equal_s{seed}", variant="hard sharing, character + script, equal",
+                   seed=seed, config=pair,
+                   overrides={"seed": seed, **_references(seed, ("character", "script"))})]
+  return sweep.Sweep("scarce", cells, metrics=("rest/character/accuracy", "rest/script/accuracy",
+                                               "rest/delta_m"),
+                     title=("glyphs, background scripts: the script labelled on 1 in 16 of each "
+                            "script's training images, the character on all; accuracy on the 4 "
+                            "held-out images per character and Delta_m (%, against the single-task "
+                            "runs of the same seed), mean ± std (min–max) over seeds"))

@@ -43,6 +43,11 @@ def default_data_config() -> ml_collections.ConfigDict:
   # Several datasets per step, one per task: {task: dict(weight=w, **overrides of these keys)}; the
   # batch is then {task: batch}, task t getting a share w_t / sum(w) of batch_size. Empty: one dataset.
   c.mixture = ml_collections.ConfigDict()
+  # Scarce labels (in memory only; jtl/data/labelled.py): {feature: fraction}. The training batches
+  # keep `feature`'s value on that fraction of each of its classes' training examples (at least one
+  # per class, a fixed draw seeded by shots_seed) and read -1 elsewhere: a missing label, which the
+  # multitask objective's losses skip. Evaluation splits keep every label. Empty: every label kept.
+  c.label_fraction = ml_collections.ConfigDict()
   # [episodes] N-way K-shot meta-learning batches (jtl/data/episodes.py): ways N, shots K and queries
   # Q per class; batch_size then counts episodes. ways=0: ordinary batches. rotations=4 (or 2): each
   # training class also appears turned by 90, 180, 270 degrees (or 180), as new classes (training
@@ -97,6 +102,7 @@ def resolve(data_config: ml_collections.ConfigDict | dict[str, Any]) -> ml_colle
                         f'valid keys: {", ".join(defaults.keys())}')
   c = ml_collections.ConfigDict({**defaults.to_dict(), **given})
   c.mixture = ml_collections.ConfigDict(dict(c.get('mixture') or {}))
+  c.label_fraction = ml_collections.ConfigDict(dict(c.get('label_fraction') or {}))
   _check_values(c)
   if c.labels is not None:
     c.labels = tuple(int(x) for x in c.labels)
@@ -140,10 +146,24 @@ def _check_values(c: ml_collections.ConfigDict) -> None:
       raise ConfigError(f'data.{key} must be True or False, got {c.get(key)!r}; set {_flag(key)}')
   parse_normalize(c.get('normalize'))
   _check_crop(c)
+  _check_label_fraction(c)
   fraction = c.get('folder_test_fraction')
   if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
     raise ConfigError(f'data.folder_test_fraction must be a number in (0, 1), got {fraction!r}; '
                       f"set {_flag('folder_test_fraction')}")
+
+
+def _check_label_fraction(c: ml_collections.ConfigDict) -> None:
+  for feature, fraction in c.label_fraction.items():
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+      raise ConfigError(f'data.label_fraction.{feature} must be a number in (0, 1], got {fraction!r}; '
+                        f"set {_flag('label_fraction')}.{feature}")
+  if c.label_fraction and not c.get('cache'):
+    raise ConfigError("data.label_fraction draws the labelled examples of the split in memory; set "
+                      f"{_flag('cache')}=True or {_flag('label_fraction')}={{}}")
+  if c.get('per_class') and 'label' in c.label_fraction:
+    raise ConfigError("data.per_class groups the training examples by their label, which "
+                      "data.label_fraction.label hides; set one of them off")
 
 
 CROPS = ('resize', 'inception')

@@ -27,6 +27,7 @@ import tensorflow as tf
 
 from jtl.data import balanced
 from jtl.data import config as config_lib
+from jtl.data import labelled
 from jtl.data import preprocess
 from jtl.data import source
 from jtl.errors import ConfigError
@@ -206,6 +207,8 @@ def _in_memory_chunks(c: ml_collections.ConfigDict, seed: int,
   seeded by (seed, e). Resuming costs nothing: no record is read or skipped.
   """
   images, targets = load_in_memory(c, c.train_split, train=True)
+  if c.label_fraction:
+    targets = labelled.hide(targets, c.label_fraction.to_dict(), c.shots_seed)
   key = tf.constant(preprocess.derive_key(seed, preprocess.SHUFFLE), tf.int64)
   if c.per_class:
     epoch_order, size = balanced.epoch_order(targets, c.per_class, key)

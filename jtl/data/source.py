@@ -191,6 +191,11 @@ def _check_features(builder: tfds.core.DatasetBuilder, c: ml_collections.ConfigD
   if None in shape[:2] and c.image_size is None:
     raise ConfigError(f'dataset {c.name!r} has images of varying size {shape}; '
                       'set --config.data.image_size')
+  for feature in c.label_fraction:
+    if feature not in features or not isinstance(features[feature], tfds.features.ClassLabel):
+      classes = [k for k, f in features.items() if isinstance(f, tfds.features.ClassLabel)]
+      raise ConfigError(f"data.label_fraction.{feature}: {c.name!r} has no class feature {feature!r} "
+                        f"(its class features: {', '.join(classes) or 'none'}); name one of them")
   if c.labels is not None:
     n = features['label'].num_classes
     if max(c.labels) >= n:

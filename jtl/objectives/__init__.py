@@ -5,6 +5,7 @@ import difflib
 
 import ml_collections
 
+from jtl.data import labelled
 from jtl.errors import ConfigError
 from jtl.objectives.adain import AdaIN
 from jtl.objectives.base import Objective, apply_model
@@ -34,7 +35,12 @@ def build(config: ml_collections.ConfigDict) -> Objective:
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     raise ConfigError(f"unknown objective {name!r}{hint}; choose one of {sorted(OBJECTIVES)} "
                       "(--config.objective)")
+  if name != "multitask" and labelled.hidden_features(config.get("data")):
+    raise ConfigError(f"data.label_fraction hides training labels, which only the multitask "
+                      f"objective skips (objective {name!r} would read -1 as a class); set "
+                      "--config.data.label_fraction={}")
   return OBJECTIVES[name].from_config(config)
+
 
 
 __all__ = ["CLIP", "OBJECTIVES", "Objective", "SimCLR", "SupCon", "Supervised", "apply_model",

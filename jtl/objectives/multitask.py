@@ -30,6 +30,10 @@ How the gradient is formed:
   update
   sum_t w_t g_t on shared parameters and sum_t g_t on task-specific ones.
 Architecture penalties (soft sharing, sluice orthogonality, relationship prior) always enter unweighted.
+Scarce labels (`data.label_fraction`, jtl/data/labelled.py): a task whose feature is missing (-1) on
+some training rows averages its error over the rows that have it (0 for a batch with none); every
+weighting and aggregator then sees that loss. Under gradient accumulation each micro-batch averages
+over its own labelled rows, and the step takes the mean of those means.
 Metrics: `<task>/loss` (and eval metrics `<task>/<metric>`), `w_<t>` weights, `penalty_<name>`.
 """
 from __future__ import annotations
@@ -41,6 +45,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from jtl import masks
+from jtl.data import labelled
 from jtl.errors import ConfigError
 from jtl.losses import likelihood
 from jtl.multitask import aggregators, archs, weighting
@@ -67,8 +72,9 @@ class Multitask(Objective):
 
   def __init__(self, tasks: tuple[Task, ...], model: Any, method: str,
                method_options: dict[str, Any], grad_space: str = "representation",
-               phase_steps: int = 0, successive_weight: float = 0.0, mixture: bool = False):
-    self.tasks, self.model, self.method = tasks, model, method
+               phase_steps: int = 0, successive_weight: float = 0.0, mixture: bool = False,
+               scarce: frozenset[str] = frozenset()):
+    self.tasks, self.model, self.method, self.scarce = tasks, model, method, scarce
     self.grad_space, self.mixture = grad_space, mixture
     self.phase_steps, self.successive_weight = phase_steps, successive_weight
     if method in aggregators.AGGREGATORS:
@@ -115,8 +121,14 @@ class Multitask(Objective):
       if missing:
         raise ConfigError(f"data.mixture has no member for task(s) {', '.join(missing)}; name the "
                           "members after the tasks")
+    scarce = frozenset(t.name for t in tasks if t.feature in labelled.hidden_features(config.data))
+    for t in tasks:
+      if t.name in scarce and t.kind not in ("multiclass", "binary"):
+        raise ConfigError(f"task {t.name!r} is {t.kind}, and data.label_fraction hides labels of "
+                          f"multiclass and binary tasks only; drop {t.feature!r} from "
+                          "--config.data.label_fraction")
     return cls(tasks, model, options["weighting"], method_options, options["grad_space"],
-               options["phase_steps"], float(options["successive_weight"]), mixture)
+               options["phase_steps"], float(options["successive_weight"]), mixture, scarce)
 
   # --- batches ---------------------------------------------------------------------------------
 
@@ -176,7 +188,12 @@ class Multitask(Objective):
         out.append(jnp.zeros((), jnp.float32))
         continue
       y, rows = targets[t.name]
-      out.append(likelihood.task_error(t.kind, outputs[t.name][rows], y, t.label_noise).mean())
+      if t.name not in self.scarce:
+        out.append(likelihood.task_error(t.kind, outputs[t.name][rows], y, t.label_noise).mean())
+        continue
+      has = (y.reshape(y.shape[0], -1)[:, 0] != labelled.MISSING).astype(jnp.float32)
+      error = likelihood.task_error(t.kind, outputs[t.name][rows], jnp.maximum(y, 0), t.label_noise)
+      out.append(jnp.sum(error * has) / jnp.maximum(jnp.sum(has), 1.0))
     return jnp.stack(out)
 
   def _phase(self, model_state: PyTree, params: PyTree, step: Step | None = None
