@@ -42,7 +42,6 @@ def build(config: ml_collections.ConfigDict) -> Objective:
   return OBJECTIVES[name].from_config(config)
 
 
-
 __all__ = ["CLIP", "OBJECTIVES", "Objective", "SimCLR", "SupCon", "Supervised", "apply_model",
            "build"]
 __all__ += ["CORAL", "DANN", "Distill", "MMD"]
