@@ -156,3 +156,8 @@ def test_the_glyph_config_hides_the_scarce_task_s_feature():
   assert not multitask_glyphs.get_config().data.label_fraction
   with pytest.raises(ValueError, match="is not one of the tasks"):
     multitask_glyphs.get_config("tasks=script,scarce=character")
+  c = multitask_glyphs.get_config("tasks=character+script,scarce=script,weighting=static,"
+                                  "scarce_weight=0.25")
+  assert objectives.build(c).weighting.weights == (1.0, 0.25)
+  with pytest.raises(ValueError, match="set scarce=TASK and weighting=static"):
+    multitask_glyphs.get_config("scarce=script,scarce_weight=0.25")

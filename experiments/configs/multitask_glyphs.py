@@ -20,7 +20,8 @@ Arguments (all optional): `arch`, `weighting`, `grad_space` as in `multitask_dig
 '+'-joined subset (e.g. tasks=character: the single-task reference); `shots`, training instances per
 character; `scarce`, a task whose labels are scarce, kept on the fraction `labelled` (default 1/16:
 one of each character's 16 training images for scarce=character) of each of its classes' training
-images (`data.label_fraction`, jtl/data/labelled.py); the other tasks keep every label.
+images (`data.label_fraction`, jtl/data/labelled.py); the other tasks keep every label;
+`scarce_weight`, with weighting=static, the scarce task's loss weight (the others' is 1).
 
 Sweep `table`: the majority class and nearest neighbour on raw pixels (each task's own target), the
 five single-task models and hard sharing of all five tasks with equal weights,
@@ -34,7 +35,8 @@ seeds 0, 1, 2; each shared run's Delta_m is against the single-task runs of its 
 
 Sweep `scarce`: the script task labelled on 1 in 16 of each script's training images, alone and
 shared with the character task (labelled on every image), against the pixels fitted on the same
-labelled images; seeds 0, 1, 2 (9 runs):
+labelled images, with equal loss weights and with the script's weight at 0.25; seeds 0, 1, 2
+(12 runs):
 
   python -m experiments.sweep --config=experiments/configs/multitask_glyphs.py:sweep=scarce \
       --workdir=runs/multitask_glyphs_scarce [--parallel=2]
@@ -64,7 +66,7 @@ TASKS = {
 
 def get_config(arg=None):
   a = parse_arg(arg, arch="hard", weighting="equal", grad_space="representation", tasks="",
-                shots=16, scarce="", labelled=1 / 16)
+                shots=16, scarce="", labelled=1 / 16, scarce_weight=1.0)
   chosen = [t for t in str(a.tasks).split("+") if t] or list(TASKS)
   unknown = [t for t in chosen if t not in TASKS]
   if unknown:
@@ -84,6 +86,11 @@ def get_config(arg=None):
     if a.scarce not in chosen:
       raise ValueError(f"scarce={a.scarce!r} is not one of the tasks {'+'.join(chosen)}")
     c.data.label_fraction = {TASKS[a.scarce].get("feature", a.scarce): float(a.labelled)}
+  if float(a.scarce_weight) != 1.0:
+    if not a.scarce or a.weighting != "static":
+      raise ValueError("scarce_weight is the static loss weight of the scarce task: set scarce=TASK "
+                       "and weighting=static")
+    c.tasks[a.scarce].weight = float(a.scarce_weight)
   c.evals.test.split = "rest"
   c.optim.lr = 1e-3
   c.optim.warmup_steps = 50
@@ -137,6 +144,10 @@ def _scarce_sweep():
                    seed=seed, config=f"{CONFIG}:tasks=character", overrides={"seed": seed}),
         sweep.Cell(f"pair-equal_s{seed}", variant="hard sharing, character + script, equal",
                    seed=seed, config=pair,
+                   overrides={"seed": seed, **_references(seed, ("character", "script"))}),
+        sweep.Cell(f"pair-static_s{seed}",
+                   variant="hard sharing, character + script, script's loss weight 0.25",
+                   seed=seed, config=f"{pair},weighting=static,scarce_weight=0.25",
                    overrides={"seed": seed, **_references(seed, ("character", "script"))})]
   return sweep.Sweep("scarce", cells, metrics=("rest/character/accuracy", "rest/script/accuracy",
                                                "rest/delta_m"),
