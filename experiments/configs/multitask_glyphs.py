@@ -104,7 +104,7 @@ def _references(seed, tasks):
 
 def get_sweep(name):
   """`table`: the single-task references and hard sharing with `METHODS`, over `SEEDS`; `scarce`:
-  few character labels, alone and beside the script task."""
+  few script labels, alone and beside the fully labelled character task."""
   if name == "scarce":
     return _scarce_sweep()
   if name != "table":
