@@ -120,8 +120,10 @@ def _style(_):
 
 
 def _adain(_):
-  # A fresh encoder (no run there is read): the case compares the step, not the weights.
-  return _small(adain_digits.get_config("encoder=/nonexistent/encoder_run"), 16)
+  # A fresh encoder (no run there is read), narrow: the case compares the step, not the weights.
+  c = adain_digits.get_config("encoder=/nonexistent/encoder_run")
+  c.model.widths, c.adain.width = (8, 16), 8
+  return _small(c, 16)
 
 
 def _distill(teacher):
