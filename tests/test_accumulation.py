@@ -120,10 +120,9 @@ def _style(_):
 
 
 def _adain(_):
-  # A fresh encoder (no run there is read), narrow: the case compares the step, not the weights.
-  c = adain_digits.get_config("encoder=/nonexistent/encoder_run")
-  c.model.widths, c.adain.width = (8, 16), 8
-  return _small(c, 16)
+  # A fresh, narrow encoder (no run there is read): the case compares the step, not the weights.
+  return _small(adain_digits.get_config("encoder=/nonexistent/encoder_run"), 16,
+                model__widths=(8, 16), adain__width=8)
 
 
 def _distill(teacher):
