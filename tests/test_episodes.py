@@ -221,6 +221,35 @@ def test_evaluator_on_eight_devices_matches_the_pixel_baseline(method):
   assert 0.5 < out["test/t/5way1shot_accuracy"] < 1.0 and out["test/t/5way1shot_ci95"] > 0
 
 
+class _CountsSteps(_PixelObjective):
+  """`episode_accuracy` = the adaptation steps it was given / 100 (0.5 without any)."""
+
+  def episode_accuracy(self, params, model_state, batch, *, steps=None):
+    return jnp.full(batch["query"]["label"].shape[:1], 0.5 if steps is None else steps / 100)
+
+
+def test_adapt_steps_reach_the_objective_and_apply_to_adapt_only():
+  config = base_config()
+  mesh = sharding.make_mesh(config.mesh)
+
+  def run(objective, **options):
+    s = types.SimpleNamespace(config=config, objective=objective, mesh=mesh,
+                              batch_sharding=NamedSharding(mesh, sharding.batch_spec(mesh)))
+    e = episodic.Episodic(s, "e", dict(type="episodic", data=dict(labels=TARGET), num_episodes=16,
+                                       batch_size=8, **options))
+    return dict(e.run({"scale": jnp.ones(())}, {}))["test/5way1shot_accuracy"]
+
+  assert run(_CountsSteps(), adapt_steps=7) == pytest.approx(0.07)
+  assert run(_CountsSteps(), adapt_steps=0) == 0.0
+  assert run(_CountsSteps()) == 0.5  # None: the objective's own number
+  with pytest.raises(ConfigError, match="adapt_steps applies to method='adapt' only"):
+    run(_CountsSteps(), adapt_steps=3, method="prototypes")
+  with pytest.raises(ConfigError, match="episode_accuracy takes no `steps`; remove adapt_steps"):
+    run(_PixelObjective(), adapt_steps=3)
+  with pytest.raises(ConfigError, match="adapt_steps must be an integer >= 0 or None"):
+    run(_CountsSteps(), adapt_steps=-1)
+
+
 class _WeightedPixels:
   """Features: the pixels times a per-pixel weight (`params['w']`, [64])."""
 

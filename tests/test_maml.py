@@ -162,6 +162,25 @@ def test_anil_adapts_only_the_head_and_still_meta_learns_the_backbone(tiny):
         jax.random.key(0), batch)
 
 
+def test_steps_at_evaluation_are_eval_inner_steps_unless_given(tiny):
+  """`episode_accuracy(..., steps=n)` (the episodic evaluator's `adapt_steps`) and `eval_metrics`
+  equal the objective built with `eval_inner_steps=n`, and the number of steps matters."""
+  model, batch, params, model_state = tiny
+  given = MAML(model, WAYS, inner_lr=0.5, eval_inner_steps=1)
+  got = {}
+  for n in (0, 1, 3):
+    fixed = MAML(model, WAYS, inner_lr=0.5, eval_inner_steps=n)
+    got[n] = jit(fixed.eval_metrics)(params, model_state, batch)
+    np.testing.assert_array_equal(
+        got[n]["loss"],
+        jit(functools.partial(given.eval_metrics, steps=n))(params, model_state, batch)["loss"])
+    np.testing.assert_array_equal(
+        got[n]["accuracy"],
+        jit(functools.partial(given.episode_accuracy, steps=n))(params, model_state, batch))
+  assert not np.array_equal(got[0]["loss"], got[3]["loss"])
+  assert not np.array_equal(got[1]["accuracy"], got[3]["accuracy"])
+
+
 @pytest.mark.parametrize("overrides, message", [
     (dict(maml__inner_lr=0.0), "maml.inner_lr must be a number in"),
     (dict(maml__inner_steps=-1), "maml.inner_steps must be an integer >= 0"),

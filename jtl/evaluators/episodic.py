@@ -14,7 +14,10 @@ every run sees the same ones. A checkpoint is scored in one of two ways (`method
   checkpoint and the episodes are gathered from it.
 * `adapt`: the objective scores each episode itself, `episode_accuracy(params, model_state,
   episodes) -> [E]` (MAML: adapt on the support set, score the queries), jitted and run on
-  `batch_size` episodes at a time, sharded over the batch axes.
+  `batch_size` episodes at a time, sharded over the batch axes. `adapt_steps` (default None: the
+  objective's own, e.g. `maml.eval_inner_steps`) sets the number of adaptation steps, passed as
+  `episode_accuracy(..., steps=n)`: an evaluator-side choice, so one evaluation can compare several
+  (give each a `tag`; `maml_glyphs.py:holdout=...` does).
 `auto` (default) picks `adapt` when the objective has `episode_accuracy`, else `prototypes`.
 
 Evaluators of one run that read the same pool (the same split and data options, e.g. 5-way and
@@ -35,6 +38,8 @@ entries in `config.evals`).
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -130,7 +135,7 @@ class Episodic(Evaluator):
   """Yields `<split>/<N>way<K>shot_accuracy` and `_ci95` (and the pixel baseline's, if asked)."""
 
   OPTIONS = {"ways": 5, "shots": 1, "queries": 15, "num_episodes": 600, "seed": 0,
-             "method": "auto", "pixel_baseline": False, "tag": None}
+             "method": "auto", "pixel_baseline": False, "tag": None, "adapt_steps": None}
 
   def __init__(self, s, name: str, cfg: ml_collections.ConfigDict | dict):
     super().__init__(s, name, cfg)
@@ -141,6 +146,7 @@ class Episodic(Evaluator):
       raise ConfigError(f"evals.{name}.seed must be an integer, got {o['seed']!r}")
     if o["method"] not in METHODS:
       raise ConfigError(f"evals.{name}.method={o['method']!r}; choose one of {', '.join(METHODS)}")
+    check_positive_int(o["adapt_steps"], f"evals.{name}.adapt_steps", minimum=0, allow_none=True)
     self.spec = episodes.EpisodeSpec(o["ways"], o["shots"], o["queries"])
     self.pool_key = json.dumps([self.split, self.data_config.to_dict()], sort_keys=True, default=repr)
     self.pool = _SharedPools.pool(
@@ -162,6 +168,14 @@ class Episodic(Evaluator):
         raise ConfigError(f"evals.{name}.ways={self.spec.ways} but the objective adapts a {ways}-"
                           f"way head; set --config.evals.{name}.ways={ways}")
       fn = objective.episode_accuracy
+      if o["adapt_steps"] is not None:
+        if "steps" not in inspect.signature(fn).parameters:
+          raise ConfigError(f"evals.{name}.adapt_steps: {type(objective).__name__}."
+                            "episode_accuracy takes no `steps`; remove adapt_steps")
+        fn = functools.partial(fn, steps=o["adapt_steps"])
+    elif o["adapt_steps"] is not None:
+      raise ConfigError(f"evals.{name}.adapt_steps applies to method='adapt' only, not "
+                        f"{self.method!r}; remove it or set --config.evals.{name}.method=adapt")
     else:
       fn = feature_function(objective)
     divisor = sharding.batch_size_divisor(s.mesh, s.config.mesh.batch_axes)

@@ -182,22 +182,25 @@ class MAML(Objective):
     query_losses, accuracies, states = jax.vmap(one)(batch, jax.random.split(rng, num_episodes))
     return query_losses.mean(), (mean_over_episodes(states), {"accuracy": accuracies.mean()})
 
-  def eval_metrics(self, params, model_state, batch) -> Metrics:
-    """Per-episode query `loss` and `accuracy` [E] after `eval_inner_steps` adaptation steps."""
+  def eval_metrics(self, params, model_state, batch, *, steps: int | None = None) -> Metrics:
+    """Per-episode query `loss` and `accuracy` [E] after `steps` adaptation steps (None:
+    `eval_inner_steps`)."""
     require_episodes(batch, "maml")
     num_episodes = batch["query"]["label"].shape[0]
+    steps = self.eval_inner_steps if steps is None else steps
 
     def one(episode, key):
-      loss, accuracy, _ = self.episode_loss(params, model_state, episode, key,
-                                            steps=self.eval_inner_steps, trainable=None)
+      loss, accuracy, _ = self.episode_loss(params, model_state, episode, key, steps=steps,
+                                            trainable=None)
       return {"loss": loss, "accuracy": accuracy}
 
     return jax.vmap(one)(batch, jax.random.split(jax.random.key(0), num_episodes))
 
-  def episode_accuracy(self, params: PyTree, model_state: PyTree, batch: PyTree) -> jax.Array:
-    """[E]: query accuracy of each episode after adapting on its support set (the episodic
-    evaluator's entry point)."""
-    return self.eval_metrics(params, model_state, batch)["accuracy"]
+  def episode_accuracy(self, params: PyTree, model_state: PyTree, batch: PyTree, *,
+                       steps: int | None = None) -> jax.Array:
+    """[E]: query accuracy of each episode after adapting on its support set for `steps` inner
+    steps (None: `eval_inner_steps`; the episodic evaluator's entry point and its `adapt_steps`)."""
+    return self.eval_metrics(params, model_state, batch, steps=steps)["accuracy"]
 
   def features(self, params: PyTree, model_state: PyTree, images: jax.Array) -> jax.Array:
     """The backbone's features [B, D] in inference mode (running statistics), without adaptation."""
