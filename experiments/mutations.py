@@ -280,4 +280,18 @@ MUTATIONS: tuple[Mutation, ...] = (
       "rows only", "jtl/baselines.py", "    if f in c.label_fraction:", "    if False:",
       ("tests/test_labelled.py::test_pixel_baselines_of_a_scarce_feature_fit_the_labelled_training_"
        "rows_only",)),
+    M("adapt-steps-ignored", "an episodic evaluator's adapt_steps reaches the objective",
+      "jtl/evaluators/episodic.py", '        fn = functools.partial(fn, steps=o["adapt_steps"])',
+      "        pass",
+      ("tests/test_episodes.py::test_adapt_steps_reach_the_objective_and_apply_to_adapt_only",)),
+    M("maml-eval-steps-ignored", "MAML's episode_accuracy(steps=n) adapts for n steps",
+      "jtl/objectives/maml.py", "    steps = self.eval_inner_steps if steps is None else steps",
+      "    steps = self.eval_inner_steps",
+      ("tests/test_maml.py::test_steps_at_evaluation_are_eval_inner_steps_unless_given",)),
+    M("holdout-script-trained-on", "maml_glyphs.py:holdout leaves its script out of meta-training",
+      "experiments/configs/maml_glyphs.py",
+      "    c.data.labels = [ch.label for ch in chars if ch.script != a.holdout]",
+      "    c.data.labels = [ch.label for ch in chars]",
+      ("tests/test_glyphs.py::test_a_held_out_background_script_is_the_validation_set_and_never_"
+       "trained_on",)),
 )
