@@ -294,4 +294,13 @@ MUTATIONS: tuple[Mutation, ...] = (
       "    c.data.labels = [ch.label for ch in chars]",
       ("tests/test_glyphs.py::test_a_held_out_background_script_is_the_validation_set_and_never_"
        "trained_on",)),
+    M("nn-near-rows-not-settled", "1-NN settles near-equal candidate rows by the differences",
+      "jtl/baselines.py", "    for r in np.flatnonzero(near.sum(-1) > 1):",
+      "    for r in np.flatnonzero(near.sum(-1) > len(near)):",
+      ("tests/test_baselines.py::test_nearest_neighbour_is_exact_where_the_matrix_product_rounds",)),
+    M("nn-no-slack", "1-NN's candidates span the matrix product's rounding (exact ties: the first)",
+      "jtl/baselines.py",
+      "    near = d <= nearest + relative * np.abs(nearest) + absolute * (b_sq + t_sq.max())",
+      "    near = d <= nearest",
+      ("tests/test_baselines.py::test_nearest_neighbour_is_exact_where_the_matrix_product_rounds",)),
 )

@@ -92,8 +92,33 @@ def test_nearest_neighbour_in_blocks_equals_all_at_once(monkeypatch):
   train_x, x = rng.normal(size=(50, 6)), rng.normal(size=(23, 6))
   train_y = rng.integers(0, 4, 50)
   whole = train_y[np.argmin(((x[:, None] - train_x[None]) ** 2).sum(-1), axis=1)]
-  monkeypatch.setattr(baselines, "_NN_BLOCK", 2 * 50 * 6)  # 2 rows of x per block
+  monkeypatch.setattr(baselines, "_NN_BLOCK", 2 * 50)  # 2 rows of x per block
   np.testing.assert_array_equal(baselines.nearest_neighbour(train_x, train_y, x), whole)
+
+
+def test_nearest_neighbour_is_exact_where_the_matrix_product_rounds():
+  """Every value on float32's grid near 1000, so the differences are exact. (a) Each row of x is
+  exactly as far from two train rows, x - e and x + e: the first wins, though the matrix-product
+  form of the distances alone rounds the two apart and picks the second for some rows (checked).
+  (b) x + f is one grid step squared farther than x + e and comes first: it loses, though the two
+  are closer than the product form's rounding."""
+  rng = np.random.default_rng(0)
+  unit = 2.0**-14  # float32's spacing in [512, 1024)
+  x = (1000 + rng.integers(0, 2**13, (20, 784)) * unit).astype(np.float32)
+  e = rng.integers(-20, 21, (20, 784)) * unit
+  e[:, 0] = 0
+  f = e.copy()
+  f[:, 0] = unit
+  first = np.arange(20)
+  ties = np.concatenate([x - e, x + e]).astype(np.float32)  # rows i and 20 + i tie for x[i]
+  d = ((x[:, None] - ties[None]) ** 2).sum(-1)
+  assert np.all(d[first, first] == d[first, first + 20])  # the ties are exact
+  t, q = ties.astype(np.float64), x.astype(np.float64)
+  rounded = (q * q).sum(-1)[:, None] - 2 * q @ t.T + (t * t).sum(-1)
+  assert np.any(np.argmin(rounded, -1) != first)  # so the tie-break is not the product's luck
+  np.testing.assert_array_equal(baselines.nearest_rows(ties, x), first)
+  near = np.concatenate([x + f, x + e]).astype(np.float32)
+  np.testing.assert_array_equal(baselines.nearest_rows(near, x), first + 20)
 
 
 def test_a_baseline_cell_of_a_multitask_config_scores_every_classification_task(tmp_path):
