@@ -24,7 +24,7 @@ import numpy as np
 NAMES = ("pixels_logreg", "pixels_1nn", "majority")
 PIXELS = NAMES[:2]
 _NN_BLOCK = 1 << 22  # distances in one block (rows of x at a time x train rows)
-_NN_SLACK = 1e-4, 1e-9  # a candidate: within (relative to the nearest, relative to the norms) of it
+_NN_SLACK = 1e-4, 1e-9  # candidates: within 1e-4 x the nearest + 1e-9 x the squared norms of it
 
 
 def examples(data_config: ml_collections.ConfigDict, split: str | None = None,

@@ -181,18 +181,16 @@ def test_steps_at_evaluation_are_eval_inner_steps_unless_given(tiny):
   assert not np.array_equal(got[1]["accuracy"], got[3]["accuracy"])
 
 
-def _convolutions(jaxpr, in_scan=False):
-  """(convolutions outside any scan, convolutions inside a scan body) of a jaxpr and its sub-jaxprs."""
-  outside = inside = 0
+def _convolutions(jaxpr, in_scan=False, counts=None):
+  """{in a scan body?: number of convolutions} over a jaxpr and its sub-jaxprs."""
+  counts = {False: 0, True: 0} if counts is None else counts
   for eqn in jaxpr.eqns:
-    if eqn.primitive.name == "conv_general_dilated":
-      inside, outside = (inside + 1, outside) if in_scan else (inside, outside + 1)
+    counts[in_scan] += eqn.primitive.name == "conv_general_dilated"
     for value in eqn.params.values():
       for sub in value if isinstance(value, (list, tuple)) else (value,):
         if isinstance(sub, (jax.extend.core.ClosedJaxpr, jax.extend.core.Jaxpr)):
-          o, i = _convolutions(getattr(sub, "jaxpr", sub), in_scan or eqn.primitive.name == "scan")
-          outside, inside = outside + o, inside + i
-  return outside, inside
+          _convolutions(getattr(sub, "jaxpr", sub), in_scan or eqn.primitive.name == "scan", counts)
+  return counts
 
 
 def test_adaptation_traces_the_models_loop_body_copy():
@@ -208,8 +206,8 @@ def test_adaptation_traces_the_models_loop_body_copy():
            for part, k in (("support", 2), ("query", 3))}
   params, model_state = objective.init(jax.random.key(0), batch)
   jaxpr = jax.make_jaxpr(objective.episode_accuracy)(params, model_state, batch).jaxpr
-  outside, inside = _convolutions(jaxpr)
-  assert inside == 0 < outside, (outside, inside)
+  counts = _convolutions(jaxpr)
+  assert counts[True] == 0 < counts[False], counts
 
 
 @pytest.mark.parametrize("overrides, message", [
