@@ -160,12 +160,13 @@ def test_a_probe_on_the_meta_trained_encoder_beats_raw_pixels_on_unseen_characte
 
 
 def test_supcon_features_beat_raw_pixels_and_their_init_on_unseen_scripts(tmp_path):
-  """Contrastive learning's check: SupCon on class-balanced batches of the background scripts (100
+  """Contrastive learning's check: SupCon on class-balanced batches of the background scripts (80
   steps of 16 characters x 4 images, glyph views), then nearest prototypes on its frozen features.
-  Measured: 0.685 against 0.485 for pixels and 0.404 for the init. With learning removed (lr 1e-9) it
-  reads 0.454 (pixels 0.485), and fails."""
-  run = _learn(represent_glyphs.get_config("method=supcon"), tmp_path, steps=100, batch_size=64)
-  _assert_learned(run, 100)
+  Measured: 0.670 against 0.485 for pixels and 0.404 for the init (70 steps: 0.649, too close to
+  the margin; 100 steps: 0.685 to 0.702 on two machines). With learning removed (lr 1e-9, 100
+  steps) it reads 0.454, and fails."""
+  run = _learn(represent_glyphs.get_config("method=supcon"), tmp_path, steps=80, batch_size=64)
+  _assert_learned(run, 80)
 
 
 def test_a_shared_trunk_learns_the_font_tasks_beyond_raw_pixels(tmp_path):
