@@ -307,4 +307,14 @@ MUTATIONS: tuple[Mutation, ...] = (
       "(on CPU every convolution a matmul: 8x faster adaptation)", "jtl/objectives/maml.py",
       "    loop_model = self.in_loop_body().model", "    loop_model = self.model",
       ("tests/test_maml.py::test_adaptation_traces_the_models_loop_body_copy",)),
+    M("summary-names-baselines", "a summary line's accuracies leave out the pixel baselines",
+      "jtl/progress.py",
+      "    return words[-1] in _MAIN and not set(words) & set(_BASELINES)",
+      "    return words[-1] in _MAIN",
+      ("tests/test_console.py::test_the_summary_names_episodic_accuracies_not_their_baselines",)),
+    M("glyph-table-steps-ignored", "the glyph episode sweep trains first-order MAML and ANIL for "
+      "their README rows' 4,000 steps", "experiments/configs/episodes_glyphs.py",
+      "  c.total_steps = STEPS.get(a.learner, c.total_steps)", "  pass",
+      ("tests/test_sweep.py::test_the_glyph_episode_table_runs_each_learner_at_its_readme_rows_"
+       "length",)),
 )

@@ -10,8 +10,11 @@ from typing import Any, Callable
 from absl import logging
 from etils import epath
 
-# The metrics a summary line names (the step lines name them all): the loss and the accuracies.
+# The metrics a summary line names (the step lines name them all): the losses and the accuracies
+# (`loss`, `test/accuracy`, `test/5way1shot_accuracy`), less the baselines written beside them,
+# which no checkpoint changes (`test/5way1shot_pixel_accuracy`).
 _MAIN = ("loss", "accuracy")
+_BASELINES = ("pixel",)
 
 
 def announce_first_call(fn: Callable[..., Any], what: str) -> Callable[..., Any]:
@@ -38,7 +41,10 @@ def announce_first_call(fn: Callable[..., Any], what: str) -> Callable[..., Any]
 
 def main_metrics(row: Mapping[str, Any]) -> str:
   """`loss=0.01 test/accuracy=0.98`: the row's losses and accuracies (per task or domain too)."""
-  keys = [k for k in row if k != "step" and k.rsplit("/", 1)[-1] in _MAIN]
+  def main(key: str) -> bool:
+    words = key.rsplit("/", 1)[-1].split("_")
+    return words[-1] in _MAIN and not set(words) & set(_BASELINES)
+  keys = [k for k in row if k != "step" and main(k)]
   return " ".join(f"{k}={row[k]:.4g}" for k in keys if isinstance(row[k], (int, float)))
 
 

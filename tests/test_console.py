@@ -22,7 +22,7 @@ import pytest
 from experiments import cli
 from experiments import demo
 from experiments import evaluate as evaluate_entry
-from jtl import startup_notices
+from jtl import progress, startup_notices
 from jtl.metric_writer import read_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -166,3 +166,11 @@ def test_start_up_notices_are_dropped_and_verbosity_is_read_before_flags_are_par
   assert not startup_notices.verbose(["train", "--verbosity=0"])
   for argv in (["train", "--verbosity=1"], ["train", "-v", "2"], ["train", "--v=1"]):
     assert startup_notices.verbose(argv), argv
+
+
+def test_the_summary_names_episodic_accuracies_not_their_baselines():
+  row = {"step": 6, "test/5way1shot_accuracy": 0.92, "test/5way1shot_ci95": 0.007,
+         "test/5way1shot_pixel_accuracy": 0.48, "test/proto/5way5shot_accuracy": 0.97,
+         "test/zero_shot_accuracy_chance": 0.2, "train/loss": 0.5}
+  assert progress.main_metrics(row) == (
+      "test/5way1shot_accuracy=0.92 test/proto/5way5shot_accuracy=0.97 train/loss=0.5")

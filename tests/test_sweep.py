@@ -8,6 +8,7 @@ import functools
 import json
 import os
 import queue
+import re
 import signal
 import subprocess
 import sys
@@ -278,3 +279,32 @@ def test_the_chance_row_of_the_two_tower_table_is_the_evaluators_chance_values()
   assert {(c.name, c.config) for c in table.cells if c.kind == "train"} == {
       ("clip", "experiments/configs/clip_digits.py:loss=softmax"),
       ("siglip", "experiments/configs/clip_digits.py:loss=sigmoid")}
+
+
+def test_the_glyph_episode_table_runs_each_learner_at_its_readme_rows_length():
+  """episodes_glyphs.py's sweep trains every learner of the README's meta-learning table, with that
+  row's training episodes and number of steps, seeds 0, 1, 2 each."""
+  table = sweep.load(f"{ROOT}/experiments/configs/episodes_glyphs.py:sweep=table")
+  configs = {}
+  for cell in table.cells:
+    if cell.kind == "train":
+      configs.setdefault(cell.config.partition("learner=")[2], {})[cell.seed] = config_of(cell.config)
+  assert all(sorted(by_seed) == [0, 1, 2] for by_seed in configs.values())
+  readme = open(os.path.join(ROOT, "README.md")).read()
+  rows = {  # the README row's start -> learner
+      "ProtoNet, 60-way episodes + rotated classes": "protonet60r",
+      "ProtoNet, 60-way training episodes": "protonet60",
+      "ProtoNet, 20-way training episodes": "protonet",
+      "MAML (second order)": "maml",
+      "ANIL": "anil",
+      "first-order MAML": "fomaml",
+  }
+  for start, learner in rows.items():
+    steps = re.search(rf"^\| {re.escape(start)}, ([\d,]+) steps", readme, re.M)
+    assert steps, start
+    c = configs[learner][0]
+    assert c.total_steps == int(steps.group(1).replace(",", "")), learner
+    ways = re.search(r"(\d+)-way", start)
+    if ways:
+      assert c.data.episodes.ways == int(ways.group(1)), learner
+      assert c.data.episodes.rotations == (4 if "rotated" in start else 1), learner

@@ -7,12 +7,14 @@ episodes of the evaluation scripts (5- and 20-way, 1 and 5 shots), over seeds.
       --workdir=runs/glyphs_table [--parallel=2]
   python -m experiments.report --workdir=runs/glyphs_table
 
-`learner=NAME` is that learner's own config, as it is (docs/glyphs.md has the figures):
+`learner=NAME` is that learner's own config, as the README's table ran it (docs/glyphs.md has the
+figures):
   protonet     `protonet_glyphs.py` (20-way 1-shot training episodes, 3,000 steps);
   protonet60   the same with 60-way training episodes (Snell et al.'s Omniglot setting);
+  protonet60r  60-way training episodes and rotated classes (`ways=60,rotations=4`), the first row;
   maml / fomaml / anil   `maml_glyphs.py` with that method (5-way 1-shot training episodes; the 5-way
              columns adapt on each test episode's support set, the 20-way ones are prototypes on the
-             meta-learned backbone);
+             meta-learned backbone); MAML 10,000 steps, first-order MAML and ANIL 4,000;
   supervised / simclr / supcon   `represent_glyphs.py` with that method (glyph views for the
              contrastive ones; class-balanced batches for SupCon): prototypes on the frozen encoder;
   supcon_random   SupCon with random batches (`per_class=0`).
@@ -31,9 +33,11 @@ from jtl import sweep
 LEARNERS = {  # learner -> (config module, its argument, the table's row)
     "protonet": (protonet_glyphs, None, "ProtoNet (20-way training episodes)"),
     "protonet60": (protonet_glyphs, "ways=60", "ProtoNet (60-way training episodes)"),
+    "protonet60r": (protonet_glyphs, "ways=60,rotations=4",
+                    "ProtoNet (60-way training episodes, rotated classes)"),
     "maml": (maml_glyphs, "method=maml", "MAML (second order)"),
-    "fomaml": (maml_glyphs, "method=fomaml", "first-order MAML"),
-    "anil": (maml_glyphs, "method=anil", "ANIL"),
+    "fomaml": (maml_glyphs, "method=fomaml", "first-order MAML (4,000 steps)"),
+    "anil": (maml_glyphs, "method=anil", "ANIL (4,000 steps)"),
     "supervised": (represent_glyphs, "method=supervised",
                    "cross-entropy encoder, prototypes on its features"),
     "simclr": (represent_glyphs, "method=simclr", "SimCLR (glyph views), prototypes on its features"),
@@ -44,6 +48,8 @@ LEARNERS = {  # learner -> (config module, its argument, the table's row)
 }
 # Sweep `represent`: the encoders trained on single images, the contrastive goals' table.
 REPRESENT = ("supervised", "simclr", "supcon", "supcon_random")
+# Learners the table ran shorter than their config's 10,000 steps (README, docs/glyphs.md).
+STEPS = {"fomaml": 4000, "anil": 4000}
 SEEDS = (0, 1, 2)
 CONFIG = "experiments/configs/episodes_glyphs.py"
 
@@ -54,6 +60,7 @@ def get_config(arg=None):
     raise ValueError(f"unknown learner {a.learner!r}; use one of {', '.join(LEARNERS)}")
   module, learner_arg, _ = LEARNERS[a.learner]
   c = module.get_config(learner_arg)
+  c.total_steps = STEPS.get(a.learner, c.total_steps)
   c.checkpoint_every = c.total_steps  # 4 x 600 episodes per evaluation: the final checkpoint only
   return c
 
